@@ -1,0 +1,1 @@
+//! NF-BMR (being written).

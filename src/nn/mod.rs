@@ -1,0 +1,18 @@
+//! Neural building blocks shared by the methods.
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+pub mod backbone;
+pub mod depthwise;
+pub mod flow;
+pub mod residual;
+
+/// A frozen feature extractor: images in, one feature map out.
+pub trait FeatureExtractor: Send + Sync {
+    /// `images`: `[B, C, H, W]` with values in 0..=1 (C = 1 is replicated for RGB networks).
+    /// Returns `[B, out_channels, H / stride, W / stride]` (rounded up).
+    fn extract(&self, images: &Tensor) -> Result<Tensor>;
+    fn out_channels(&self) -> usize;
+    fn stride(&self) -> usize;
+}
