@@ -1,1 +1,398 @@
-fn main() {}
+//! The `vigil` command line: parses arguments and calls the library.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use vigil::commands::{self, RunOptions};
+use vigil::data::dataset::DataSource;
+use vigil::data::synth::SynthConfig;
+use vigil::device::DeviceChoice;
+
+#[derive(Parser)]
+#[command(name = "vigil", version, about = "Unsupervised visual defect detection for production lines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a deterministic synthetic product dataset (MVTec AD layout).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 128)]
+        height: usize,
+        #[arg(long, default_value_t = 128)]
+        width: usize,
+        #[arg(long, default_value_t = 60)]
+        train_good: usize,
+        #[arg(long, default_value_t = 20)]
+        test_good: usize,
+        #[arg(long, default_value_t = 10)]
+        test_per_defect: usize,
+    },
+    /// Train a detector on defect-free images.
+    Train {
+        #[arg(long, default_value = "nf-bmr")]
+        method: String,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Model file to write (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML file of method hyper-parameters.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one hyper-parameter, e.g. `--set flow_epochs=5` (repeatable).
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Model input height (default: from the data).
+        #[arg(long)]
+        height: Option<usize>,
+        /// Model input width (default: from the data).
+        #[arg(long)]
+        width: Option<usize>,
+        /// Share of defect-free training images kept out for score statistics.
+        #[arg(long, default_value_t = 0.1)]
+        validation_fraction: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Backbone weights (installed by models/get-weights.sh).
+        #[arg(long, default_value = commands::DEFAULT_BACKBONE)]
+        backbone: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Measure a model on labelled test images and write a report.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Report directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Set the reject threshold from defect-free (and optionally defective) images.
+    Calibrate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        good: PathBuf,
+        #[arg(long)]
+        defect: Option<PathBuf>,
+        /// Target false-reject rate of defect-free parts.
+        #[arg(long, default_value_t = 0.005)]
+        target_frr: f64,
+        /// Calibration file to write (default: calibration/<model stem>.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Score images and print a verdict per image.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Write a heatmap overlay per image into this directory.
+        #[arg(long)]
+        heatmap: Option<PathBuf>,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Pretrained backbone weights.
+    Weights {
+        #[command(subcommand)]
+        command: WeightsCommand,
+    },
+    /// Time a model's inference, split into its stages.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// Batch sizes to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        /// Timed iterations per batch size (after warm-up).
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsCommand {
+    /// Convert the legacy PyTorch EfficientNet-Lite0 checkpoint to safetensors.
+    Import { src: PathBuf, dst: PathBuf },
+}
+
+/// A dataset: `--data DIR` (MVTec AD layout) or `--good DIR [--defect DIR] [--masks DIR]`.
+#[derive(Args)]
+struct DataArgs {
+    /// Dataset root in the MVTec AD layout.
+    #[arg(long, conflicts_with_all = ["good", "defect", "masks"])]
+    data: Option<PathBuf>,
+    /// Folder of defect-free images (plain form).
+    #[arg(long)]
+    good: Option<PathBuf>,
+    /// Folder of defective images (plain form).
+    #[arg(long, requires = "good")]
+    defect: Option<PathBuf>,
+    /// Folder of masks named <stem>_mask.png or <stem>.png (plain form).
+    #[arg(long, requires = "good")]
+    masks: Option<PathBuf>,
+}
+
+impl DataArgs {
+    fn source(self) -> anyhow::Result<DataSource> {
+        match (self.data, self.good) {
+            (Some(root), None) => Ok(DataSource::Mvtec { root }),
+            (None, Some(good)) => Ok(DataSource::Plain {
+                good,
+                defect: self.defect,
+                masks: self.masks,
+            }),
+            _ => bail!("give a dataset: --data DIR, or --good DIR [--defect DIR] [--masks DIR]"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// cpu or cuda (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Skip unreadable image files (they are counted and listed) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl From<RunArgs> for RunOptions {
+    fn from(a: RunArgs) -> Self {
+        RunOptions {
+            device: a.device,
+            batch_size: a.batch_size,
+            skip_bad: a.skip_bad,
+            progress: !a.quiet,
+        }
+    }
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |v| format!("{v:.4}"))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Synth {
+            out,
+            seed,
+            height,
+            width,
+            train_good,
+            test_good,
+            test_per_defect,
+        } => {
+            let cfg = SynthConfig {
+                height,
+                width,
+                channels: 1,
+                train_good,
+                test_good,
+                test_per_defect,
+                seed,
+            };
+            let summary = vigil::data::synth::generate(&out, &cfg)
+                .with_context(|| format!("writing synthetic data to {}", out.display()))?;
+            println!("wrote {} files to {}", summary.files, out.display());
+        }
+        Command::Train {
+            method,
+            data,
+            out,
+            config,
+            set,
+            height,
+            width,
+            validation_fraction,
+            seed,
+            backbone,
+            run,
+        } => {
+            let args = commands::TrainArgs {
+                method,
+                data: data.source()?,
+                out,
+                config,
+                set,
+                height,
+                width,
+                validation_fraction,
+                seed,
+                backbone,
+                run: run.into(),
+            };
+            let s = commands::train(&args).context("training failed")?;
+            println!(
+                "wrote {} ({} training images, {} skipped) in {:.1} s; validation scores: n {} mean {:.4} std {:.4} max {:.4}",
+                s.model.display(),
+                s.train_images,
+                s.skipped,
+                s.seconds,
+                s.validation.count,
+                s.validation.mean,
+                s.validation.std,
+                s.validation.max
+            );
+        }
+        Command::Eval {
+            model,
+            data,
+            out,
+            run,
+        } => {
+            let args = commands::EvalArgs {
+                model,
+                data: data.source()?,
+                out,
+                run: run.into(),
+            };
+            let r = commands::eval(&args).context("evaluation failed")?;
+            println!(
+                "image AUROC {}  pixel AUROC {}  AUPRO {}  F1-max {}  {:.1} images/s  ({} images, {} skipped) -> {}",
+                fmt(r.image_auroc),
+                fmt(r.pixel_auroc),
+                fmt(r.aupro),
+                fmt(r.image_f1_max),
+                r.images_per_second,
+                r.images,
+                r.skipped.len(),
+                args.out.display()
+            );
+        }
+        Command::Calibrate {
+            model,
+            good,
+            defect,
+            target_frr,
+            out,
+            run,
+        } => {
+            let args = commands::CalibrateArgs {
+                model,
+                good,
+                defect,
+                target_frr,
+                out,
+                run: run.into(),
+            };
+            let (path, c) = commands::calibrate(&args).context("calibration failed")?;
+            println!(
+                "threshold {:.6} for target false-reject rate {} on {} defect-free images: {} rejected \
+                 (observed {:.4}, {:.0}% upper bound {:.4}); {} defect-free images would show the target with zero rejects",
+                c.threshold,
+                c.target_frr,
+                c.counts.good,
+                c.counts.good_rejected,
+                c.false_reject.observed,
+                c.confidence * 100.0,
+                c.false_reject.upper_bound,
+                c.images_needed
+            );
+            if let Some(e) = c.escape {
+                println!(
+                    "defects: {} of {} escaped (rate {:.4}, upper bound {:.4})",
+                    c.counts.defect_escaped, c.counts.defect, e.observed, e.upper_bound
+                );
+            }
+            if let Some(f) = c.f1_optimal {
+                println!(
+                    "F1-optimal threshold {:.6}: F1 {:.4}, precision {:.4}, recall {:.4}",
+                    f.threshold, f.f1, f.precision, f.recall
+                );
+            }
+            println!("wrote {}", path.display());
+        }
+        Command::Score {
+            model,
+            calibration,
+            heatmap,
+            images,
+            run,
+        } => {
+            let args = commands::ScoreArgs {
+                model,
+                calibration,
+                images,
+                heatmap,
+                run: run.into(),
+            };
+            let lines = commands::score(&args).context("scoring failed")?;
+            let mut failed = 0;
+            for line in &lines {
+                match &line.result {
+                    Ok(v) => {
+                        let verdict = match v.reject {
+                            Some(true) => "NG",
+                            Some(false) => "OK",
+                            None => "-",
+                        };
+                        let norm = v.normalized.map_or(String::new(), |n| format!(" normalized {n:.3}"));
+                        println!("{}\tscore {:.6}{norm}\t{verdict}", line.path.display(), v.score);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("{}\tERR\t{e}", line.path.display());
+                    }
+                }
+            }
+            if failed > 0 {
+                eprintln!("{failed} of {} images could not be scored", lines.len());
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Weights {
+            command: WeightsCommand::Import { src, dst },
+        } => {
+            let s = vigil::weights::import_legacy_pth(&src, &dst)
+                .with_context(|| format!("importing {}", src.display()))?;
+            println!("{s}");
+        }
+        Command::Bench {
+            model,
+            batch,
+            iterations,
+            device,
+        } => {
+            let report = vigil::bench::run(&model, &batch, iterations, device).context("benchmark failed")?;
+            print!("{report}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

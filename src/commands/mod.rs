@@ -1,1 +1,341 @@
-//! (being written)
+//! The CLI's commands as library functions: `main.rs` only parses arguments and calls these.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::calibration::{Calibration, ModelRef};
+use crate::data::dataset::{self, DataSource, Dataset, LoadReport, SplitOptions};
+use crate::data::{image, Image, InputSpec};
+use crate::device::DeviceChoice;
+use crate::error::{Error, Result};
+use crate::eval::{self, heatmap_range, score_images};
+use crate::methods::{self, Method};
+use crate::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
+use crate::train::{self, progress_bar, TrainOptions};
+
+/// Where the backbone weights are installed by `models/get-weights.sh`.
+pub const DEFAULT_BACKBONE: &str = "models/efficientnet-lite0.safetensors";
+
+/// Options shared by commands that read images and run a model.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub device: DeviceChoice,
+    pub batch_size: usize,
+    pub skip_bad: bool,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub method: String,
+    pub data: DataSource,
+    pub out: PathBuf,
+    /// A TOML file with the method's hyper-parameters; missing keys keep their defaults.
+    pub config: Option<PathBuf>,
+    /// `key=value` overrides applied after `config` (value parsed as JSON, else a string).
+    pub set: Vec<String>,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub validation_fraction: f32,
+    pub seed: u64,
+    pub backbone: PathBuf,
+    pub run: RunOptions,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub model: PathBuf,
+    pub train_images: usize,
+    pub validation: ScoreStats,
+    pub seconds: f64,
+    pub skipped: usize,
+}
+
+fn load(samples: &[dataset::Sample], spec: &InputSpec, run: &RunOptions, what: &str) -> Result<LoadReport> {
+    let bar = progress_bar(samples.len() as u64, what, run.progress);
+    let report = dataset::load_samples(samples, spec, run.skip_bad, Some(&bar))?;
+    bar.finish_and_clear();
+    for (path, why) in &report.skipped {
+        log::warn!("skipped {}: {why}", path.display());
+    }
+    Ok(report)
+}
+
+fn source_name(source: &DataSource) -> PathBuf {
+    match source {
+        DataSource::Mvtec { root } => root.clone(),
+        DataSource::Plain { good, .. } => good.clone(),
+    }
+}
+
+/// Picks the input size from the training images when not given: short side 256, the long side
+/// following the data's median aspect ratio (rounded to a multiple of 32, at most 1024), or a
+/// square when the aspect ratios disagree by more than 10%.
+pub fn default_input(samples: &[dataset::Sample], height: Option<usize>, width: Option<usize>) -> Result<InputSpec> {
+    let probed: Vec<(usize, usize, usize)> = samples
+        .iter()
+        .take(64)
+        .map(|s| image::probe(&s.path))
+        .collect::<Result<_>>()?;
+    let channels = if probed.iter().any(|p| p.0 == 3) { 3 } else { 1 };
+    let (height, width) = match (height, width) {
+        (Some(h), Some(w)) => (h, w),
+        _ => {
+            let mut aspects: Vec<f64> = probed.iter().map(|p| p.1 as f64 / p.2 as f64).collect();
+            aspects.sort_by(f64::total_cmp);
+            let median = aspects[aspects.len() / 2];
+            let consistent = aspects.iter().all(|a| (a / median - 1.0).abs() <= 0.1);
+            let aspect = if consistent { median } else { 1.0 };
+            let long = |ratio: f64| (((256.0 * ratio) / 32.0).round() as usize * 32).clamp(256, 1024);
+            let (h, w) = if aspect >= 1.0 { (long(aspect), 256) } else { (256, long(1.0 / aspect)) };
+            (height.unwrap_or(h), width.unwrap_or(w))
+        }
+    };
+    if height == 0 || width == 0 {
+        return Err(Error::invalid("input size", format!("{height}x{width}")));
+    }
+    Ok(InputSpec { height, width, channels })
+}
+
+/// Reads a method config: TOML file, then `key=value` overrides.
+pub fn method_config(config: Option<&Path>, set: &[String]) -> Result<serde_json::Value> {
+    let mut value = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+            serde_json::to_value(table).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?
+        }
+        None => serde_json::Value::Object(Default::default()),
+    };
+    for item in set {
+        let (key, raw) = item
+            .split_once('=')
+            .ok_or_else(|| Error::config(item.clone(), "expected key=value"))?;
+        let parsed = serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
+        value
+            .as_object_mut()
+            .expect("config is a table")
+            .insert(key.trim().to_string(), parsed);
+    }
+    Ok(value)
+}
+
+pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
+    let start = Instant::now();
+    let device = args.run.device.open()?;
+    let split = SplitOptions {
+        validation_fraction: args.validation_fraction,
+        seed: args.seed,
+    };
+    let data = Dataset::open(&args.data, &split)?;
+    let input = default_input(&data.train, args.height, args.width)?;
+    log::info!(
+        "training {} on {} images ({} for validation) at {}x{}x{}",
+        args.method,
+        data.train.len(),
+        data.validation.len(),
+        input.channels,
+        input.height,
+        input.width
+    );
+    let config = method_config(args.config.as_deref(), &args.set)?;
+    let mut method = methods::create(&args.method, config, input, &args.backbone, &device)?;
+    let train_set = load(&data.train, &input, &args.run, "load")?;
+    let val_set = load(&data.validation, &input, &args.run, "load val")?;
+    let images: Vec<Image> = train_set.loaded.into_iter().map(|l| l.image).collect();
+    let opts = TrainOptions {
+        batch_size: args.run.batch_size,
+        seed: args.seed,
+        progress: args.run.progress,
+    };
+    let report = train::fit(method.as_mut(), &images, &opts, &device)?;
+    drop(images);
+    let validation = validation_stats(method.as_ref(), &val_set, &args.run, &device)?;
+    let used: Vec<dataset::Sample> = data
+        .train
+        .iter()
+        .filter(|s| !train_set.skipped.iter().any(|(p, _)| p == &s.path))
+        .cloned()
+        .collect();
+    let meta = ModelMeta {
+        format: model_file::FORMAT.into(),
+        format_version: model_file::FORMAT_VERSION,
+        method: method.name().into(),
+        config: method.config_json(),
+        input,
+        preprocessing: Preprocessing::default(),
+        validation: validation.clone(),
+        training: TrainingInfo {
+            data_fingerprint: dataset::fingerprint(&used)?,
+            train_images: used.len(),
+            validation_images: val_set.loaded.len(),
+            seed: args.seed,
+            date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            vigil_version: env!("CARGO_PKG_VERSION").into(),
+            device: format!("{device:?}"),
+            seconds: report.seconds,
+        },
+    };
+    model_file::save(&args.out, &meta, &method.tensors()?)?;
+    Ok(TrainSummary {
+        model: args.out.clone(),
+        train_images: used.len(),
+        validation,
+        seconds: start.elapsed().as_secs_f64(),
+        skipped: train_set.skipped.len() + val_set.skipped.len(),
+    })
+}
+
+fn validation_stats(method: &dyn Method, val: &LoadReport, run: &RunOptions, device: &Device) -> Result<ScoreStats> {
+    if val.loaded.is_empty() {
+        log::warn!("no validation images: the model file carries no score statistics");
+        return Ok(ScoreStats::default());
+    }
+    let images: Vec<&Image> = val.loaded.iter().map(|l| &l.image).collect();
+    let mut scored = score_images(method, &images, run.batch_size, device, run.progress)?;
+    Ok(ScoreStats::from_values(&scored.scores, &mut scored.maps))
+}
+
+/// Loads a model file and rebuilds its detector.
+pub fn open_model(path: &Path, device: &Device) -> Result<(ModelMeta, Box<dyn Method>)> {
+    let (meta, tensors) = model_file::load(path, device)?;
+    let method = methods::from_model_file(&meta, tensors, path, device)?;
+    Ok((meta, method))
+}
+
+#[derive(Clone, Debug)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub data: DataSource,
+    pub out: PathBuf,
+    pub run: RunOptions,
+}
+
+pub fn eval(args: &EvalArgs) -> Result<eval::EvalReport> {
+    let device = args.run.device.open()?;
+    let (meta, method) = open_model(&args.model, &device)?;
+    let data = Dataset::open(&args.data, &SplitOptions { validation_fraction: 0.0, seed: 0 })?;
+    if data.test.is_empty() {
+        return Err(Error::Dataset {
+            path: source_name(&args.data),
+            reason: "no test images".into(),
+        });
+    }
+    let test = load(&data.test, &meta.input, &args.run, "load test")?;
+    eval::evaluate(
+        method.as_ref(),
+        &meta,
+        &test.loaded,
+        &test.skipped,
+        (&args.model, &source_name(&args.data)),
+        &args.out,
+        args.run.batch_size,
+        &device,
+        args.run.progress,
+    )
+}
+
+#[derive(Clone, Debug)]
+pub struct CalibrateArgs {
+    pub model: PathBuf,
+    pub good: PathBuf,
+    pub defect: Option<PathBuf>,
+    pub target_frr: f64,
+    /// Defaults to `calibration/<model stem>.toml`.
+    pub out: Option<PathBuf>,
+    pub run: RunOptions,
+}
+
+pub fn calibrate(args: &CalibrateArgs) -> Result<(PathBuf, Calibration)> {
+    let device = args.run.device.open()?;
+    let (meta, method) = open_model(&args.model, &device)?;
+    let source = DataSource::Plain {
+        good: args.good.clone(),
+        defect: args.defect.clone(),
+        masks: None,
+    };
+    let data = Dataset::open(&source, &SplitOptions { validation_fraction: 0.0, seed: 0 })?;
+    let loaded = load(&data.test, &meta.input, &args.run, "load")?;
+    let images: Vec<&Image> = loaded.loaded.iter().map(|l| &l.image).collect();
+    let scored = score_images(method.as_ref(), &images, args.run.batch_size, &device, args.run.progress)?;
+    let (mut good, mut defect) = (Vec::new(), Vec::new());
+    for (l, &s) in loaded.loaded.iter().zip(&scored.scores) {
+        if l.sample.is_defective() {
+            defect.push(s)
+        } else {
+            good.push(s)
+        }
+    }
+    let model = ModelRef {
+        file: args.model.display().to_string(),
+        sha256: model_file::file_sha256(&args.model)?,
+        method: meta.method.clone(),
+    };
+    let cal = Calibration::from_scores(&good, &defect, args.target_frr, model)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stem = args.model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        Path::new("calibration").join(format!("{stem}.toml"))
+    });
+    cal.save(&out)?;
+    Ok((out, cal))
+}
+
+#[derive(Clone, Debug)]
+pub struct ScoreArgs {
+    pub model: PathBuf,
+    pub calibration: Option<PathBuf>,
+    pub images: Vec<PathBuf>,
+    pub heatmap: Option<PathBuf>,
+    pub run: RunOptions,
+}
+
+/// One scored image as `vigil score` prints it.
+#[derive(Clone, Debug)]
+pub struct ScoreLine {
+    pub path: PathBuf,
+    pub result: std::result::Result<ScoreVerdict, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ScoreVerdict {
+    pub score: f32,
+    /// On the calibration's 0..1 scale, when a calibration was given.
+    pub normalized: Option<f32>,
+    pub reject: Option<bool>,
+}
+
+pub fn score(args: &ScoreArgs) -> Result<Vec<ScoreLine>> {
+    let device = args.run.device.open()?;
+    let (meta, method) = open_model(&args.model, &device)?;
+    let calibration = match &args.calibration {
+        Some(path) => {
+            let cal = Calibration::load(path)?;
+            cal.check_model(&model_file::file_sha256(&args.model)?, path)?;
+            Some(cal)
+        }
+        None => None,
+    };
+    let mut lines = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let result = image::load_image(path, &meta.input).and_then(|img| {
+            let scored = score_images(method.as_ref(), &[&img], 1, &device, false)?;
+            if let Some(dir) = &args.heatmap {
+                let stem = path.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
+                crate::report::heatmap_overlay(&img, scored.map(0), heatmap_range(&meta), None, &dir.join(format!("{stem}-heatmap.png")))?;
+            }
+            let score = scored.scores[0];
+            Ok(ScoreVerdict {
+                score,
+                normalized: calibration.as_ref().map(|c| c.normalized(score)),
+                reject: calibration.as_ref().map(|c| c.is_reject(score)),
+            })
+        });
+        // One unreadable image must not cost the verdicts of the others.
+        lines.push(ScoreLine {
+            path: path.clone(),
+            result: result.map_err(|e| e.to_string()),
+        });
+    }
+    Ok(lines)
+}

@@ -1,10 +1,16 @@
 //! The detection methods. Each lives in its own folder (model, loss, anomaly map) and implements
 //! [`Method`], which is all the training loop, the evaluator, the model file and the station use.
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use std::path::Path;
 
-use crate::error::Result;
+use candle_core::{Device, Tensor};
+
+use crate::data::InputSpec;
+use crate::error::{Error, Result};
+use crate::model_file::ModelMeta;
+use crate::nn::backbone::Lite0Features;
 
 pub mod nf_bmr;
 
@@ -45,9 +51,93 @@ pub trait Method: Send {
     /// Anomaly maps and scores for `[B, C, H, W]` images in 0..=1 at the model's input size.
     fn infer(&self, images: &Tensor) -> Result<Inference>;
 
+    /// `infer`, with the wall time of each of its stages (for `vigil bench`). Stages are timed
+    /// after a device synchronisation so CUDA times are real.
+    fn infer_timed(&self, images: &Tensor) -> Result<(Inference, Vec<(&'static str, Duration)>)> {
+        let start = Instant::now();
+        let out = self.infer(images)?;
+        images.device().synchronize()?;
+        Ok((out, vec![("total", start.elapsed())]))
+    }
+
     /// Every tensor the model file must hold to rebuild this detector, frozen ones included.
     fn tensors(&self) -> Result<HashMap<String, Tensor>>;
 
     /// The method's hyper-parameters as stored in the model file.
     fn config_json(&self) -> serde_json::Value;
+}
+
+/// Names `--method` accepts.
+pub const METHODS: &[&str] = &["nf-bmr"];
+
+/// Prefix of the frozen backbone's tensors inside a model file.
+const BACKBONE_PREFIX: &str = "backbone.";
+
+fn parse_config<T: serde::de::DeserializeOwned>(method: &str, config: serde_json::Value) -> Result<T> {
+    serde_json::from_value(config).map_err(|e| Error::config(format!("{method} config"), e.to_string()))
+}
+
+/// A fresh, trainable detector. `backbone` is the pretrained weights file for methods that use one.
+pub fn create(
+    name: &str,
+    config: serde_json::Value,
+    input: InputSpec,
+    backbone: &Path,
+    device: &Device,
+) -> Result<Box<dyn Method>> {
+    match name {
+        "nf-bmr" => {
+            let cfg: nf_bmr::NfBmrConfig = parse_config(name, config)?;
+            cfg.validate()?;
+            let last = cfg.taps.iter().copied().max().unwrap_or(0);
+            let weights = crate::nn::backbone::load_tensors(backbone, last, device)?;
+            let extractor = Lite0Features::new(&weights, cfg.taps.clone(), device)?;
+            let frozen = weights
+                .into_iter()
+                .map(|(k, v)| (format!("{BACKBONE_PREFIX}{k}"), v))
+                .collect();
+            Ok(Box::new(nf_bmr::NfBmr::new(cfg, input, Box::new(extractor), frozen, device)?))
+        }
+        other => Err(unknown_method(other)),
+    }
+}
+
+/// Rebuilds the detector stored in a model file.
+pub fn from_model_file(
+    meta: &ModelMeta,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+    device: &Device,
+) -> Result<Box<dyn Method>> {
+    let in_file = |e: Error| Error::ModelFile {
+        path: path.into(),
+        reason: e.to_string(),
+    };
+    match meta.method.as_str() {
+        "nf-bmr" => {
+            let cfg: nf_bmr::NfBmrConfig = parse_config("nf-bmr", meta.config.clone()).map_err(in_file)?;
+            cfg.validate().map_err(in_file)?;
+            let frozen: HashMap<String, Tensor> = tensors
+                .iter()
+                .filter(|(k, _)| k.starts_with(BACKBONE_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let unprefixed: HashMap<String, Tensor> = frozen
+                .iter()
+                .map(|(k, v)| (k[BACKBONE_PREFIX.len()..].to_string(), v.clone()))
+                .collect();
+            let extractor = Lite0Features::new(&unprefixed, cfg.taps.clone(), device).map_err(in_file)?;
+            let method = nf_bmr::NfBmr::from_tensors(cfg, meta.input, Box::new(extractor), frozen, &tensors, device)
+                .map_err(in_file)?;
+            Ok(Box::new(method))
+        }
+        other => Err(Error::ModelFile {
+            path: path.into(),
+            reason: unknown_method(other).to_string(),
+        }),
+    }
+}
+
+fn unknown_method(name: &str) -> Error {
+    Error::invalid("method", format!("`{name}` is not one of {}", METHODS.join(", ")))
 }

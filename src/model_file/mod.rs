@@ -1,1 +1,224 @@
-//! (being written)
+//! The model file: one `.safetensors` holding every weight (frozen backbone included) and, in its
+//! `__metadata__`, one JSON document that says how to rebuild and feed the detector.
+//!
+//! Everything the station needs to score a part identically on another machine is in this file:
+//! method and hyper-parameters, input size and channels, preprocessing, and the score statistics of
+//! the defect-free validation images (the default scale for heatmaps and the calibration's start).
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::write_atomic;
+use crate::data::InputSpec;
+use crate::error::{Error, Result};
+
+/// The `__metadata__` key that holds [`ModelMeta`] as JSON.
+pub const METADATA_KEY: &str = "vigil";
+pub const FORMAT: &str = "vigil-model";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    pub format: String,
+    pub format_version: u32,
+    pub method: String,
+    /// The method's hyper-parameters, parsed by the method when the model is loaded.
+    pub config: serde_json::Value,
+    pub input: InputSpec,
+    pub preprocessing: Preprocessing,
+    /// Scores of the defect-free validation images, kept out of training.
+    pub validation: ScoreStats,
+    pub training: TrainingInfo,
+}
+
+/// How a camera image becomes the model's input. Fixed for this format version; recorded so that a
+/// future change is detected rather than silently scoring differently.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocessing {
+    /// Resampling filter to the input size.
+    pub resize: String,
+    /// Pixel values fed to the method.
+    pub range: String,
+    /// How images of the other channel count are converted.
+    pub channel_conversion: String,
+}
+
+impl Default for Preprocessing {
+    fn default() -> Self {
+        Preprocessing {
+            resize: "bilinear".into(),
+            range: "0..1".into(),
+            channel_conversion: "rgb->grey: luma; grey->rgb: replicate".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreStats {
+    pub count: usize,
+    pub mean: f32,
+    pub std: f32,
+    pub min: f32,
+    pub max: f32,
+    pub p50: f32,
+    pub p99: f32,
+    /// The 99th percentile of anomaly-map values over the validation images: the top of the
+    /// heatmap colour scale.
+    pub map_p99: f32,
+    /// The median anomaly-map value: the bottom of the heatmap colour scale.
+    pub map_p50: f32,
+}
+
+impl ScoreStats {
+    /// Statistics of image scores and of a sample of anomaly-map values.
+    pub fn from_values(scores: &[f32], map_values: &mut [f32]) -> ScoreStats {
+        if scores.is_empty() {
+            return ScoreStats::default();
+        }
+        let mut sorted = scores.to_vec();
+        sorted.sort_by(f32::total_cmp);
+        let n = sorted.len() as f64;
+        let mean = sorted.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = sorted
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        map_values.sort_by(f32::total_cmp);
+        ScoreStats {
+            count: sorted.len(),
+            mean: mean as f32,
+            std: var.sqrt() as f32,
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+            p50: quantile(&sorted, 0.5),
+            p99: quantile(&sorted, 0.99),
+            map_p50: quantile(map_values, 0.5),
+            map_p99: quantile(map_values, 0.99),
+        }
+    }
+}
+
+/// Linear-interpolated quantile of ascending `sorted` values; 0 for an empty slice.
+pub fn quantile(sorted: &[f32], q: f64) -> f32 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let frac = (pos - lo as f64) as f32;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingInfo {
+    /// sha256 over the training images' names and bytes.
+    pub data_fingerprint: String,
+    pub train_images: usize,
+    pub validation_images: usize,
+    pub seed: u64,
+    /// RFC 3339, UTC.
+    pub date: String,
+    pub vigil_version: String,
+    pub device: String,
+    pub seconds: f64,
+}
+
+/// Writes the model file atomically.
+pub fn save(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let json = serde_json::to_string(meta).map_err(|e| Error::ModelFile {
+        path: path.into(),
+        reason: format!("cannot encode metadata: {e}"),
+    })?;
+    let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
+    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let bytes = safetensors::serialize(named, Some(metadata)).map_err(|e| Error::ModelFile {
+        path: path.into(),
+        reason: format!("cannot serialise tensors: {e}"),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads and validates a model file's metadata and tensors.
+pub fn load(path: &Path, device: &Device) -> Result<(ModelMeta, HashMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let meta = parse_meta(path, &bytes)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::ModelFile {
+            path: path.into(),
+            reason: format!("tensor data unreadable (truncated or corrupt file?): {e}"),
+        }
+    })?;
+    Ok((meta, tensors))
+}
+
+/// Reads only the metadata (for `vigil info`, calibration checks).
+pub fn read_meta(path: &Path) -> Result<ModelMeta> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_meta(path, &bytes)
+}
+
+fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
+    let bad = |reason: String| Error::ModelFile {
+        path: path.into(),
+        reason,
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a complete safetensors file (truncated?): {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("unreadable header: {e}")))?;
+    drop(st);
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(METADATA_KEY))
+        .ok_or_else(|| bad(format!("no `{METADATA_KEY}` entry in __metadata__: not a vigil model")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| bad(format!("metadata is not JSON: {e}")))?;
+    match value.get("format").and_then(|f| f.as_str()) {
+        Some(FORMAT) => {}
+        other => return Err(bad(format!("format is {other:?}, expected \"{FORMAT}\""))),
+    }
+    match value.get("format_version").and_then(|v| v.as_u64()) {
+        Some(v) if v == FORMAT_VERSION as u64 => {}
+        other => {
+            return Err(bad(format!(
+                "format_version is {other:?}; this vigil reads version {FORMAT_VERSION}"
+            )))
+        }
+    }
+    let meta: ModelMeta =
+        serde_json::from_value(value).map_err(|e| bad(format!("metadata field: {e}")))?;
+    if !(meta.input.channels == 1 || meta.input.channels == 3)
+        || meta.input.height == 0
+        || meta.input.width == 0
+    {
+        return Err(bad(format!("input {:?} is not a valid image size", meta.input)));
+    }
+    if meta.preprocessing != Preprocessing::default() {
+        return Err(bad(format!(
+            "preprocessing {:?} differs from this vigil's {:?}",
+            meta.preprocessing,
+            Preprocessing::default()
+        )));
+    }
+    Ok(meta)
+}
+
+/// sha256 of the file's bytes, hex: what a calibration records to stay tied to its model.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(hex(&sha2::Sha256::digest(&bytes)))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
