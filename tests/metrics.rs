@@ -427,3 +427,117 @@ fn pixel_metrics_match_the_mvtec_reference() {
         }
     }
 }
+
+// ---- report pictures ----
+
+mod pictures {
+    use std::path::Path;
+
+    use vigil::data::image::{Image, Mask};
+    use vigil::metrics::roc;
+    use vigil::report::{heatmap_overlay, histogram_png, roc_png};
+    use vigil::rng::Rng;
+
+    fn load(path: &Path) -> image::RgbImage {
+        image::open(path).unwrap().to_rgb8()
+    }
+
+    fn out_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn roc_picture_draws_the_curve() {
+        let mut rng = Rng::new(7);
+        let labels: Vec<bool> = (0..200).map(|i| i % 3 == 0).collect();
+        let scores: Vec<f32> = labels
+            .iter()
+            .map(|&l| (rng.next_u64() % 1000) as f32 / 1000.0 + if l { 0.4 } else { 0.0 })
+            .collect();
+        let curve = roc(&scores, &labels).unwrap();
+        let dir = out_dir();
+        let path = dir.path().join("roc.png");
+        roc_png(
+            &curve,
+            vigil::metrics::auroc(&scores, &labels),
+            "Image ROC",
+            &path,
+        )
+        .unwrap();
+        let picture = load(&path);
+        let bluish = picture
+            .pixels()
+            .filter(|p| p[2] > 150 && p[0] < 80 && p[1] < 130)
+            .count();
+        assert!(bluish > 500, "{bluish} curve pixels");
+        // Wrong lengths are an error, not a panic.
+        let mut broken = curve.clone();
+        broken.tpr.pop();
+        assert!(roc_png(&broken, None, "x", &path).is_err());
+    }
+
+    #[test]
+    fn histogram_picture_shows_both_classes_and_rejects_empty_input() {
+        let good: Vec<f32> = (0..50).map(|i| i as f32 / 100.0).collect();
+        let defect: Vec<f32> = (0..10).map(|i| 0.6 + i as f32 / 50.0).collect();
+        let dir = out_dir();
+        let path = dir.path().join("hist.png");
+        histogram_png(&good, &defect, Some(0.55), "Scores", &path).unwrap();
+        let picture = load(&path);
+        let count =
+            |test: fn(&image::Rgb<u8>) -> bool| picture.pixels().filter(|p| test(p)).count();
+        assert!(count(|p| p[2] > 150 && p[0] < 150) > 1000, "good bars");
+        assert!(
+            count(|p| p[0] > 200 && p[1] < 170 && p[2] < 150) > 1000,
+            "defect bars"
+        );
+        let err = histogram_png(&[f32::NAN], &[], None, "x", &path).unwrap_err();
+        assert!(err.to_string().contains("histogram scores"), "{err}");
+        // All-equal scores still get a readable axis.
+        histogram_png(&[0.5, 0.5], &[0.5], None, "flat", &path).unwrap();
+    }
+
+    #[test]
+    fn overlay_colours_the_map_and_outlines_the_mask() {
+        let (h, w) = (32, 32);
+        let mut image = Image::zeros(1, h, w);
+        image.data.fill(0.5);
+        let mut mask = Mask::zeros(h, w);
+        let mut map = vec![0.0f32; h * w];
+        for y in 8..16 {
+            for x in 8..16 {
+                mask.data[y * w + x] = 1;
+                map[y * w + x] = 1.0;
+            }
+        }
+        let dir = out_dir();
+        let path = dir.path().join("overlay.png");
+        heatmap_overlay(&image, &map, (0.0, 1.0), Some(&mask), &path).unwrap();
+        let picture = load(&path);
+        // 32 px images are enlarged 8x; the right panel starts after a 12 px margin, the left
+        // panel and another margin; panels start 30 px down.
+        let right_panel =
+            |x: usize, y: usize| *picture.get_pixel((12 + 256 + 12 + x) as u32, (30 + y) as u32);
+        let hot = right_panel(12 * 8, 12 * 8);
+        assert!(
+            hot[0] > hot[1] + 50 && hot[0] > hot[2] + 50,
+            "defect centre is red: {hot:?}"
+        );
+        let cold = right_panel(28 * 8, 28 * 8);
+        assert!(
+            cold[2] > cold[0] + 50 && cold[2] > cold[1] + 50,
+            "background is blue: {cold:?}"
+        );
+        assert_eq!(right_panel(8 * 8, 12 * 8).0, [255, 255, 255], "contour");
+        let left = *picture.get_pixel(12 + 4 * 8, 30 + 4 * 8);
+        assert_eq!(left.0, [128, 128, 128], "the image itself, unchanged");
+
+        let wrong_map = vec![0.0f32; 10];
+        assert!(heatmap_overlay(&image, &wrong_map, (0.0, 1.0), None, &path).is_err());
+        assert!(heatmap_overlay(&image, &map, (1.0, 1.0), None, &path).is_err());
+        let small_mask = Mask::zeros(4, 4);
+        assert!(heatmap_overlay(&image, &map, (0.0, 1.0), Some(&small_mask), &path).is_err());
+        let bad_path = dir.path().join("missing-dir").join("x.png");
+        assert!(heatmap_overlay(&image, &map, (0.0, 1.0), None, &bad_path).is_err());
+    }
+}
