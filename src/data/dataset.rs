@@ -92,7 +92,7 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The image files in `dir`, sorted by name; an error when there are none.
-fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let images: Vec<PathBuf> = read_dir_sorted(dir)?
         .into_iter()
         .filter(|p| is_image_file(p))
