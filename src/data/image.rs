@@ -100,6 +100,9 @@ impl Image {
             return self.clone();
         }
         let mut out = Image::zeros(self.channels, height, width);
+        if self.height == 0 || self.width == 0 {
+            return out;
+        }
         for c in 0..self.channels {
             let plane = image::ImageBuffer::<image::Luma<f32>, &[f32]>::from_raw(
                 self.width as u32,
@@ -122,6 +125,9 @@ impl Mask {
             return self.clone();
         }
         let mut out = Mask::zeros(height, width);
+        if self.height == 0 || self.width == 0 {
+            return out;
+        }
         for y in 0..height {
             let sy = nearest_source(y, height, self.height);
             let src_row = &self.data[sy * self.width..(sy + 1) * self.width];
