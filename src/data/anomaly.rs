@@ -1,1 +1,771 @@
-//! (being written)
+//! Anomaly synthesis shared by every method: each generator alters a defect-free image and returns
+//! the exact mask of what it changed.
+//!
+//! Guarantee (checked by tests/anomaly.rs): pixels outside the mask are bit-identical to the input,
+//! and every mask pixel differs from the input by at least [`MIN_CHANGE`] in some channel. Pixels a
+//! generator would change by less (a pasted patch that happens to match, a faint blend) are pushed
+//! to that minimum, so masks stay solid and labels never mark an unchanged pixel.
+use std::f32::consts::{SQRT_2, TAU};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::dataset::list_images;
+use crate::data::image::{load_image, Image, InputSpec, Mask};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// The least change (in 0..=1 units, in at least one channel) of every masked pixel; above 8-bit
+/// quantisation so a saved anomaly keeps its mask.
+pub const MIN_CHANGE: f32 = 0.02;
+
+/// A random fill colour is redrawn while its mean distance to the image's mean colour is below this.
+const MIN_COLOUR_DISTANCE: f32 = 0.15;
+
+/// A closed range `[min, max]` written as a two-element array in configs.
+pub type Range = [f32; 2];
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum AnomalyGenerator {
+    Cutout(CutoutParams),
+    CutPaste(CutPasteParams),
+    Confetti(ConfettiParams),
+    PerlinBlend(PerlinBlendParams),
+}
+
+/// A rectangle filled with a random colour or with noise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CutoutParams {
+    /// Rectangle area as a fraction of the image area.
+    pub area: Range,
+    /// Largest width/height (or height/width) ratio.
+    pub max_aspect: f32,
+    /// Probability of a per-pixel noise fill instead of one colour.
+    pub noise_probability: f32,
+}
+
+impl Default for CutoutParams {
+    fn default() -> Self {
+        CutoutParams {
+            area: [0.02, 0.15],
+            max_aspect: 3.0,
+            noise_probability: 0.5,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CutPasteVariant {
+    /// An axis-aligned rectangle moved elsewhere.
+    Patch,
+    /// A thin rectangle moved elsewhere and rotated.
+    Scar,
+}
+
+/// CutPaste (Li et al. 2021): a region of the same image pasted elsewhere, colour-jittered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CutPasteParams {
+    pub variant: CutPasteVariant,
+    /// Patch area as a fraction of the image area.
+    pub area: Range,
+    pub max_aspect: f32,
+    /// Scar width and length as fractions of the shorter image side.
+    pub scar_width: Range,
+    pub scar_length: Range,
+    pub scar_max_rotation_deg: f32,
+    /// Brightness shift and contrast change up to this much (0 = plain copy).
+    pub jitter: f32,
+}
+
+impl Default for CutPasteParams {
+    fn default() -> Self {
+        CutPasteParams {
+            variant: CutPasteVariant::Patch,
+            area: [0.02, 0.15],
+            max_aspect: 3.3,
+            scar_width: [0.01, 0.06],
+            scar_length: [0.04, 0.1],
+            scar_max_rotation_deg: 45.0,
+            jitter: 0.1,
+        }
+    }
+}
+
+/// FCDD's confetti noise: small random-coloured rectangles and ellipses, optionally smudged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfettiParams {
+    /// Number of blobs, inclusive range.
+    pub blobs: [usize; 2],
+    /// Blob side as a fraction of the shorter image side.
+    pub blob_size: Range,
+    /// Probability that the blobs are blurred into their surroundings.
+    pub smudge_probability: f32,
+}
+
+impl Default for ConfettiParams {
+    fn default() -> Self {
+        ConfettiParams {
+            blobs: [3, 12],
+            blob_size: [0.02, 0.08],
+            smudge_probability: 0.5,
+        }
+    }
+}
+
+/// DRAEM: Perlin noise thresholded into a mask, a texture blended in with opacity β inside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PerlinBlendParams {
+    /// The noise has 2^k cells across the image, k drawn from this inclusive range.
+    pub scale_pow: [u32; 2],
+    /// Noise (roughly in -1..1) above this is masked.
+    pub threshold: f32,
+    /// Texture opacity β, drawn from [min, max).
+    pub opacity: Range,
+    /// A folder of texture images (e.g. DTD); procedural textures when absent.
+    pub texture_dir: Option<PathBuf>,
+}
+
+impl Default for PerlinBlendParams {
+    fn default() -> Self {
+        PerlinBlendParams {
+            scale_pow: [0, 5],
+            threshold: 0.5,
+            opacity: [0.1, 1.0],
+            texture_dir: None,
+        }
+    }
+}
+
+/// One entry of a method's anomaly list, e.g. in TOML:
+/// `[[anomalies]]` / `kind = "cut-paste"` / `variant = "scar"` / `weight = 2.0`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightedGenerator {
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
+    #[serde(flatten)]
+    pub generator: AnomalyGenerator,
+}
+
+fn unit_weight() -> f32 {
+    1.0
+}
+
+fn check_range(field: &str, range: Range, lo: f32, hi: f32) -> Result<()> {
+    let [a, b] = range;
+    if !(a.is_finite() && b.is_finite() && lo <= a && a <= b && b <= hi) {
+        return Err(Error::config(
+            field,
+            format!("[{a}, {b}] (need {lo} <= min <= max <= {hi})"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_probability(field: &str, p: f32) -> Result<()> {
+    check_range(field, [p, p], 0.0, 1.0)
+}
+
+impl AnomalyGenerator {
+    /// Checks the parameters; `field` prefixes the names in errors (e.g. `anomalies[2]`).
+    pub fn validate(&self, field: &str) -> Result<()> {
+        let f = |name: &str| format!("{field}.{name}");
+        match self {
+            AnomalyGenerator::Cutout(p) => {
+                check_range(&f("area"), p.area, 1e-4, 1.0)?;
+                check_range(&f("max_aspect"), [1.0, p.max_aspect], 1.0, 100.0)?;
+                check_probability(&f("noise_probability"), p.noise_probability)
+            }
+            AnomalyGenerator::CutPaste(p) => {
+                check_range(&f("area"), p.area, 1e-4, 0.5)?;
+                check_range(&f("max_aspect"), [1.0, p.max_aspect], 1.0, 100.0)?;
+                check_range(&f("scar_width"), p.scar_width, 0.0, 0.5)?;
+                check_range(&f("scar_length"), p.scar_length, 0.0, 0.5)?;
+                check_range(
+                    &f("scar_max_rotation_deg"),
+                    [0.0, p.scar_max_rotation_deg],
+                    0.0,
+                    180.0,
+                )?;
+                check_range(&f("jitter"), [0.0, p.jitter], 0.0, 0.5)
+            }
+            AnomalyGenerator::Confetti(p) => {
+                let [a, b] = p.blobs;
+                if a == 0 || a > b || b > 1000 {
+                    return Err(Error::config(
+                        f("blobs"),
+                        format!("[{a}, {b}] (need 1 <= min <= max <= 1000)"),
+                    ));
+                }
+                check_range(&f("blob_size"), p.blob_size, 0.0, 0.5)?;
+                check_probability(&f("smudge_probability"), p.smudge_probability)
+            }
+            AnomalyGenerator::PerlinBlend(p) => {
+                let [a, b] = p.scale_pow;
+                if a > b || b > 8 {
+                    return Err(Error::config(
+                        f("scale_pow"),
+                        format!("[{a}, {b}] (need min <= max <= 8)"),
+                    ));
+                }
+                check_range(&f("threshold"), [p.threshold, p.threshold], -1.0, 1.0)?;
+                check_range(&f("opacity"), p.opacity, 0.0, 1.0)?;
+                if p.opacity[1] <= 0.0 {
+                    return Err(Error::config(f("opacity"), "max must be above 0"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+struct Entry {
+    weight: f32,
+    generator: AnomalyGenerator,
+    /// Texture files for a Perlin blend with a texture folder, decoded when drawn.
+    textures: Vec<PathBuf>,
+}
+
+/// Draws one of several generators by weight and applies it.
+pub struct AnomalySynth {
+    entries: Vec<Entry>,
+    total_weight: f32,
+}
+
+impl AnomalySynth {
+    /// Validates the list (field names in errors are `anomalies[i]...`) and lists texture folders.
+    pub fn new(generators: &[WeightedGenerator]) -> Result<AnomalySynth> {
+        if generators.is_empty() {
+            return Err(Error::config("anomalies", "no anomaly generators given"));
+        }
+        let mut entries = Vec::with_capacity(generators.len());
+        for (i, g) in generators.iter().enumerate() {
+            let field = format!("anomalies[{i}]");
+            if !(g.weight.is_finite() && g.weight > 0.0) {
+                return Err(Error::config(
+                    format!("{field}.weight"),
+                    format!("{} (must be a positive number)", g.weight),
+                ));
+            }
+            g.generator.validate(&field)?;
+            let textures = match &g.generator {
+                AnomalyGenerator::PerlinBlend(PerlinBlendParams {
+                    texture_dir: Some(dir),
+                    ..
+                }) => list_images(dir)?,
+                _ => Vec::new(),
+            };
+            entries.push(Entry {
+                weight: g.weight,
+                generator: g.generator.clone(),
+                textures,
+            });
+        }
+        let total_weight = entries.iter().map(|e| e.weight).sum();
+        Ok(AnomalySynth {
+            entries,
+            total_weight,
+        })
+    }
+
+    pub fn single(generator: AnomalyGenerator) -> Result<AnomalySynth> {
+        AnomalySynth::new(&[WeightedGenerator {
+            weight: 1.0,
+            generator,
+        }])
+    }
+
+    /// The altered image and the mask of exactly the pixels it changed (never empty).
+    pub fn apply(&self, image: &Image, rng: &mut Rng) -> Result<(Image, Mask)> {
+        let (c, h, w) = (image.channels, image.height, image.width);
+        if c == 0 || h < 2 || w < 2 || image.data.len() != c * h * w {
+            return Err(Error::invalid(
+                "anomaly input image",
+                format!(
+                    "{c}x{h}x{w} with {} values (need at least 1x2x2)",
+                    image.data.len()
+                ),
+            ));
+        }
+        let mut pick = rng.f32() * self.total_weight;
+        let entry = self
+            .entries
+            .iter()
+            .find(|e| {
+                pick -= e.weight;
+                pick < 0.0
+            })
+            .unwrap_or(&self.entries[self.entries.len() - 1]);
+        let mut out = image.clone();
+        let region = match &entry.generator {
+            AnomalyGenerator::Cutout(p) => cutout(&mut out, p, rng),
+            AnomalyGenerator::CutPaste(p) => cut_paste(image, &mut out, p, rng),
+            AnomalyGenerator::Confetti(p) => confetti(&mut out, p, rng),
+            AnomalyGenerator::PerlinBlend(p) => {
+                let texture = if entry.textures.is_empty() {
+                    procedural_texture(c, h, w, rng)
+                } else {
+                    let path = &entry.textures[rng.range_usize(0, entry.textures.len())];
+                    let spec = InputSpec {
+                        height: h,
+                        width: w,
+                        channels: if c == 1 { 1 } else { 3 },
+                    };
+                    let loaded = load_image(path, &spec)?;
+                    // Only 1- and 3-channel textures exist; other counts reuse the first plane.
+                    let mut texture = Image::zeros(c, h, w);
+                    for ch in 0..c {
+                        let src = ch.min(loaded.channels - 1);
+                        texture.plane_mut(ch).copy_from_slice(loaded.plane(src));
+                    }
+                    texture
+                };
+                perlin_blend(&mut out, &texture, p, rng)
+            }
+        };
+        enforce_exact_change(image, &mut out, &region);
+        Ok((out, region))
+    }
+}
+
+/// Restores pixels outside `region`, clamps, and pushes region pixels that changed by less than
+/// [`MIN_CHANGE`] to that change (in their direction, or away from the nearer bound).
+fn enforce_exact_change(original: &Image, out: &mut Image, region: &Mask) {
+    let n = original.height * original.width;
+    let c = original.channels;
+    for (i, &m) in region.data.iter().enumerate() {
+        if m == 0 {
+            for ch in 0..c {
+                out.data[ch * n + i] = original.data[ch * n + i];
+            }
+            continue;
+        }
+        let mut largest = 0.0f32;
+        let mut total = 0.0f32;
+        for ch in 0..c {
+            let v = out.data[ch * n + i].clamp(0.0, 1.0);
+            out.data[ch * n + i] = v;
+            let d = v - original.data[ch * n + i];
+            largest = largest.max(d.abs());
+            total += d;
+        }
+        if largest >= MIN_CHANGE {
+            continue;
+        }
+        for ch in 0..c {
+            let o = original.data[ch * n + i];
+            let d = out.data[ch * n + i] - o;
+            let mut sign = if d != 0.0 { d.signum() } else { total.signum() };
+            if sign == 0.0 {
+                sign = if o < 0.5 { 1.0 } else { -1.0 };
+            }
+            let pushed = o + sign * MIN_CHANGE;
+            out.data[ch * n + i] = if (0.0..=1.0).contains(&pushed) {
+                pushed
+            } else {
+                o - sign * MIN_CHANGE
+            };
+        }
+    }
+}
+
+fn mean_colour(image: &Image) -> Vec<f32> {
+    let n = (image.height * image.width) as f32;
+    (0..image.channels)
+        .map(|c| image.plane(c).iter().sum::<f32>() / n)
+        .collect()
+}
+
+/// A random colour clearly apart from `reference` (redrawn a few times; the exact-change step
+/// covers the rare colour that stays close).
+fn distinct_colour(reference: &[f32], rng: &mut Rng) -> Vec<f32> {
+    let mut colour: Vec<f32> = reference.iter().map(|_| rng.f32()).collect();
+    for _ in 0..8 {
+        let distance = colour
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / reference.len() as f32;
+        if distance >= MIN_COLOUR_DISTANCE {
+            break;
+        }
+        colour = reference.iter().map(|_| rng.f32()).collect();
+    }
+    colour
+}
+
+/// Width and height of a rectangle of `area` (fraction) and aspect ratio in
+/// [1/max_aspect, max_aspect] (log-uniform), clipped to the image.
+fn rectangle_size(h: usize, w: usize, area: Range, max_aspect: f32, rng: &mut Rng) -> (f32, f32) {
+    let a = rng.range_f32(area[0], area[1]) * (h * w) as f32;
+    let log_aspect = max_aspect.ln();
+    let aspect = rng.range_f32(-log_aspect, log_aspect).exp();
+    let rw = (a * aspect).sqrt().clamp(1.0, w as f32);
+    let rh = (a / aspect).sqrt().clamp(1.0, h as f32);
+    (rw, rh)
+}
+
+/// The top-left pixel of a `size`-long span placed uniformly inside `len`.
+fn span_start(len: usize, size: usize, rng: &mut Rng) -> usize {
+    rng.range_usize(0, len - size.min(len) + 1)
+}
+
+fn cutout(out: &mut Image, p: &CutoutParams, rng: &mut Rng) -> Mask {
+    let (c, h, w) = (out.channels, out.height, out.width);
+    let (rw, rh) = rectangle_size(h, w, p.area, p.max_aspect, rng);
+    let (rw, rh) = (rw.round() as usize, rh.round() as usize);
+    let (x0, y0) = (span_start(w, rw, rng), span_start(h, rh, rng));
+    let noise = rng.bool(p.noise_probability);
+    let colour = distinct_colour(&mean_colour(out), rng);
+    let n = h * w;
+    let mut mask = Mask::zeros(h, w);
+    for y in y0..y0 + rh {
+        for x in x0..x0 + rw {
+            let i = y * w + x;
+            mask.data[i] = 1;
+            for (ch, &col) in colour.iter().enumerate().take(c) {
+                out.data[ch * n + i] = if noise { rng.f32() } else { col };
+            }
+        }
+    }
+    mask
+}
+
+/// Bilinear sample of channel plane `plane` at (x, y), clamped to the border.
+fn sample(plane: &[f32], h: usize, w: usize, x: f32, y: f32) -> f32 {
+    let x = x.clamp(0.0, (w - 1) as f32);
+    let y = y.clamp(0.0, (h - 1) as f32);
+    let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+    let top = plane[y0 * w + x0] * (1.0 - fx) + plane[y0 * w + x1] * fx;
+    let bottom = plane[y1 * w + x0] * (1.0 - fx) + plane[y1 * w + x1] * fx;
+    top * (1.0 - fy) + bottom * fy
+}
+
+fn cut_paste(original: &Image, out: &mut Image, p: &CutPasteParams, rng: &mut Rng) -> Mask {
+    let (c, h, w) = (original.channels, original.height, original.width);
+    let side = h.min(w) as f32;
+    let (rw, rh, angle) = match p.variant {
+        CutPasteVariant::Patch => {
+            let (rw, rh) = rectangle_size(h, w, p.area, p.max_aspect, rng);
+            (rw, rh, 0.0)
+        }
+        CutPasteVariant::Scar => {
+            let width = (rng.range_f32(p.scar_width[0], p.scar_width[1]) * side).max(1.0);
+            let length = (rng.range_f32(p.scar_length[0], p.scar_length[1]) * side).max(2.0);
+            let max_rotation = p.scar_max_rotation_deg.to_radians();
+            // Scars lie mostly along or across the image, as in the paper's augmentation.
+            let base = if rng.bool(0.5) { 0.0 } else { TAU / 4.0 };
+            let angle = base + rng.range_f32(-max_rotation, max_rotation);
+            (width, length, angle)
+        }
+    };
+    let (half_w, half_h) = (rw / 2.0, rh / 2.0);
+    let centre = |rng: &mut Rng, half: f32, len: usize| {
+        let lo = half.min((len - 1) as f32 / 2.0);
+        rng.range_f32(lo, (len as f32 - lo).max(lo + 1.0)).floor()
+    };
+    let src = (centre(rng, half_w, w), centre(rng, half_h, h));
+    // The destination is drawn away from the source when the image leaves room.
+    let mut dst = (centre(rng, half_w, w), centre(rng, half_h, h));
+    for _ in 0..8 {
+        if (dst.0 - src.0).abs() > half_w || (dst.1 - src.1).abs() > half_h {
+            break;
+        }
+        dst = (centre(rng, half_w, w), centre(rng, half_h, h));
+    }
+    let brightness = rng.range_f32(-p.jitter, p.jitter);
+    let contrast = 1.0 + rng.range_f32(-p.jitter, p.jitter);
+    let tints: Vec<f32> = (0..c)
+        .map(|_| rng.range_f32(-p.jitter, p.jitter) / 2.0)
+        .collect();
+    let means = mean_colour(original);
+
+    let (sin_a, cos_a) = angle.sin_cos();
+    let reach = (half_w * half_w + half_h * half_h).sqrt().ceil() as isize;
+    let n = h * w;
+    let mut mask = Mask::zeros(h, w);
+    for dy in -reach..=reach {
+        for dx in -reach..=reach {
+            let (x, y) = (dst.0 as isize + dx, dst.1 as isize + dy);
+            if x < 0 || y < 0 || x >= w as isize || y >= h as isize {
+                continue;
+            }
+            // Pasted-frame coordinates of this pixel; the cut region is axis-aligned at `src`.
+            let (fx, fy) = (dx as f32, dy as f32);
+            let u = fx * cos_a + fy * sin_a;
+            let v = -fx * sin_a + fy * cos_a;
+            if u.abs() > half_w || v.abs() > half_h {
+                continue;
+            }
+            let i = y as usize * w + x as usize;
+            mask.data[i] = 1;
+            for (ch, (&mean, &tint)) in means.iter().zip(&tints).enumerate() {
+                let s = sample(original.plane(ch), h, w, src.0 + u, src.1 + v);
+                out.data[ch * n + i] = (s - mean) * contrast + mean + brightness + tint;
+            }
+        }
+    }
+    mask
+}
+
+fn box_blur(plane: &[f32], h: usize, w: usize, radius: usize) -> Vec<f32> {
+    let pass = |src: &[f32], horizontal: bool| -> Vec<f32> {
+        let mut dst = vec![0.0; h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let (pos, len) = if horizontal { (x, w) } else { (y, h) };
+                let (lo, hi) = (pos.saturating_sub(radius), (pos + radius + 1).min(len));
+                let sum: f32 = (lo..hi)
+                    .map(|k| {
+                        if horizontal {
+                            src[y * w + k]
+                        } else {
+                            src[k * w + x]
+                        }
+                    })
+                    .sum();
+                dst[y * w + x] = sum / (2 * radius + 1) as f32;
+            }
+        }
+        dst
+    };
+    pass(&pass(plane, true), false)
+}
+
+fn confetti(out: &mut Image, p: &ConfettiParams, rng: &mut Rng) -> Mask {
+    let (c, h, w) = (out.channels, out.height, out.width);
+    let n = h * w;
+    let side = h.min(w) as f32;
+    let mean = mean_colour(out);
+    let mut alpha = vec![0.0f32; n];
+    let mut colour = vec![0.0f32; c * n];
+    for _ in 0..rng.range_usize(p.blobs[0], p.blobs[1] + 1) {
+        let half =
+            |rng: &mut Rng| (rng.range_f32(p.blob_size[0], p.blob_size[1]) * side / 2.0).max(0.5);
+        let (half_w, half_h) = (half(rng), half(rng));
+        let ellipse = rng.bool(0.5);
+        let (sin_a, cos_a) = rng.range_f32(0.0, TAU).sin_cos();
+        let (cx, cy) = (
+            rng.range_usize(0, w) as isize,
+            rng.range_usize(0, h) as isize,
+        );
+        let blob_colour = distinct_colour(&mean, rng);
+        let reach = (half_w.max(half_h) * SQRT_2).ceil() as isize;
+        for dy in -reach..=reach {
+            for dx in -reach..=reach {
+                let (x, y) = (cx + dx, cy + dy);
+                if x < 0 || y < 0 || x >= w as isize || y >= h as isize {
+                    continue;
+                }
+                let u = (dx as f32 * cos_a + dy as f32 * sin_a) / half_w;
+                let v = (-dx as f32 * sin_a + dy as f32 * cos_a) / half_h;
+                let inside = if ellipse {
+                    u * u + v * v <= 1.0
+                } else {
+                    u.abs() <= 1.0 && v.abs() <= 1.0
+                };
+                if inside {
+                    let i = y as usize * w + x as usize;
+                    alpha[i] = 1.0;
+                    for (ch, &col) in blob_colour.iter().enumerate() {
+                        colour[ch * n + i] = col;
+                    }
+                }
+            }
+        }
+    }
+    if rng.bool(p.smudge_probability) {
+        smudge(
+            &mut alpha,
+            &mut colour,
+            c,
+            h,
+            w,
+            ((side / 128.0).round() as usize).max(1),
+        );
+    }
+    let mut mask = Mask::zeros(h, w);
+
+    for (i, &a) in alpha.iter().enumerate() {
+        if a > 0.0 {
+            mask.data[i] = 1;
+            for ch in 0..c {
+                let o = &mut out.data[ch * n + i];
+                *o = *o * (1.0 - a) + colour[ch * n + i] * a;
+            }
+        }
+    }
+    mask
+}
+
+/// Blurs blobs into their surroundings. Colour is blurred premultiplied by alpha so smudged edges
+/// keep the blob's colour; fringes fainter than a quarter are cut off (changes too small to label).
+/// Blobs too small to survive the blur are left sharp.
+fn smudge(alpha: &mut Vec<f32>, colour: &mut [f32], c: usize, h: usize, w: usize, radius: usize) {
+    let n = h * w;
+    let mut smudged_alpha = box_blur(alpha, h, w, radius);
+    for a in smudged_alpha.iter_mut() {
+        if *a < 0.25 {
+            *a = 0.0;
+        }
+    }
+    if smudged_alpha.iter().all(|&a| a == 0.0) {
+        return;
+    }
+    for ch in 0..c {
+        let plane = &mut colour[ch * n..(ch + 1) * n];
+        let premultiplied: Vec<f32> = plane
+            .iter()
+            .zip(alpha.iter())
+            .map(|(col, a)| col * a)
+            .collect();
+        let blurred = box_blur(&premultiplied, h, w, radius);
+        for ((dst, b), &a) in plane.iter_mut().zip(blurred).zip(&smudged_alpha) {
+            *dst = if a > 0.0 { b / a } else { 0.0 };
+        }
+    }
+    *alpha = smudged_alpha;
+}
+
+/// Classic gradient noise on an unbounded lattice (hashed gradients), roughly in -0.71..0.71.
+struct Perlin {
+    permutation: [u8; 256],
+    gradients: [(f32, f32); 256],
+}
+
+impl Perlin {
+    fn new(rng: &mut Rng) -> Perlin {
+        let mut permutation = [0u8; 256];
+        for (i, p) in permutation.iter_mut().enumerate() {
+            *p = i as u8;
+        }
+        rng.shuffle(&mut permutation);
+        let mut gradients = [(0.0, 0.0); 256];
+        for g in gradients.iter_mut() {
+            let (s, c) = rng.range_f32(0.0, TAU).sin_cos();
+            *g = (c, s);
+        }
+        Perlin {
+            permutation,
+            gradients,
+        }
+    }
+
+    fn gradient(&self, ix: i64, iy: i64) -> (f32, f32) {
+        let a = self.permutation[(ix & 255) as usize] as i64;
+        self.gradients[self.permutation[((a + iy) & 255) as usize] as usize]
+    }
+
+    fn at(&self, x: f32, y: f32) -> f32 {
+        let (x0, y0) = (x.floor(), y.floor());
+        let (fx, fy) = (x - x0, y - y0);
+        let (ix, iy) = (x0 as i64, y0 as i64);
+        let corner = |cx: i64, cy: i64| {
+            let g = self.gradient(ix + cx, iy + cy);
+            g.0 * (fx - cx as f32) + g.1 * (fy - cy as f32)
+        };
+        let fade = |t: f32| t * t * t * (t * (t * 6.0 - 15.0) + 10.0);
+        let (u, v) = (fade(fx), fade(fy));
+        let top = corner(0, 0) + u * (corner(1, 0) - corner(0, 0));
+        let bottom = corner(0, 1) + u * (corner(1, 1) - corner(0, 1));
+        top + v * (bottom - top)
+    }
+
+    /// A field of `h`×`w` values with `cells` lattice cells across the longer side, rotated and
+    /// offset at random, scaled by √2 to roughly -1..1 as in DRAEM.
+    fn field(&self, h: usize, w: usize, cells: f32, rng: &mut Rng) -> Vec<f32> {
+        let scale = cells / h.max(w) as f32;
+        let (sin_a, cos_a) = rng.range_f32(0.0, TAU).sin_cos();
+        let (ox, oy) = (rng.range_f32(0.0, 256.0), rng.range_f32(0.0, 256.0));
+        let mut values = Vec::with_capacity(h * w);
+        for y in 0..h {
+            for x in 0..w {
+                let (px, py) = (x as f32 * scale, y as f32 * scale);
+                let rx = px * cos_a - py * sin_a + ox;
+                let ry = px * sin_a + py * cos_a + oy;
+                values.push(SQRT_2 * self.at(rx, ry));
+            }
+        }
+        values
+    }
+}
+
+/// One of: two random colours mixed by Perlin noise, rotated stripes, or a rotated checkerboard.
+fn procedural_texture(c: usize, h: usize, w: usize, rng: &mut Rng) -> Image {
+    let a: Vec<f32> = (0..c).map(|_| rng.f32()).collect();
+    let b: Vec<f32> = (0..c).map(|_| rng.f32()).collect();
+    let mix: Vec<f32> = match rng.range_usize(0, 3) {
+        0 => {
+            let cells = 2f32.powi(rng.range_usize(2, 6) as i32);
+            Perlin::new(rng)
+                .field(h, w, cells, rng)
+                .into_iter()
+                .map(|v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
+                .collect()
+        }
+        kind => {
+            let period = rng.range_f32(3.0, 16.0);
+            let (sin_a, cos_a) = rng.range_f32(0.0, TAU).sin_cos();
+            (0..h * w)
+                .map(|i| {
+                    let (x, y) = ((i % w) as f32, (i / w) as f32);
+                    let u = (x * cos_a + y * sin_a) / period;
+                    let v = (-x * sin_a + y * cos_a) / period;
+                    if kind == 1 {
+                        0.5 + 0.5 * (TAU * u).sin()
+                    } else {
+                        ((u.floor() + v.floor()) as i64).rem_euclid(2) as f32
+                    }
+                })
+                .collect()
+        }
+    };
+    let mut texture = Image::zeros(c, h, w);
+    for ch in 0..c {
+        for (t, &m) in texture.plane_mut(ch).iter_mut().zip(&mix) {
+            *t = a[ch] * (1.0 - m) + b[ch] * m;
+        }
+    }
+    texture
+}
+
+fn perlin_blend(out: &mut Image, texture: &Image, p: &PerlinBlendParams, rng: &mut Rng) -> Mask {
+    let (c, h, w) = (out.channels, out.height, out.width);
+    let n = h * w;
+    let perlin = Perlin::new(rng);
+    let mut values = Vec::new();
+    for _ in 0..8 {
+        let k = rng.range_usize(p.scale_pow[0] as usize, p.scale_pow[1] as usize + 1);
+        values = perlin.field(h, w, 2f32.powi(k as i32), rng);
+        if values.iter().any(|&v| v > p.threshold) {
+            break;
+        }
+    }
+    // Should every draw stay below the threshold, mask the field's peak instead of nothing.
+    let peak = values.iter().copied().fold(f32::MIN, f32::max);
+    let masked = |v: f32| v > p.threshold || v >= peak;
+    let opacity = if p.opacity[0] < p.opacity[1] {
+        rng.range_f32(p.opacity[0], p.opacity[1])
+    } else {
+        p.opacity[0]
+    };
+    let mut mask = Mask::zeros(h, w);
+    for (i, &v) in values.iter().enumerate() {
+        if masked(v) {
+            mask.data[i] = 1;
+            for ch in 0..c {
+                let o = &mut out.data[ch * n + i];
+                *o = *o * (1.0 - opacity) + texture.data[ch * n + i] * opacity;
+            }
+        }
+    }
+    mask
+}

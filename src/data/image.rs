@@ -1,8 +1,14 @@
 //! In-memory images and masks as the rest of vigil sees them.
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
 use candle_core::{Device, Tensor};
+use image::imageops::{self, FilterType};
+use image::{DynamicImage, ImageDecoder, ImageReader};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The size and channel count a model takes; images of any size are resized to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,4 +91,220 @@ pub fn batch_tensor(images: &[&Image], device: &Device) -> Result<Tensor> {
         data.extend_from_slice(&img.data);
     }
     Ok(Tensor::from_vec(data, (images.len(), c, h, w), device)?)
+}
+
+impl Image {
+    /// Resamples to `height` × `width` with a triangle (bilinear, antialiased when shrinking) filter.
+    pub fn resize(&self, height: usize, width: usize) -> Image {
+        if (height, width) == (self.height, self.width) {
+            return self.clone();
+        }
+        let mut out = Image::zeros(self.channels, height, width);
+        if self.height == 0 || self.width == 0 {
+            return out;
+        }
+        for c in 0..self.channels {
+            let plane = image::ImageBuffer::<image::Luma<f32>, &[f32]>::from_raw(
+                self.width as u32,
+                self.height as u32,
+                self.plane(c),
+            )
+            .expect("a plane holds height * width values");
+            let resized =
+                imageops::resize(&plane, width as u32, height as u32, FilterType::Triangle);
+            out.plane_mut(c).copy_from_slice(resized.as_raw());
+        }
+        out
+    }
+}
+
+impl Mask {
+    /// Nearest-neighbour resampling, so a mask stays binary.
+    pub fn resize(&self, height: usize, width: usize) -> Mask {
+        if (height, width) == (self.height, self.width) {
+            return self.clone();
+        }
+        let mut out = Mask::zeros(height, width);
+        if self.height == 0 || self.width == 0 {
+            return out;
+        }
+        for y in 0..height {
+            let sy = nearest_source(y, height, self.height);
+            let src_row = &self.data[sy * self.width..(sy + 1) * self.width];
+            for (x, v) in out.data[y * width..(y + 1) * width].iter_mut().enumerate() {
+                *v = src_row[nearest_source(x, width, self.width)];
+            }
+        }
+        out
+    }
+}
+
+/// The source index whose pixel centre is nearest to destination pixel `i`'s centre.
+fn nearest_source(i: usize, dst_len: usize, src_len: usize) -> usize {
+    (((i as f64 + 0.5) * src_len as f64 / dst_len as f64) as usize).min(src_len - 1)
+}
+
+fn image_error(path: &Path, reason: impl ToString) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn open_reader(path: &Path) -> Result<ImageReader<BufReader<File>>> {
+    ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| image_error(path, e))
+}
+
+fn decode(path: &Path) -> Result<DynamicImage> {
+    open_reader(path)?
+        .decode()
+        .map_err(|e| image_error(path, e))
+}
+
+fn check_spec(spec: &InputSpec) -> Result<()> {
+    if spec.channels != 1 && spec.channels != 3 {
+        return Err(Error::invalid(
+            "input channels",
+            format!("{} (must be 1 or 3)", spec.channels),
+        ));
+    }
+    if spec.height == 0 || spec.width == 0 {
+        return Err(Error::invalid(
+            "input size",
+            format!("{}x{} (must be non-zero)", spec.height, spec.width),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes a PNG, JPEG, BMP or TIFF file (recognised by content; 8- or 16-bit, grey or colour,
+/// alpha dropped), converts it to `spec.channels` and resizes it to the spec's size.
+pub fn load_image(path: &Path, spec: &InputSpec) -> Result<Image> {
+    check_spec(spec)?;
+    let decoded = decode(path)?;
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let mut native = Image::zeros(spec.channels, height, width);
+    if spec.channels == 1 {
+        native.data.copy_from_slice(decoded.to_luma32f().as_raw());
+    } else {
+        // Interleaved RGB to planar CHW.
+        let rgb = decoded.to_rgb32f();
+        let n = height * width;
+        for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                native.data[c * n + i] = v;
+            }
+        }
+    }
+    Ok(native.resize(spec.height, spec.width))
+}
+
+/// Loads a defect mask (any pixel above 127 is defect) resized by nearest neighbour.
+pub fn load_mask(path: &Path, height: usize, width: usize) -> Result<Mask> {
+    if height == 0 || width == 0 {
+        return Err(Error::invalid(
+            "mask size",
+            format!("{height}x{width} (must be non-zero)"),
+        ));
+    }
+    let grey = decode(path)?.into_luma8();
+    let mask = Mask {
+        height: grey.height() as usize,
+        width: grey.width() as usize,
+        data: grey.as_raw().iter().map(|&v| u8::from(v > 127)).collect(),
+    };
+    Ok(mask.resize(height, width))
+}
+
+/// Reads only the header: (channels 1 or 3, height, width). Colour images report 3.
+pub fn probe(path: &Path) -> Result<(usize, usize, usize)> {
+    let decoder = open_reader(path)?
+        .into_decoder()
+        .map_err(|e| image_error(path, e))?;
+    let (width, height) = decoder.dimensions();
+    let channels = if decoder.color_type().has_color() {
+        3
+    } else {
+        1
+    };
+    Ok((channels, height as usize, width as usize))
+}
+
+fn write_png(
+    path: &Path,
+    data: &[u8],
+    width: usize,
+    height: usize,
+    color: image::ExtendedColorType,
+) -> Result<()> {
+    image::save_buffer_with_format(
+        path,
+        data,
+        width as u32,
+        height as u32,
+        color,
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| match e {
+        image::ImageError::IoError(io) => Error::io(path, io),
+        other => image_error(path, other),
+    })
+}
+
+/// Writes an 8-bit grey or RGB PNG (values clamped to 0..=1 and rounded).
+pub fn save_png(image: &Image, path: &Path) -> Result<()> {
+    let (c, h, w) = (image.channels, image.height, image.width);
+    let color = match c {
+        1 => image::ExtendedColorType::L8,
+        3 => image::ExtendedColorType::Rgb8,
+        other => {
+            return Err(Error::invalid(
+                "image channels",
+                format!("{other} (PNG output takes 1 or 3)"),
+            ))
+        }
+    };
+    if image.data.len() != c * h * w {
+        return Err(Error::invalid(
+            "image data",
+            format!("{} values for {c}x{h}x{w}", image.data.len()),
+        ));
+    }
+    let n = h * w;
+    let mut bytes = vec![0u8; c * n];
+    for (i, px) in bytes.chunks_exact_mut(c).enumerate() {
+        for (ch, b) in px.iter_mut().enumerate() {
+            *b = (image.data[ch * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    write_png(path, &bytes, w, h, color)
+}
+
+/// Writes a mask as an 8-bit grey PNG, 255 = defect (the MVTec convention).
+pub fn save_mask_png(mask: &Mask, path: &Path) -> Result<()> {
+    if mask.data.len() != mask.height * mask.width {
+        return Err(Error::invalid(
+            "mask data",
+            format!(
+                "{} values for {}x{}",
+                mask.data.len(),
+                mask.height,
+                mask.width
+            ),
+        ));
+    }
+    let bytes: Vec<u8> = mask
+        .data
+        .iter()
+        .map(|&v| if v != 0 { 255 } else { 0 })
+        .collect();
+    write_png(
+        path,
+        &bytes,
+        mask.width,
+        mask.height,
+        image::ExtendedColorType::L8,
+    )
 }
