@@ -1,1 +1,532 @@
-//! (being written)
+//! EfficientNet-Lite0 pretrained on ImageNet, as a frozen feature extractor.
+//!
+//! Inference only: BatchNorm (eval mode, eps 1e-3) is folded into the preceding convolution's
+//! weights and a bias at load time, 1×1 convolutions run as matrix products on `[B, C, H·W]`
+//! views, and depthwise convolutions use [`depthwise_conv2d`]. Padding is TensorFlow "same".
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::nn::depthwise::{depthwise_conv2d, SamePad};
+use crate::nn::FeatureExtractor;
+
+const BN_EPS: f64 = 1e-3;
+const STEM_CHANNELS: usize = 32;
+const HEAD_CHANNELS: usize = 1280;
+const CLASSES: usize = 1000;
+/// Index of the last inverted-residual block.
+pub const LAST_BLOCK: usize = 15;
+
+#[derive(Clone, Copy)]
+struct BlockSpec {
+    kernel: usize,
+    stride: usize,
+    expansion: usize,
+    in_channels: usize,
+    out_channels: usize,
+    /// Output stride of the network after this block.
+    net_stride: usize,
+}
+
+const fn block(
+    kernel: usize,
+    stride: usize,
+    expansion: usize,
+    in_channels: usize,
+    out_channels: usize,
+    net_stride: usize,
+) -> BlockSpec {
+    BlockSpec {
+        kernel,
+        stride,
+        expansion,
+        in_channels,
+        out_channels,
+        net_stride,
+    }
+}
+
+/// The 16 blocks of Lite0's seven stages (repeats 1, 2, 2, 3, 3, 4, 1).
+const BLOCKS: [BlockSpec; LAST_BLOCK + 1] = [
+    block(3, 1, 1, 32, 16, 2),
+    block(3, 2, 6, 16, 24, 4),
+    block(3, 1, 6, 24, 24, 4),
+    block(5, 2, 6, 24, 40, 8),
+    block(5, 1, 6, 40, 40, 8),
+    block(3, 2, 6, 40, 80, 16),
+    block(3, 1, 6, 80, 80, 16),
+    block(3, 1, 6, 80, 80, 16),
+    block(5, 1, 6, 80, 112, 16),
+    block(5, 1, 6, 112, 112, 16),
+    block(5, 1, 6, 112, 112, 16),
+    block(5, 2, 6, 112, 192, 32),
+    block(5, 1, 6, 192, 192, 32),
+    block(5, 1, 6, 192, 192, 32),
+    block(5, 1, 6, 192, 192, 32),
+    block(3, 1, 6, 192, 320, 32),
+];
+
+fn block_spec(block: usize) -> Result<&'static BlockSpec> {
+    BLOCKS.get(block).ok_or_else(|| {
+        Error::invalid(
+            "backbone block",
+            format!("{block} is out of range 0..={LAST_BLOCK}"),
+        )
+    })
+}
+
+/// Names and shapes of the checkpoint tensors the network up to `last_block` needs (plus the
+/// classifier head when `with_head`), in PyTorch's naming.
+fn parameter_shapes(last_block: usize, with_head: bool) -> Result<Vec<(String, Vec<usize>)>> {
+    block_spec(last_block)?;
+    let mut shapes = vec![(
+        "_conv_stem.weight".to_string(),
+        vec![STEM_CHANNELS, 3, 3, 3],
+    )];
+    let bn = |shapes: &mut Vec<(String, Vec<usize>)>, prefix: &str, channels: usize| {
+        for field in ["weight", "bias", "running_mean", "running_var"] {
+            shapes.push((format!("{prefix}.{field}"), vec![channels]));
+        }
+    };
+    bn(&mut shapes, "_bn0", STEM_CHANNELS);
+    for (index, spec) in BLOCKS.iter().enumerate().take(last_block + 1) {
+        let p = format!("_blocks.{index}");
+        let hidden = spec.in_channels * spec.expansion;
+        if spec.expansion != 1 {
+            shapes.push((
+                format!("{p}._expand_conv.weight"),
+                vec![hidden, spec.in_channels, 1, 1],
+            ));
+            bn(&mut shapes, &format!("{p}._bn0"), hidden);
+        }
+        shapes.push((
+            format!("{p}._depthwise_conv.weight"),
+            vec![hidden, 1, spec.kernel, spec.kernel],
+        ));
+        bn(&mut shapes, &format!("{p}._bn1"), hidden);
+        shapes.push((
+            format!("{p}._project_conv.weight"),
+            vec![spec.out_channels, hidden, 1, 1],
+        ));
+        bn(&mut shapes, &format!("{p}._bn2"), spec.out_channels);
+    }
+    if with_head {
+        if last_block != LAST_BLOCK {
+            return Err(Error::invalid(
+                "backbone head",
+                format!(
+                    "the classifier needs all blocks (last_block {LAST_BLOCK}, not {last_block})"
+                ),
+            ));
+        }
+        let last = BLOCKS[LAST_BLOCK].out_channels;
+        shapes.push(("_conv_head.weight".into(), vec![HEAD_CHANNELS, last, 1, 1]));
+        bn(&mut shapes, "_bn1", HEAD_CHANNELS);
+        shapes.push(("_fc.weight".into(), vec![CLASSES, HEAD_CHANNELS]));
+        shapes.push(("_fc.bias".into(), vec![CLASSES]));
+    }
+    Ok(shapes)
+}
+
+/// Loads from a safetensors file exactly the tensors the backbone up to `last_block` needs (no
+/// classifier head), so that a model file can embed them.
+pub fn load_tensors(
+    path: &Path,
+    last_block: usize,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let weights_error = |reason: String| Error::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.exists() {
+        return Err(weights_error(
+            "not found; run models/get-weights.sh to download and convert it".into(),
+        ));
+    }
+    let mut all = candle_core::safetensors::load(path, device)
+        .map_err(|e| weights_error(format!("cannot read safetensors: {e}")))?;
+    parameter_shapes(last_block, false)?
+        .into_iter()
+        .map(|(name, shape)| {
+            let tensor = all
+                .remove(&name)
+                .ok_or_else(|| weights_error(format!("tensor `{name}` is missing")))?;
+            if tensor.dims() != shape.as_slice() {
+                return Err(weights_error(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    tensor.dims()
+                )));
+            }
+            if tensor.dtype() != DType::F32 {
+                return Err(weights_error(format!(
+                    "tensor `{name}` is {:?}, expected f32",
+                    tensor.dtype()
+                )));
+            }
+            Ok((name, tensor))
+        })
+        .collect()
+}
+
+/// A convolution followed by eval-mode BatchNorm, folded into `weight` and a per-channel `bias`.
+fn fold_batch_norm(
+    vb: &VarBuilder,
+    conv: &str,
+    bn: &str,
+    shape: &[usize],
+) -> Result<(Tensor, Tensor)> {
+    let channels = shape[0];
+    let weight = vb.get(shape, &format!("{conv}.weight"))?;
+    let gamma = vb.get(channels, &format!("{bn}.weight"))?;
+    let beta = vb.get(channels, &format!("{bn}.bias"))?;
+    let mean = vb.get(channels, &format!("{bn}.running_mean"))?;
+    let var = vb.get(channels, &format!("{bn}.running_var"))?;
+    let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+    let bias = (beta - (mean * &scale)?)?;
+    let mut scale_shape = vec![1; shape.len()];
+    scale_shape[0] = channels;
+    let weight = weight.broadcast_mul(&scale.reshape(scale_shape)?)?;
+    // Frozen: detached from any variables the builder may hold.
+    Ok((weight.detach(), bias.detach()))
+}
+
+/// 1×1 convolution + folded BN (+ ReLU6), as `[C_out, C_in] × [B, C_in, H·W]`.
+#[derive(Clone, Debug)]
+struct Pointwise {
+    weight: Tensor,
+    bias: Tensor,
+    relu6: bool,
+}
+
+impl Pointwise {
+    fn new(
+        vb: &VarBuilder,
+        conv: &str,
+        bn: &str,
+        out_c: usize,
+        in_c: usize,
+        relu6: bool,
+    ) -> Result<Self> {
+        let (weight, bias) = fold_batch_norm(vb, conv, bn, &[out_c, in_c, 1, 1])?;
+        Ok(Self {
+            weight: weight.reshape((out_c, in_c))?,
+            bias: bias.reshape((out_c, 1))?,
+            relu6,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, in_c, height, width) = x.dims4()?;
+        let out_c = self.weight.dim(0)?;
+        let x = x.reshape((batch, in_c, height * width))?;
+        let y = self
+            .weight
+            .broadcast_left(batch)?
+            .matmul(&x)?
+            .broadcast_add(&self.bias)?;
+        let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
+        Ok(y.reshape((batch, out_c, height, width))?)
+    }
+}
+
+/// Depthwise k×k convolution + folded BN + ReLU6.
+#[derive(Clone, Debug)]
+struct Depthwise {
+    weight: Tensor,
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+}
+
+impl Depthwise {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, height, width) = x.dims4()?;
+        let pad = SamePad::new(height, width, self.kernel, self.stride);
+        let y = depthwise_conv2d(x, &self.weight, self.stride, pad)?;
+        Ok(y.broadcast_add(&self.bias)?.clamp(0f32, 6f32)?)
+    }
+}
+
+/// Inverted residual block without squeeze-excitation (Lite variant).
+#[derive(Clone, Debug)]
+struct Block {
+    expand: Option<Pointwise>,
+    depthwise: Depthwise,
+    project: Pointwise,
+    residual: bool,
+}
+
+impl Block {
+    fn new(vb: &VarBuilder, index: usize, spec: &BlockSpec) -> Result<Self> {
+        let p = format!("_blocks.{index}");
+        let hidden = spec.in_channels * spec.expansion;
+        let expand = (spec.expansion != 1)
+            .then(|| {
+                Pointwise::new(
+                    vb,
+                    &format!("{p}._expand_conv"),
+                    &format!("{p}._bn0"),
+                    hidden,
+                    spec.in_channels,
+                    true,
+                )
+            })
+            .transpose()?;
+        let (weight, bias) = fold_batch_norm(
+            vb,
+            &format!("{p}._depthwise_conv"),
+            &format!("{p}._bn1"),
+            &[hidden, 1, spec.kernel, spec.kernel],
+        )?;
+        let depthwise = Depthwise {
+            weight,
+            bias: bias.reshape((1, hidden, 1, 1))?,
+            kernel: spec.kernel,
+            stride: spec.stride,
+        };
+        let project = Pointwise::new(
+            vb,
+            &format!("{p}._project_conv"),
+            &format!("{p}._bn2"),
+            spec.out_channels,
+            hidden,
+            false,
+        )?;
+        Ok(Self {
+            expand,
+            depthwise,
+            project,
+            residual: spec.stride == 1 && spec.in_channels == spec.out_channels,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let hidden = match &self.expand {
+            Some(expand) => expand.forward(x)?,
+            None => x.clone(),
+        };
+        let y = self.project.forward(&self.depthwise.forward(&hidden)?)?;
+        Ok(if self.residual { (y + x)? } else { y })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Head {
+    conv: Pointwise,
+    fc_weight: Tensor,
+    fc_bias: Tensor,
+}
+
+/// EfficientNet-Lite0 truncated after `last_block`, optionally with its ImageNet classifier.
+#[derive(Clone, Debug)]
+pub struct EfficientNetLite0 {
+    /// Stem weights for RGB input and, summed over the input channels, for grey input (a grey
+    /// image replicated to RGB gives the same result without the copy).
+    stem_rgb: Tensor,
+    stem_grey: Tensor,
+    stem_bias: Tensor,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+}
+
+impl EfficientNetLite0 {
+    /// Builds the network from PyTorch-named weights (`_conv_stem.weight`, `_blocks.N....`).
+    /// `with_head` needs `last_block == 15` and the `_conv_head`, `_bn1` and `_fc` tensors.
+    pub fn new(vb: VarBuilder, last_block: usize, with_head: bool) -> Result<Self> {
+        // Validates `last_block` and the head/last_block combination before any lookup.
+        parameter_shapes(last_block, with_head)?;
+        let (stem_rgb, stem_bias) =
+            fold_batch_norm(&vb, "_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
+        let stem_grey = stem_rgb.sum_keepdim(1)?;
+        let blocks = BLOCKS[..=last_block]
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| Block::new(&vb, index, spec))
+            .collect::<Result<Vec<_>>>()?;
+        let head = if with_head {
+            let in_c = BLOCKS[LAST_BLOCK].out_channels;
+            Some(Head {
+                conv: Pointwise::new(&vb, "_conv_head", "_bn1", HEAD_CHANNELS, in_c, true)?,
+                fc_weight: vb.get((CLASSES, HEAD_CHANNELS), "_fc.weight")?.detach(),
+                fc_bias: vb.get(CLASSES, "_fc.bias")?.detach(),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            stem_rgb,
+            stem_grey,
+            stem_bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
+            blocks,
+            head,
+        })
+    }
+
+    /// Channels of the feature map after `block`.
+    pub fn block_channels(block: usize) -> Result<usize> {
+        Ok(block_spec(block)?.out_channels)
+    }
+
+    /// Output stride of the feature map after `block` (input size / feature size, rounded up).
+    pub fn block_stride(block: usize) -> Result<usize> {
+        Ok(block_spec(block)?.net_stride)
+    }
+
+    /// The last block this instance has.
+    pub fn last_block(&self) -> usize {
+        self.blocks.len() - 1
+    }
+
+    /// Runs `x` (`[B, 1 | 3, H, W]`, values in 0..=1) and returns the feature maps after each
+    /// block in `taps`, in the order given.
+    pub fn forward_taps(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
+        let deepest = *taps
+            .iter()
+            .max()
+            .ok_or_else(|| Error::invalid("backbone taps", "no block was requested"))?;
+        if deepest > self.last_block() {
+            return Err(Error::invalid(
+                "backbone taps",
+                format!(
+                    "block {deepest} requested but the network stops at block {}",
+                    self.last_block()
+                ),
+            ));
+        }
+        let mut x = self.stem(x)?;
+        let mut outputs: Vec<Option<Tensor>> = vec![None; taps.len()];
+        for (index, block) in self.blocks[..=deepest].iter().enumerate() {
+            x = block.forward(&x)?;
+            for (slot, _) in taps.iter().enumerate().filter(|(_, &tap)| tap == index) {
+                outputs[slot] = Some(x.clone());
+            }
+        }
+        outputs
+            .into_iter()
+            .map(|t| t.ok_or_else(|| Error::invalid("backbone taps", "a tap was not reached")))
+            .collect()
+    }
+
+    /// ImageNet logits `[B, 1000]` (apply a softmax for probabilities).
+    pub fn classify(&self, x: &Tensor) -> Result<Tensor> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "backbone head",
+                "this network was built without its classifier",
+            )
+        })?;
+        let mut x = self.stem(x)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        let pooled = head.conv.forward(&x)?.flatten_from(2)?.mean(D::Minus1)?;
+        Ok(pooled
+            .matmul(&head.fc_weight.t()?)?
+            .broadcast_add(&head.fc_bias)?)
+    }
+
+    fn stem(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let weight = match *dims {
+            [_, 1, h, w] if h > 0 && w > 0 => &self.stem_grey,
+            [_, 3, h, w] if h > 0 && w > 0 => &self.stem_rgb,
+            _ => {
+                return Err(Error::invalid(
+                    "backbone input",
+                    format!("shape {dims:?} is not [B, 1 or 3, H, W]"),
+                ))
+            }
+        };
+        let (height, width) = (dims[2], dims[3]);
+        let pad = SamePad::new(height, width, 3, 2);
+        let x = x
+            .to_dtype(DType::F32)?
+            .affine(2.0, -1.0)? // (x - 0.5) / 0.5
+            .pad_with_zeros(2, pad.top, pad.bottom)?
+            .pad_with_zeros(3, pad.left, pad.right)?;
+        let y = x.conv2d(weight, 0, 2, 1, 1)?;
+        Ok(y.broadcast_add(&self.stem_bias)?.clamp(0f32, 6f32)?)
+    }
+}
+
+/// The backbone as a [`FeatureExtractor`]: the maps after several blocks, resized (bilinear) to
+/// the finest one's resolution and concatenated on channels.
+#[derive(Clone, Debug)]
+pub struct Lite0Features {
+    net: EfficientNetLite0,
+    taps: Vec<usize>,
+    out_channels: usize,
+    stride: usize,
+}
+
+impl Lite0Features {
+    /// `tensors` as returned by [`load_tensors`] for at least the deepest tap.
+    pub fn new(
+        tensors: &HashMap<String, Tensor>,
+        taps: Vec<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let deepest = *taps
+            .iter()
+            .max()
+            .ok_or_else(|| Error::invalid("backbone taps", "no block was requested"))?;
+        let mut out_channels = 0;
+        let mut stride = usize::MAX;
+        for &tap in &taps {
+            out_channels += EfficientNetLite0::block_channels(tap)?;
+            stride = stride.min(EfficientNetLite0::block_stride(tap)?);
+        }
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, device);
+        let net = EfficientNetLite0::new(vb, deepest, false)?;
+        Ok(Self {
+            net,
+            taps,
+            out_channels,
+            stride,
+        })
+    }
+
+    pub fn taps(&self) -> &[usize] {
+        &self.taps
+    }
+}
+
+impl FeatureExtractor for Lite0Features {
+    fn extract(&self, images: &Tensor) -> Result<Tensor> {
+        let maps = self.net.forward_taps(images, &self.taps)?;
+        if maps.len() == 1 {
+            return Ok(maps[0].clone());
+        }
+        // The finest map is the largest one; coarser ones are resized to it.
+        let mut sizes = Vec::with_capacity(maps.len());
+        for map in &maps {
+            let (_, _, height, width) = map.dims4()?;
+            sizes.push((height, width));
+        }
+        let (height, width) = sizes.iter().copied().max().unwrap_or_default();
+        let resized = maps
+            .iter()
+            .zip(&sizes)
+            .map(|(map, &size)| {
+                if size == (height, width) {
+                    Ok(map.clone())
+                } else {
+                    map.upsample_bilinear2d(height, width, false)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&resized, 1)?)
+    }
+
+    fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    fn stride(&self) -> usize {
+        self.stride
+    }
+}

@@ -1,1 +1,121 @@
-//! (being written)
+//! Pretrained weights: converting the published EfficientNet-Lite0 checkpoint to safetensors.
+//!
+//! The only obtainable Lite0 weights are a legacy (torch < 1.6, non-zip) PyTorch pickle stream,
+//! which candle's loader rejects; [`import_legacy_pth`] converts it once, in Rust, so inference only
+//! ever reads safetensors.
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+mod legacy_pth;
+
+/// What [`import_legacy_pth`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportSummary {
+    /// Tensors written to the safetensors file.
+    pub tensors: usize,
+    /// Total number of scalars in them.
+    pub parameters: usize,
+    /// Entries of the checkpoint that were not written (BatchNorm step counters).
+    pub skipped: Vec<String>,
+    /// Hex SHA-256 of the source file, also stored in the output's metadata as `source_sha256`.
+    pub source_sha256: String,
+}
+
+/// Converts a legacy PyTorch state dict (`torch.save` before 1.6) to a safetensors file, keeping
+/// PyTorch's tensor names. `num_batches_tracked` counters are skipped. The output is written to a
+/// temporary file next to `dst` and renamed, so `dst` is either absent, the old file or complete.
+pub fn import_legacy_pth(src: &Path, dst: &Path) -> Result<ImportSummary> {
+    let bytes = fs::read(src).map_err(|e| Error::io(src, e))?;
+    let source_sha256 = hex(&Sha256::digest(&bytes));
+    let entries = legacy_pth::read_legacy_pth(&bytes).map_err(|reason| Error::Weights {
+        path: src.to_path_buf(),
+        reason,
+    })?;
+
+    let mut skipped = Vec::new();
+    let mut kept = Vec::new();
+    for entry in entries {
+        if entry.name.ends_with("num_batches_tracked") {
+            skipped.push(entry.name);
+        } else if let Some(values) = entry.f32_values {
+            kept.push((entry.name, entry.shape, values));
+        } else {
+            return Err(Error::Weights {
+                path: src.to_path_buf(),
+                reason: format!("tensor `{}` is not float32", entry.name),
+            });
+        }
+    }
+
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = kept
+        .into_iter()
+        .map(|(name, shape, values)| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.as_str(), view))
+                .map_err(|e| Error::Weights {
+                    path: src.to_path_buf(),
+                    reason: format!("tensor `{name}`: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // A single metadata entry keeps the output byte-for-byte reproducible (the header is a map).
+    let metadata = [("source_sha256".to_string(), source_sha256.clone())].into();
+    let serialized = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Weights {
+        path: dst.to_path_buf(),
+        reason: format!("cannot serialise: {e}"),
+    })?;
+    write_atomically(dst, &serialized)?;
+
+    Ok(ImportSummary {
+        tensors: raw.len(),
+        parameters: raw
+            .iter()
+            .map(|(_, shape, _)| shape.iter().product::<usize>())
+            .sum(),
+        skipped,
+        source_sha256,
+    })
+}
+
+fn write_atomically(dst: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match dst.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = dst.file_name().ok_or_else(|| {
+        Error::invalid("output path", format!("{} has no file name", dst.display()))
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = fs::File::create(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, dst));
+    written.map_err(|e| {
+        // Best effort: the temporary file is useless once the write failed.
+        let _ = fs::remove_file(&tmp);
+        Error::io(dst, e)
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
