@@ -47,9 +47,17 @@ mod tests {
     #[test]
     fn parses_and_rejects_unknown() {
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
-        assert!("gpu".parse::<DeviceChoice>().unwrap_err().to_string().contains("gpu"));
+        assert!("gpu"
+            .parse::<DeviceChoice>()
+            .unwrap_err()
+            .to_string()
+            .contains("gpu"));
         assert!(DeviceChoice::Cpu.open().unwrap().is_cpu());
         #[cfg(not(feature = "cuda"))]
-        assert!(DeviceChoice::Cuda.open().unwrap_err().to_string().contains("--features cuda"));
+        assert!(DeviceChoice::Cuda
+            .open()
+            .unwrap_err()
+            .to_string()
+            .contains("--features cuda"));
     }
 }
