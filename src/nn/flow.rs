@@ -12,9 +12,9 @@
 use std::ops::Range;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::residual::he_conv;
+use super::residual::MatmulConv;
 
 use crate::error::{Error, Result};
 
@@ -36,8 +36,8 @@ pub struct FlowSpec {
 pub struct AffineCoupling {
     conditioner: Range<usize>,
     transformed: Range<usize>,
-    hidden: Conv2d,
-    out: Conv2d,
+    hidden: MatmulConv,
+    out: MatmulConv,
     clamp: f64,
 }
 
@@ -56,7 +56,7 @@ impl AffineCoupling {
         } else {
             (0..half, half..spec.channels)
         };
-        let hidden = he_conv(
+        let hidden = MatmulConv::new(
             vb.pp("hidden"),
             conditioner.len(),
             spec.hidden,
@@ -65,7 +65,7 @@ impl AffineCoupling {
         )?;
         // A small output init starts each block near the identity (stable early likelihoods) while
         // still passing gradient to the hidden layer, unlike a zero init.
-        let out = he_conv(
+        let out = MatmulConv::new(
             vb.pp("out"),
             spec.hidden,
             2 * transformed.len(),

@@ -81,7 +81,7 @@ struct FeatureStats {
     sum_sq: Vec<f64>,
     /// `[1, C, 1, 1]`, ready to broadcast.
     mean: Tensor,
-    inv_std: Tensor,
+    std: Tensor,
 }
 
 impl FeatureStats {
@@ -91,7 +91,7 @@ impl FeatureStats {
             sum: vec![0.0; channels],
             sum_sq: vec![0.0; channels],
             mean: Tensor::zeros((1, channels, 1, 1), DType::F32, device)?,
-            inv_std: Tensor::ones((1, channels, 1, 1), DType::F32, device)?,
+            std: Tensor::ones((1, channels, 1, 1), DType::F32, device)?,
         })
     }
 
@@ -102,11 +102,10 @@ impl FeatureStats {
                 .to_device(device)?
                 .to_dtype(DType::F32)?
                 .reshape(shape)?,
-            inv_std: std
+            std: std
                 .to_device(device)?
                 .to_dtype(DType::F32)?
-                .reshape(shape)?
-                .recip()?,
+                .reshape(shape)?,
             ..FeatureStats::identity(channels, device)?
         })
     }
@@ -124,25 +123,25 @@ impl FeatureStats {
             .to_vec1::<f64>()?;
         self.count += (b * h * w) as f64;
         let mut means = Vec::with_capacity(c);
-        let mut inv_stds = Vec::with_capacity(c);
+        let mut stds = Vec::with_capacity(c);
         for ch in 0..c {
             self.sum[ch] += sums[ch];
             self.sum_sq[ch] += sums_sq[ch];
             let mean = self.sum[ch] / self.count;
             let var = (self.sum_sq[ch] / self.count - mean * mean).max(0.0);
             means.push(mean as f32);
-            inv_stds.push((var + VARIANCE_FLOOR).sqrt().recip() as f32);
+            stds.push((var + VARIANCE_FLOOR).sqrt() as f32);
         }
         let device = features.device();
         self.mean = Tensor::from_vec(means, (1, c, 1, 1), device)?;
-        self.inv_std = Tensor::from_vec(inv_stds, (1, c, 1, 1), device)?;
+        self.std = Tensor::from_vec(stds, (1, c, 1, 1), device)?;
         Ok(())
     }
 
     fn standardize(&self, features: &Tensor) -> Result<Tensor> {
         Ok(features
             .broadcast_sub(&self.mean)?
-            .broadcast_mul(&self.inv_std)?)
+            .broadcast_div(&self.std)?)
     }
 }
 
@@ -397,10 +396,7 @@ impl NfBmr {
             NORM_MEAN.to_string(),
             self.stats.mean.flatten_all()?.copy()?,
         );
-        out.insert(
-            NORM_STD.to_string(),
-            self.stats.inv_std.flatten_all()?.recip()?,
-        );
+        out.insert(NORM_STD.to_string(), self.stats.std.flatten_all()?.copy()?);
         Ok(out)
     }
 }

@@ -1,21 +1,21 @@
 //! The mapping nets between the source domain (standardised backbone features) and the target
 //! domain (the flow's output): SMNN maps target → source, TMNN source → target.
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::Mapping;
 use crate::error::Result;
-use crate::nn::residual::{he_conv, ResidualBlock};
+use crate::nn::residual::{MatmulConv, ResidualBlock};
 
 /// One BMR direction: a 1×1 conv raising the channels, `n` residual blocks, the shared middle
 /// block, `n` more, and a 1×1 conv lowering the channels. The raising conv is linear so the
 /// residual stream can carry signed features; the lowering conv is linear because both domains are
 /// signed (standardised features, Gaussian latents).
 struct BmrDirection {
-    raise: Conv2d,
+    raise: MatmulConv,
     before: Vec<ResidualBlock>,
     after: Vec<ResidualBlock>,
-    lower: Conv2d,
+    lower: MatmulConv,
 }
 
 impl BmrDirection {
@@ -26,10 +26,10 @@ impl BmrDirection {
                 .collect::<Result<Vec<_>>>()
         };
         Ok(BmrDirection {
-            raise: he_conv(vb.pp("raise"), channels, width, 1, 1.0)?,
+            raise: MatmulConv::new(vb.pp("raise"), channels, width, 1, 1.0)?,
             before: blocks("before")?,
             after: blocks("after")?,
-            lower: he_conv(vb.pp("lower"), width, channels, 1, 1.0)?,
+            lower: MatmulConv::new(vb.pp("lower"), width, channels, 1, 1.0)?,
         })
     }
 
@@ -48,7 +48,7 @@ impl BmrDirection {
 
 /// B-PFM's mapping: five 1×1 convolutions with ReLU between them (not after the last).
 struct OneByOneDirection {
-    convs: Vec<Conv2d>,
+    convs: Vec<MatmulConv>,
 }
 
 impl OneByOneDirection {
@@ -57,7 +57,7 @@ impl OneByOneDirection {
         let convs = widths
             .windows(2)
             .enumerate()
-            .map(|(i, w)| he_conv(vb.pp(i), w[0], w[1], 1, 1.0))
+            .map(|(i, w)| MatmulConv::new(vb.pp(i), w[0], w[1], 1, 1.0))
             .collect::<Result<Vec<_>>>()?;
         Ok(OneByOneDirection { convs })
     }
