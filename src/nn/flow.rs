@@ -133,7 +133,7 @@ impl RealNvp {
                 format!("{} channels cannot be split into two halves", spec.channels),
             ));
         }
-        if spec.kernel % 2 == 0 {
+        if spec.kernel.is_multiple_of(2) {
             return Err(Error::invalid(
                 "flow kernel",
                 format!("{} is even; a same-padded kernel must be odd", spec.kernel),

@@ -42,7 +42,7 @@ impl MatmulConv {
         kernel: usize,
         gain: f64,
     ) -> Result<Self> {
-        if kernel % 2 == 0 {
+        if kernel.is_multiple_of(2) {
             return Err(Error::invalid(
                 "convolution kernel",
                 format!("{kernel} is even; a same-padded kernel must be odd"),

@@ -106,7 +106,7 @@ impl NfBmrConfig {
         }
         positive("flow_blocks", self.flow_blocks)?;
         positive("flow_hidden", self.flow_hidden)?;
-        if self.flow_kernel % 2 == 0 {
+        if self.flow_kernel.is_multiple_of(2) {
             return Err(Error::config(
                 "flow_kernel",
                 format!("{} must be odd (same padding)", self.flow_kernel),

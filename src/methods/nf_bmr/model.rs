@@ -81,9 +81,9 @@ enum Directions {
         tmnn: OneByOneDirection,
     },
     Bmr {
-        smnn: BmrDirection,
-        tmnn: BmrDirection,
-        shared: ResidualBlock,
+        smnn: Box<BmrDirection>,
+        tmnn: Box<BmrDirection>,
+        shared: Box<ResidualBlock>,
     },
 }
 
@@ -115,9 +115,9 @@ impl MappingNets {
             Mapping::Bmr => {
                 let vb = vb.pp("bmr");
                 Directions::Bmr {
-                    smnn: BmrDirection::new(vb.pp("smnn"), channels, width, n)?,
-                    tmnn: BmrDirection::new(vb.pp("tmnn"), channels, width, n)?,
-                    shared: ResidualBlock::new(vb.pp("shared"), width)?,
+                    smnn: Box::new(BmrDirection::new(vb.pp("smnn"), channels, width, n)?),
+                    tmnn: Box::new(BmrDirection::new(vb.pp("tmnn"), channels, width, n)?),
+                    shared: Box::new(ResidualBlock::new(vb.pp("shared"), width)?),
                 }
             }
         };
