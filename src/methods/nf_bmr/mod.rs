@@ -1,1 +1,485 @@
-//! NF-BMR (being written).
+//! NF-BMR (Zhang et al., CMC 2024): a normalising flow builds a Gaussian target domain from frozen
+//! backbone features (the source domain), then two mapping nets learn to map normal features
+//! between the two domains; where they fail, the image is anomalous.
+//!
+//! Training has two phases: "flow" fits the Real-NVP flow by maximum likelihood; "map" fits the
+//! mapping nets by MSE in both directions while the backbone and the flow stay fixed. With
+//! `mapping = none` (the paper's "NF alone" ablation) only the flow is trained and the map is its
+//! per-position NLL.
+//!
+//! Backbone features are standardised per channel before the flow, with the mean and standard
+//! deviation of every feature seen in the flow phase (accumulated over its steps; they are then
+//! fixed). This puts every channel on the flow's N(0, 1) scale and weighs the source-domain MSE
+//! evenly across channels. They are stored as `norm.mean` / `norm.std`.
+pub mod anomaly_map;
+pub mod config;
+pub mod init;
+pub mod loss;
+pub mod model;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+
+pub use config::{Mapping, NfBmrConfig};
+
+use self::anomaly_map::MapResizer;
+use self::init::seeded_var_builder;
+use self::model::MappingNets;
+use crate::data::InputSpec;
+use crate::error::{Error, Result};
+use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
+use crate::nn::flow::{nll_loss, nll_per_position, FlowSpec, RealNvp};
+use crate::nn::FeatureExtractor;
+
+const FLOW_PHASE: usize = 0;
+const MAP_PHASE: usize = 1;
+const NORM_MEAN: &str = "norm.mean";
+const NORM_STD: &str = "norm.std";
+/// Added to each channel's variance, so that a channel that never fired in training does not
+/// divide by zero (its standardised value stays finite, and large when it fires).
+const VARIANCE_FLOOR: f64 = 1e-4;
+
+/// The flow and the mapping nets, built on one set of parameter tensors.
+struct Nets {
+    flow: RealNvp,
+    mapping: Option<MappingNets>,
+}
+
+impl Nets {
+    fn new(
+        flow_vb: VarBuilder,
+        map_vb: VarBuilder,
+        cfg: &NfBmrConfig,
+        channels: usize,
+    ) -> Result<Self> {
+        let spec = FlowSpec {
+            channels,
+            blocks: cfg.flow_blocks,
+            hidden: cfg.flow_hidden,
+            kernel: cfg.flow_kernel,
+            clamp: cfg.flow_clamp,
+        };
+        Ok(Nets {
+            flow: RealNvp::new(flow_vb.pp("flow"), &spec)?,
+            mapping: MappingNets::new(
+                map_vb,
+                cfg.mapping,
+                channels,
+                cfg.bmr_width,
+                cfg.bmr_blocks,
+            )?,
+        })
+    }
+}
+
+/// Per-channel feature statistics, accumulated over the flow phase.
+struct FeatureStats {
+    count: f64,
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    /// `[1, C, 1, 1]`, ready to broadcast.
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl FeatureStats {
+    fn identity(channels: usize, device: &Device) -> Result<Self> {
+        Ok(FeatureStats {
+            count: 0.0,
+            sum: vec![0.0; channels],
+            sum_sq: vec![0.0; channels],
+            mean: Tensor::zeros((1, channels, 1, 1), DType::F32, device)?,
+            std: Tensor::ones((1, channels, 1, 1), DType::F32, device)?,
+        })
+    }
+
+    fn loaded(mean: &Tensor, std: &Tensor, channels: usize, device: &Device) -> Result<Self> {
+        let shape = (1, channels, 1, 1);
+        Ok(FeatureStats {
+            mean: mean
+                .to_device(device)?
+                .to_dtype(DType::F32)?
+                .reshape(shape)?,
+            std: std
+                .to_device(device)?
+                .to_dtype(DType::F32)?
+                .reshape(shape)?,
+            ..FeatureStats::identity(channels, device)?
+        })
+    }
+
+    fn accumulate(&mut self, features: &Tensor) -> Result<()> {
+        let (b, c, h, w) = features.dims4()?;
+        let sums = features
+            .sum((0, 2, 3))?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let sums_sq = features
+            .sqr()?
+            .sum((0, 2, 3))?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        self.count += (b * h * w) as f64;
+        let mut means = Vec::with_capacity(c);
+        let mut stds = Vec::with_capacity(c);
+        for ch in 0..c {
+            self.sum[ch] += sums[ch];
+            self.sum_sq[ch] += sums_sq[ch];
+            let mean = self.sum[ch] / self.count;
+            let var = (self.sum_sq[ch] / self.count - mean * mean).max(0.0);
+            means.push(mean as f32);
+            stds.push((var + VARIANCE_FLOOR).sqrt() as f32);
+        }
+        let device = features.device();
+        self.mean = Tensor::from_vec(means, (1, c, 1, 1), device)?;
+        self.std = Tensor::from_vec(stds, (1, c, 1, 1), device)?;
+        Ok(())
+    }
+
+    fn standardize(&self, features: &Tensor) -> Result<Tensor> {
+        Ok(features
+            .broadcast_sub(&self.mean)?
+            .broadcast_div(&self.std)?)
+    }
+}
+
+pub struct NfBmr {
+    cfg: NfBmrConfig,
+    input: InputSpec,
+    extractor: Box<dyn FeatureExtractor>,
+    frozen: HashMap<String, Tensor>,
+    channels: usize,
+    flow_vars: VarMap,
+    map_vars: VarMap,
+    /// Built on the `Var`s: records the graph for backward.
+    train: Nets,
+    /// Built on detached views of the same storage (optimiser steps update it in place): inference
+    /// records no graph and keeps no intermediate alive.
+    eval: Nets,
+    flow_opt: AdamW,
+    map_opt: AdamW,
+    stats: FeatureStats,
+    resizer: MapResizer,
+}
+
+fn detached(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let vars = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
+    Ok(vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect())
+}
+
+fn sorted_vars(vars: &VarMap) -> Result<Vec<(String, Var)>> {
+    let vars = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
+    let mut named: Vec<(String, Var)> = vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(named)
+}
+
+fn adam(vars: &VarMap, lr: f64) -> Result<AdamW> {
+    Ok(AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// The stored tensor `name` from a model file, checked against the expected shape.
+fn stored<'a>(
+    trained: &'a HashMap<String, Tensor>,
+    name: &str,
+    dims: &[usize],
+) -> Result<&'a Tensor> {
+    let tensor = trained
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
+    if tensor.dims() != dims {
+        return Err(Error::invalid(
+            format!("model tensor `{name}`"),
+            format!("shape {:?}, expected {dims:?}", tensor.dims()),
+        ));
+    }
+    Ok(tensor)
+}
+
+impl NfBmr {
+    /// Fresh, trainable. `frozen` are the extractor's tensors to embed in the model file (keys as given).
+    pub fn new(
+        cfg: NfBmrConfig,
+        input: InputSpec,
+        extractor: Box<dyn FeatureExtractor>,
+        frozen: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(cfg, input, extractor, frozen, None, device)
+    }
+
+    /// Rebuild from tensors read back from a model file (same keys as `Method::tensors` returned).
+    pub fn from_tensors(
+        cfg: NfBmrConfig,
+        input: InputSpec,
+        extractor: Box<dyn FeatureExtractor>,
+        frozen: HashMap<String, Tensor>,
+        trained: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(cfg, input, extractor, frozen, Some(trained), device)
+    }
+
+    fn build(
+        cfg: NfBmrConfig,
+        input: InputSpec,
+        extractor: Box<dyn FeatureExtractor>,
+        frozen: HashMap<String, Tensor>,
+        trained: Option<&HashMap<String, Tensor>>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let channels = extractor.out_channels();
+        let stride = extractor.stride();
+        if input.height == 0 || input.width == 0 || stride == 0 {
+            return Err(Error::invalid(
+                "input",
+                format!(
+                    "{}x{} images with a stride-{stride} extractor",
+                    input.height, input.width
+                ),
+            ));
+        }
+        let flow_vars = VarMap::new();
+        let map_vars = VarMap::new();
+        let train = Nets::new(
+            seeded_var_builder(&flow_vars, cfg.seed, DType::F32, device),
+            seeded_var_builder(&map_vars, cfg.seed, DType::F32, device),
+            &cfg,
+            channels,
+        )?;
+        let stats = match trained {
+            None => FeatureStats::identity(channels, device)?,
+            Some(trained) => {
+                for (name, var) in sorted_vars(&flow_vars)?
+                    .into_iter()
+                    .chain(sorted_vars(&map_vars)?)
+                {
+                    let tensor = stored(trained, &name, var.dims())?;
+                    var.set(&tensor.to_device(device)?.to_dtype(DType::F32)?)?;
+                }
+                FeatureStats::loaded(
+                    stored(trained, NORM_MEAN, &[channels])?,
+                    stored(trained, NORM_STD, &[channels])?,
+                    channels,
+                    device,
+                )?
+            }
+        };
+        let eval = Nets::new(
+            VarBuilder::from_tensors(detached(&flow_vars)?, DType::F32, device),
+            VarBuilder::from_tensors(detached(&map_vars)?, DType::F32, device),
+            &cfg,
+            channels,
+        )?;
+        let model = NfBmr {
+            flow_opt: adam(&flow_vars, cfg.flow_lr)?,
+            map_opt: adam(&map_vars, cfg.map_lr)?,
+            resizer: MapResizer::new(
+                (input.height.div_ceil(stride), input.width.div_ceil(stride)),
+                (input.height, input.width),
+                cfg.smoothing_sigma,
+                device,
+            )?,
+            cfg,
+            input,
+            extractor,
+            frozen,
+            channels,
+            flow_vars,
+            map_vars,
+            train,
+            eval,
+            stats,
+        };
+        let own = model.own_tensors()?;
+        if let Some(clash) = model.frozen.keys().find(|k| own.contains_key(*k)) {
+            return Err(Error::invalid(
+                format!("frozen tensor `{clash}`"),
+                "has the name of one of NF-BMR's own tensors",
+            ));
+        }
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &NfBmrConfig {
+        &self.cfg
+    }
+
+    /// Per-channel standardisation with the training statistics.
+    pub fn standardize(&self, features: &Tensor) -> Result<Tensor> {
+        self.stats.standardize(features)
+    }
+
+    /// The trainable parameters of `phase`, by name (sorted).
+    pub fn trainable_vars(&self, phase: usize) -> Result<Vec<(String, Var)>> {
+        match phase {
+            FLOW_PHASE => sorted_vars(&self.flow_vars),
+            MAP_PHASE if self.train.mapping.is_some() => sorted_vars(&self.map_vars),
+            _ => Err(self.bad_phase(phase)),
+        }
+    }
+
+    /// The flow and mapping nets on the trainable `Var`s (their outputs record a backward graph).
+    pub fn trainable_flow(&self) -> &RealNvp {
+        &self.train.flow
+    }
+
+    pub fn trainable_mapping(&self) -> Option<&MappingNets> {
+        self.train.mapping.as_ref()
+    }
+
+    fn bad_phase(&self, phase: usize) -> Error {
+        Error::invalid(
+            "training phase",
+            format!("{phase}; NF-BMR has {} phases", self.phases().len()),
+        )
+    }
+
+    fn check_features(&self, features: &Tensor) -> Result<()> {
+        let (_, c, _, _) = features.dims4()?;
+        if c != self.channels {
+            return Err(Error::invalid(
+                "encoded features",
+                format!("{c} channels, the extractor gives {}", self.channels),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The loss that step `phase` minimises, on the current parameters and statistics.
+    pub fn phase_loss(&self, phase: usize, encoded: &Tensor) -> Result<Tensor> {
+        self.check_features(encoded)?;
+        let source = self.standardize(encoded)?;
+        match (phase, &self.train.mapping) {
+            (FLOW_PHASE, _) => {
+                let (z, log_det) = self.train.flow.forward(&source)?;
+                nll_loss(&z, &log_det)
+            }
+            (MAP_PHASE, Some(mapping)) => {
+                // The detached flow: its parameters get no gradient in this phase.
+                let (target, _) = self.eval.flow.forward(&source)?;
+                loss::mapping_loss(mapping, &source, &target)
+            }
+            _ => Err(self.bad_phase(phase)),
+        }
+    }
+
+    /// NF-BMR's own tensors (parameters and statistics), copied.
+    fn own_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, var) in sorted_vars(&self.flow_vars)?
+            .into_iter()
+            .chain(sorted_vars(&self.map_vars)?)
+        {
+            out.insert(name, var.as_tensor().detach().copy()?);
+        }
+        out.insert(
+            NORM_MEAN.to_string(),
+            self.stats.mean.flatten_all()?.copy()?,
+        );
+        out.insert(NORM_STD.to_string(), self.stats.std.flatten_all()?.copy()?);
+        Ok(out)
+    }
+}
+
+impl Method for NfBmr {
+    fn name(&self) -> &'static str {
+        "nf-bmr"
+    }
+
+    fn encode_frozen(&self, images: &Tensor) -> Result<Tensor> {
+        self.extractor.extract(images)
+    }
+
+    fn phases(&self) -> Vec<PhaseSpec> {
+        let mut phases = vec![PhaseSpec {
+            name: "flow",
+            epochs: self.cfg.flow_epochs,
+        }];
+        if self.cfg.mapping != Mapping::None {
+            phases.push(PhaseSpec {
+                name: "map",
+                epochs: self.cfg.map_epochs,
+            });
+        }
+        phases
+    }
+
+    fn train_step(&mut self, phase: usize, encoded: &Tensor) -> Result<StepLosses> {
+        if phase == FLOW_PHASE {
+            self.check_features(encoded)?;
+            self.stats.accumulate(encoded)?;
+        }
+        let loss = self.phase_loss(phase, encoded)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::invalid(
+                "training loss",
+                format!(
+                    "{value} in phase {}; lower the learning rate",
+                    self.phases()[phase].name
+                ),
+            ));
+        }
+        if phase == FLOW_PHASE {
+            self.flow_opt.backward_step(&loss)?;
+            Ok(vec![("nll", value)])
+        } else {
+            self.map_opt.backward_step(&loss)?;
+            Ok(vec![("mse", value)])
+        }
+    }
+
+    fn infer(&self, images: &Tensor) -> Result<Inference> {
+        let (_, c, h, w) = images.dims4()?;
+        if (c, h, w) != (self.input.channels, self.input.height, self.input.width) {
+            return Err(Error::invalid(
+                "images",
+                format!(
+                    "{c}x{h}x{w}, the model takes {}x{}x{}",
+                    self.input.channels, self.input.height, self.input.width
+                ),
+            ));
+        }
+        let features = self.extractor.extract(images)?;
+        self.check_features(&features)?;
+        let source = self.standardize(&features)?;
+        let (target, log_det) = self.eval.flow.forward(&source)?;
+        let per_position = match &self.eval.mapping {
+            None => nll_per_position(&target, &log_det)?,
+            Some(mapping) => loss::mapping_score(mapping, &source, &target)?,
+        };
+        let maps = self.resizer.resize(&per_position)?;
+        let scores = maps.flatten_from(1)?.max(1)?;
+        Ok(Inference { maps, scores })
+    }
+
+    fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut all = self.own_tensors()?;
+        all.extend(self.frozen.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(all)
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+}

@@ -1,0 +1,100 @@
+//! Times NF-BMR's `train_step` (both phases) and `infer` on realistic feature sizes.
+//! `cargo run --release --example nf_bmr_bench -- <channels> <feat_h> <feat_w> <batch> <flow_hidden> [flow_kernel] [bmr_width]`
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use vigil::data::InputSpec;
+use vigil::methods::nf_bmr::{NfBmr, NfBmrConfig};
+use vigil::methods::Method;
+use vigil::nn::FeatureExtractor;
+
+/// Average-pools the image to the feature grid and repeats it over the channels: cheap, so the
+/// timings are NF-BMR's own.
+struct PoolExtractor {
+    channels: usize,
+    stride: usize,
+}
+
+impl FeatureExtractor for PoolExtractor {
+    fn extract(&self, images: &Tensor) -> vigil::Result<Tensor> {
+        let pooled = images.avg_pool2d(self.stride)?;
+        Ok(pooled.repeat((1, self.channels, 1, 1))?)
+    }
+    fn out_channels(&self) -> usize {
+        self.channels
+    }
+    fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+fn arg(args: &[String], i: usize, default: usize) -> usize {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn main() -> vigil::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let (c, h, w, b) = (
+        arg(&args, 1, 40),
+        arg(&args, 2, 32),
+        arg(&args, 3, 80),
+        arg(&args, 4, 8),
+    );
+    let cfg = NfBmrConfig {
+        flow_hidden: arg(&args, 5, 1024),
+        flow_kernel: arg(&args, 6, 3),
+        bmr_width: arg(&args, 7, 256),
+        ..Default::default()
+    };
+    let stride = 8;
+    let input = InputSpec {
+        height: h * stride,
+        width: w * stride,
+        channels: 1,
+    };
+    let device = Device::Cpu;
+    let mut model = NfBmr::new(
+        cfg.clone(),
+        input,
+        Box::new(PoolExtractor {
+            channels: c,
+            stride,
+        }),
+        HashMap::new(),
+        &device,
+    )?;
+    let encoded = Tensor::randn(0f32, 1.0, (b, c, h, w), &device)?;
+    let images = Tensor::rand(0f32, 1.0, (b, 1, input.height, input.width), &device)?
+        .to_dtype(DType::F32)?;
+    println!(
+        "features {c}x{h}x{w}, batch {b}, flow_hidden {}, flow_kernel {}, bmr_width {}",
+        cfg.flow_hidden, cfg.flow_kernel, cfg.bmr_width
+    );
+    for (phase, name) in [(0, "flow"), (1, "map")] {
+        model.train_step(phase, &encoded)?;
+        let reps = 3;
+        let start = Instant::now();
+        for _ in 0..reps {
+            model.train_step(phase, &encoded)?;
+        }
+        println!(
+            "train_step {name}: {:.1} ms",
+            start.elapsed().as_secs_f64() * 1e3 / reps as f64
+        );
+    }
+    for batch in [b, 1] {
+        let imgs = images.narrow(0, 0, batch)?;
+        model.infer(&imgs)?;
+        let reps = 5;
+        let start = Instant::now();
+        for _ in 0..reps {
+            model.infer(&imgs)?;
+        }
+        println!(
+            "infer batch {batch}: {:.1} ms",
+            start.elapsed().as_secs_f64() * 1e3 / reps as f64
+        );
+    }
+    Ok(())
+}
