@@ -371,7 +371,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let s = vigil::weights::import_legacy_pth(&src, &dst)
                 .with_context(|| format!("importing {}", src.display()))?;
-            println!("{s}");
+            println!(
+                "wrote {}: {} tensors, {} parameters ({} step counters skipped); source sha256 {}",
+                dst.display(),
+                s.tensors,
+                s.parameters,
+                s.skipped.len(),
+                s.source_sha256
+            );
         }
         Command::Bench {
             model,
