@@ -583,3 +583,81 @@ fn importer_rejects_truncated_and_corrupt_files() {
     let err = import_legacy_pth(&dir.path().join("absent.pth"), &dst).unwrap_err();
     assert!(err.to_string().contains("absent.pth"));
 }
+
+/// Timings for the report, not a check: `RAYON_NUM_THREADS=2 cargo test --release --test backbone
+/// -- --ignored --nocapture backbone_timings`.
+#[test]
+#[ignore]
+fn backbone_timings() {
+    let median_ms = |f: &dyn Fn()| {
+        for _ in 0..3 {
+            f();
+        }
+        let mut times: Vec<f64> = (0..15)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let vb = VarBuilder::from_tensors(all_weights(), DType::F32, &Device::Cpu);
+    let net = EfficientNetLite0::new(vb, 15, true).unwrap();
+    let features = Lite0Features::new(&all_weights(), vec![4, 7, 10], &Device::Cpu).unwrap();
+    for (channels, height, width) in [(3, 256, 256), (1, 256, 256), (3, 256, 640), (1, 256, 640)] {
+        let x = Tensor::full(0.5f32, (1, channels, height, width), &Device::Cpu).unwrap();
+        let taps = median_ms(&|| {
+            net.forward_taps(&x, &[4, 7, 10]).unwrap();
+        });
+        let extract = median_ms(&|| {
+            features.extract(&x).unwrap();
+        });
+        println!("{channels}x{height}x{width}: forward_taps [4,7,10] {taps:.1} ms, Lite0Features::extract {extract:.1} ms");
+    }
+    let cat = fixture_rgb("chelsea-224.png");
+    let classify = median_ms(&|| {
+        net.classify(&cat).unwrap();
+    });
+    println!("classify 224x224: {classify:.1} ms");
+
+    // Depthwise layers alone, as Lite0 sees them at 224²: shifted multiply-adds vs grouped conv.
+    let layers = [
+        (32, 112, 3, 1),
+        (96, 112, 3, 2),
+        (144, 56, 3, 1),
+        (144, 56, 5, 2),
+        (240, 28, 5, 1),
+        (240, 28, 3, 2),
+        (480, 14, 3, 1),
+        (480, 14, 5, 1),
+        (672, 14, 5, 1),
+        (672, 14, 5, 2),
+        (1152, 7, 5, 1),
+        (1152, 7, 3, 1),
+    ];
+    let mut rng = Rng::new(1);
+    let inputs: Vec<_> = layers
+        .iter()
+        .map(|&(c, n, k, s)| {
+            (
+                random(&mut rng, &[1, c, n, n]),
+                random(&mut rng, &[c, 1, k, k]),
+                s,
+                SamePad::new(n, n, k, s),
+            )
+        })
+        .collect();
+    let ours = median_ms(&|| {
+        for (x, w, s, pad) in &inputs {
+            depthwise_conv2d(x, w, *s, *pad).unwrap();
+        }
+    });
+    let grouped = median_ms(&|| {
+        for (x, w, s, pad) in &inputs {
+            grouped_conv_reference(x, w, *s, *pad);
+        }
+    });
+    println!("one of each Lite0 depthwise layer shape at 224²: shifted {ours:.1} ms, grouped conv2d {grouped:.1} ms");
+}
