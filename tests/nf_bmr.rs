@@ -693,7 +693,7 @@ fn out_of_distribution_patch_scores_highest_at_its_location() {
         .unwrap();
         let mut rng = Rng::new(7);
         for phase in 0..model.phases().len() {
-            for _ in 0..40 {
+            for _ in 0..20 {
                 let encoded = model
                     .encode_frozen(&normal_images(&mut rng, 8, spec))
                     .unwrap();
