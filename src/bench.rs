@@ -32,7 +32,10 @@ pub struct BenchRow {
 
 impl BenchRow {
     pub fn total_ms_per_image(&self) -> f64 {
-        self.stages.iter().find(|s| s.0 == "total").map_or(0.0, |s| s.1)
+        self.stages
+            .iter()
+            .find(|s| s.0 == "total")
+            .map_or(0.0, |s| s.1)
     }
 }
 
@@ -42,9 +45,17 @@ fn median_ms(samples: &mut [Duration]) -> f64 {
 }
 
 /// Times `iterations` inferences of random images at each batch size, after a warm-up.
-pub fn run(model: &Path, batches: &[usize], iterations: usize, device: DeviceChoice) -> Result<BenchReport> {
+pub fn run(
+    model: &Path,
+    batches: &[usize],
+    iterations: usize,
+    device: DeviceChoice,
+) -> Result<BenchReport> {
     if iterations == 0 || batches.contains(&0) {
-        return Err(Error::invalid("bench", "iterations and batch sizes must be at least 1"));
+        return Err(Error::invalid(
+            "bench",
+            "iterations and batch sizes must be at least 1",
+        ));
     }
     let device = device.open()?;
     let (meta, method) = open_model(model, &device)?;
@@ -53,7 +64,16 @@ pub fn run(model: &Path, batches: &[usize], iterations: usize, device: DeviceCho
     for &batch in batches {
         let n = batch * meta.input.channels * meta.input.height * meta.input.width;
         let data: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
-        let images = Tensor::from_vec(data, (batch, meta.input.channels, meta.input.height, meta.input.width), &device)?;
+        let images = Tensor::from_vec(
+            data,
+            (
+                batch,
+                meta.input.channels,
+                meta.input.height,
+                meta.input.width,
+            ),
+            &device,
+        )?;
         for _ in 0..WARMUP {
             method.infer_timed(&images)?;
         }
@@ -75,12 +95,19 @@ pub fn run(model: &Path, batches: &[usize], iterations: usize, device: DeviceCho
             .into_iter()
             .map(|(name, mut d)| (name, median_ms(&mut d) / batch as f64))
             .collect();
-        rows.push(BenchRow { batch, iterations, stages });
+        rows.push(BenchRow {
+            batch,
+            iterations,
+            stages,
+        });
     }
     Ok(BenchReport {
         model: model.display().to_string(),
         method: meta.method.clone(),
-        input: format!("{}x{}x{}", meta.input.channels, meta.input.height, meta.input.width),
+        input: format!(
+            "{}x{}x{}",
+            meta.input.channels, meta.input.height, meta.input.width
+        ),
         device: format!("{device:?}"),
         threads: candle_core::utils::get_num_threads(),
         rows,
@@ -95,7 +122,11 @@ impl fmt::Display for BenchReport {
             self.model, self.method, self.input, self.device, self.threads
         )?;
         for row in &self.rows {
-            let stages: Vec<String> = row.stages.iter().map(|(n, ms)| format!("{n} {ms:.2}")).collect();
+            let stages: Vec<String> = row
+                .stages
+                .iter()
+                .map(|(n, ms)| format!("{n} {ms:.2}"))
+                .collect();
             writeln!(
                 f,
                 "batch {:>2}: {} | {:.1} images/s ({} iterations)",

@@ -10,7 +10,11 @@ use vigil::data::synth::SynthConfig;
 use vigil::device::DeviceChoice;
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Unsupervised visual defect detection for production lines")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Unsupervised visual defect detection for production lines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -352,8 +356,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             Some(false) => "OK",
                             None => "-",
                         };
-                        let norm = v.normalized.map_or(String::new(), |n| format!(" normalized {n:.3}"));
-                        println!("{}\tscore {:.6}{norm}\t{verdict}", line.path.display(), v.score);
+                        let norm = v
+                            .normalized
+                            .map_or(String::new(), |n| format!(" normalized {n:.3}"));
+                        println!(
+                            "{}\tscore {:.6}{norm}\t{verdict}",
+                            line.path.display(),
+                            v.score
+                        );
                     }
                     Err(e) => {
                         failed += 1;
@@ -386,7 +396,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             iterations,
             device,
         } => {
-            let report = vigil::bench::run(&model, &batch, iterations, device).context("benchmark failed")?;
+            let report = vigil::bench::run(&model, &batch, iterations, device)
+                .context("benchmark failed")?;
             print!("{report}");
         }
     }

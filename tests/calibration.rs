@@ -1,7 +1,9 @@
 //! Calibration on known score sets. Reference values were computed with SciPy 1.17.1:
 //! `scipy.stats.beta.ppf(0.95, k + 1, n - k)` (one-sided Clopper-Pearson upper bound) and
 //! `scipy.stats.binom.cdf(k, n, p)`.
-use vigil::calibration::{binomial_cdf, clopper_pearson_upper, images_needed, threshold_for_frr, Calibration, ModelRef};
+use vigil::calibration::{
+    binomial_cdf, clopper_pearson_upper, images_needed, threshold_for_frr, Calibration, ModelRef,
+};
 
 fn model() -> ModelRef {
     ModelRef {
@@ -65,7 +67,11 @@ fn defect_scores_give_escape_rate_and_f1_threshold() {
     let escape = cal.escape.unwrap();
     assert!((escape.observed - 0.25).abs() < 1e-12);
     let f1 = cal.f1_optimal.unwrap();
-    assert!(f1.threshold > 0.995 && f1.threshold <= 1.5, "{}", f1.threshold);
+    assert!(
+        f1.threshold > 0.995 && f1.threshold <= 1.5,
+        "{}",
+        f1.threshold
+    );
     assert!((f1.f1 - 6.0 / 7.0).abs() < 1e-9, "{}", f1.f1);
     assert!(cal.normalized(3.0) <= 1.0 && cal.normalized(0.0) >= 0.0);
 }
@@ -80,12 +86,18 @@ fn toml_round_trip_and_bad_files_are_refused() {
     assert_eq!(Calibration::load(&path).unwrap(), cal);
     assert!(cal.check_model("abc", &path).is_ok());
     let err = cal.check_model("other", &path).unwrap_err().to_string();
-    assert!(err.contains("m.safetensors") && err.contains("c.toml"), "{err}");
+    assert!(
+        err.contains("m.safetensors") && err.contains("c.toml"),
+        "{err}"
+    );
 
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("threshold =", "treshold =")).unwrap();
     let err = Calibration::load(&path).unwrap_err().to_string();
     assert!(err.contains("c.toml") && err.contains("treshold"), "{err}");
     assert!(Calibration::from_scores(&[], &[], 0.01, model()).is_err());
-    assert!(Calibration::from_scores(&[1.0], &[], 1.5, model()).unwrap_err().to_string().contains("target-frr"));
+    assert!(Calibration::from_scores(&[1.0], &[], 1.5, model())
+        .unwrap_err()
+        .to_string()
+        .contains("target-frr"));
 }

@@ -9,7 +9,11 @@ use vigil::device::DeviceChoice;
 
 fn backbone() -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE);
-    assert!(path.exists(), "{} is missing: run models/get-weights.sh (scripts/test.sh does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run models/get-weights.sh (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
@@ -42,9 +46,15 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
         data: DataSource::Mvtec { root: data.clone() },
         out: model.clone(),
         config: None,
-        set: ["taps=[4]", "flow_hidden=64", "bmr_width=32", "flow_epochs=6", "map_epochs=10"]
-            .map(String::from)
-            .to_vec(),
+        set: [
+            "taps=[4]",
+            "flow_hidden=64",
+            "bmr_width=32",
+            "flow_epochs=6",
+            "map_epochs=10",
+        ]
+        .map(String::from)
+        .to_vec(),
         height: Some(96),
         width: Some(96),
         validation_fraction: 0.1,
@@ -70,8 +80,16 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
     for f in ["metrics.json", "summary.md", "roc.png", "histogram.png"] {
         assert!(report_dir.join(f).exists(), "{f} missing");
     }
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(report_dir.join("metrics.json")).unwrap()).unwrap();
-    for key in ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "per_type", "images_per_second"] {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("metrics.json")).unwrap()).unwrap();
+    for key in [
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "image_f1_max",
+        "per_type",
+        "images_per_second",
+    ] {
         assert!(json.get(key).is_some(), "metrics.json lacks {key}");
     }
     assert_eq!(json["per_type"].as_object().unwrap().len(), 3);
@@ -105,12 +123,19 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
     assert_eq!(lines.len(), 2);
     let v = lines[0].result.as_ref().unwrap();
     assert_eq!(v.reject, Some(cal.is_reject(v.score)));
-    assert!(lines[1].result.as_ref().unwrap_err().contains("corrupt.png"));
+    assert!(lines[1]
+        .result
+        .as_ref()
+        .unwrap_err()
+        .contains("corrupt.png"));
     assert!(dir.path().join("heat").read_dir().unwrap().count() == 1);
 }
 
 fn first_file(dir: &Path) -> PathBuf {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files[0].clone()
 }

@@ -11,7 +11,11 @@ fn meta() -> ModelMeta {
         format_version: model_file::FORMAT_VERSION,
         method: "nf-bmr".into(),
         config: serde_json::json!({ "flow_blocks": 4 }),
-        input: InputSpec { height: 64, width: 48, channels: 1 },
+        input: InputSpec {
+            height: 64,
+            width: 48,
+            channels: 1,
+        },
         preprocessing: Preprocessing::default(),
         validation: ScoreStats::from_values(&[1.0, 2.0, 3.0], &mut [0.5, 0.25]),
         training: TrainingInfo {
@@ -30,8 +34,17 @@ fn meta() -> ModelMeta {
 fn tensors() -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
     HashMap::from([
-        ("a.weight".to_string(), Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((3, 4)).unwrap()),
-        ("b.bias".to_string(), Tensor::new(&[1.5f32, -2.0], &dev).unwrap()),
+        (
+            "a.weight".to_string(),
+            Tensor::arange(0f32, 12.0, &dev)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+        ),
+        (
+            "b.bias".to_string(),
+            Tensor::new(&[1.5f32, -2.0], &dev).unwrap(),
+        ),
     ])
 }
 
@@ -44,7 +57,14 @@ fn round_trip_keeps_metadata_and_tensors() {
     assert_eq!(back, meta());
     assert_eq!(loaded.len(), 2);
     for (name, t) in tensors() {
-        assert_eq!(loaded[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            loaded[&name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
     assert_eq!(back.validation.count, 3);
     assert!((back.validation.p50 - 2.0).abs() < 1e-6);
@@ -59,7 +79,9 @@ fn truncated_file_is_rejected_naming_it() {
     let bytes = std::fs::read(&path).unwrap();
     for keep in [4, 40, bytes.len() - 10] {
         std::fs::write(&path, &bytes[..keep]).unwrap();
-        let err = model_file::load(&path, &Device::Cpu).unwrap_err().to_string();
+        let err = model_file::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cut.safetensors"), "{err}");
         assert!(err.contains("truncated"), "{err}");
     }
@@ -73,8 +95,13 @@ fn mismatched_metadata_is_rejected_with_the_field() {
     let mut newer = meta();
     newer.format_version = 99;
     model_file::save(&path, &newer, &tensors()).unwrap();
-    let err = model_file::load(&path, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("format_version") && err.contains("99"), "{err}");
+    let err = model_file::load(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("format_version") && err.contains("99"),
+        "{err}"
+    );
 
     let mut odd = meta();
     odd.input.channels = 2;
@@ -85,11 +112,17 @@ fn mismatched_metadata_is_rejected_with_the_field() {
     let mut other = meta();
     other.preprocessing.resize = "nearest".into();
     model_file::save(&path, &other, &tensors()).unwrap();
-    assert!(model_file::read_meta(&path).unwrap_err().to_string().contains("preprocessing"));
+    assert!(model_file::read_meta(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("preprocessing"));
 
     // A safetensors file that is not a vigil model.
     let plain = dir.path().join("plain.safetensors");
     candle_core::safetensors::save(&tensors(), &plain).unwrap();
     let err = model_file::read_meta(&plain).unwrap_err().to_string();
-    assert!(err.contains("plain.safetensors") && err.contains("not a vigil model"), "{err}");
+    assert!(
+        err.contains("plain.safetensors") && err.contains("not a vigil model"),
+        "{err}"
+    );
 }

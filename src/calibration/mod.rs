@@ -97,7 +97,10 @@ impl Calibration {
             ));
         }
         if good.is_empty() {
-            return Err(Error::invalid("good", "no defect-free scores to calibrate on"));
+            return Err(Error::invalid(
+                "good",
+                "no defect-free scores to calibrate on",
+            ));
         }
         if let Some(bad) = good.iter().chain(defect).find(|s| !s.is_finite()) {
             return Err(Error::invalid("score", format!("{bad} is not finite")));
@@ -119,7 +122,11 @@ impl Calibration {
             None
         } else {
             let scores: Vec<f32> = good.iter().chain(defect).copied().collect();
-            let labels: Vec<bool> = good.iter().map(|_| false).chain(defect.iter().map(|_| true)).collect();
+            let labels: Vec<bool> = good
+                .iter()
+                .map(|_| false)
+                .chain(defect.iter().map(|_| true))
+                .collect();
             metrics::f1_max(&scores, &labels).map(|s| F1Optimal {
                 threshold: s.threshold,
                 f1: s.f1,

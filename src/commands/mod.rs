@@ -52,7 +52,12 @@ pub struct TrainSummary {
     pub skipped: usize,
 }
 
-fn load(samples: &[dataset::Sample], spec: &InputSpec, run: &RunOptions, what: &str) -> Result<LoadReport> {
+fn load(
+    samples: &[dataset::Sample],
+    spec: &InputSpec,
+    run: &RunOptions,
+    what: &str,
+) -> Result<LoadReport> {
     let bar = progress_bar(samples.len() as u64, what, run.progress);
     let report = dataset::load_samples(samples, spec, run.skip_bad, Some(&bar))?;
     bar.finish_and_clear();
@@ -72,13 +77,21 @@ fn source_name(source: &DataSource) -> PathBuf {
 /// Picks the input size from the training images when not given: short side 256, the long side
 /// following the data's median aspect ratio (rounded to a multiple of 32, at most 1024), or a
 /// square when the aspect ratios disagree by more than 10%.
-pub fn default_input(samples: &[dataset::Sample], height: Option<usize>, width: Option<usize>) -> Result<InputSpec> {
+pub fn default_input(
+    samples: &[dataset::Sample],
+    height: Option<usize>,
+    width: Option<usize>,
+) -> Result<InputSpec> {
     let probed: Vec<(usize, usize, usize)> = samples
         .iter()
         .take(64)
         .map(|s| image::probe(&s.path))
         .collect::<Result<_>>()?;
-    let channels = if probed.iter().any(|p| p.0 == 3) { 3 } else { 1 };
+    let channels = if probed.iter().any(|p| p.0 == 3) {
+        3
+    } else {
+        1
+    };
     let (height, width) = match (height, width) {
         (Some(h), Some(w)) => (h, w),
         _ => {
@@ -87,15 +100,24 @@ pub fn default_input(samples: &[dataset::Sample], height: Option<usize>, width: 
             let median = aspects[aspects.len() / 2];
             let consistent = aspects.iter().all(|a| (a / median - 1.0).abs() <= 0.1);
             let aspect = if consistent { median } else { 1.0 };
-            let long = |ratio: f64| (((256.0 * ratio) / 32.0).round() as usize * 32).clamp(256, 1024);
-            let (h, w) = if aspect >= 1.0 { (long(aspect), 256) } else { (256, long(1.0 / aspect)) };
+            let long =
+                |ratio: f64| (((256.0 * ratio) / 32.0).round() as usize * 32).clamp(256, 1024);
+            let (h, w) = if aspect >= 1.0 {
+                (long(aspect), 256)
+            } else {
+                (256, long(1.0 / aspect))
+            };
             (height.unwrap_or(h), width.unwrap_or(w))
         }
     };
     if height == 0 || width == 0 {
         return Err(Error::invalid("input size", format!("{height}x{width}")));
     }
-    Ok(InputSpec { height, width, channels })
+    Ok(InputSpec {
+        height,
+        width,
+        channels,
+    })
 }
 
 /// Reads a method config: TOML file, then `key=value` overrides.
@@ -103,8 +125,10 @@ pub fn method_config(config: Option<&Path>, set: &[String]) -> Result<serde_json
     let mut value = match config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
-            serde_json::to_value(table).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+            serde_json::to_value(table)
+                .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?
         }
         None => serde_json::Value::Object(Default::default()),
     };
@@ -112,7 +136,8 @@ pub fn method_config(config: Option<&Path>, set: &[String]) -> Result<serde_json
         let (key, raw) = item
             .split_once('=')
             .ok_or_else(|| Error::config(item.clone(), "expected key=value"))?;
-        let parsed = serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
+        let parsed = serde_json::from_str(raw)
+            .unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
         value
             .as_object_mut()
             .expect("config is a table")
@@ -187,7 +212,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     })
 }
 
-fn validation_stats(method: &dyn Method, val: &LoadReport, run: &RunOptions, device: &Device) -> Result<ScoreStats> {
+fn validation_stats(
+    method: &dyn Method,
+    val: &LoadReport,
+    run: &RunOptions,
+    device: &Device,
+) -> Result<ScoreStats> {
     if val.loaded.is_empty() {
         log::warn!("no validation images: the model file carries no score statistics");
         return Ok(ScoreStats::default());
@@ -215,7 +245,13 @@ pub struct EvalArgs {
 pub fn eval(args: &EvalArgs) -> Result<eval::EvalReport> {
     let device = args.run.device.open()?;
     let (meta, method) = open_model(&args.model, &device)?;
-    let data = Dataset::open(&args.data, &SplitOptions { validation_fraction: 0.0, seed: 0 })?;
+    let data = Dataset::open(
+        &args.data,
+        &SplitOptions {
+            validation_fraction: 0.0,
+            seed: 0,
+        },
+    )?;
     if data.test.is_empty() {
         return Err(Error::Dataset {
             path: source_name(&args.data),
@@ -255,10 +291,22 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(PathBuf, Calibration)> {
         defect: args.defect.clone(),
         masks: None,
     };
-    let data = Dataset::open(&source, &SplitOptions { validation_fraction: 0.0, seed: 0 })?;
+    let data = Dataset::open(
+        &source,
+        &SplitOptions {
+            validation_fraction: 0.0,
+            seed: 0,
+        },
+    )?;
     let loaded = load(&data.test, &meta.input, &args.run, "load")?;
     let images: Vec<&Image> = loaded.loaded.iter().map(|l| &l.image).collect();
-    let scored = score_images(method.as_ref(), &images, args.run.batch_size, &device, args.run.progress)?;
+    let scored = score_images(
+        method.as_ref(),
+        &images,
+        args.run.batch_size,
+        &device,
+        args.run.progress,
+    )?;
     let (mut good, mut defect) = (Vec::new(), Vec::new());
     for (l, &s) in loaded.loaded.iter().zip(&scored.scores) {
         if l.sample.is_defective() {
@@ -274,7 +322,10 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(PathBuf, Calibration)> {
     };
     let cal = Calibration::from_scores(&good, &defect, args.target_frr, model)?;
     let out = args.out.clone().unwrap_or_else(|| {
-        let stem = args.model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let stem = args
+            .model
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
         Path::new("calibration").join(format!("{stem}.toml"))
     });
     cal.save(&out)?;
@@ -321,8 +372,16 @@ pub fn score(args: &ScoreArgs) -> Result<Vec<ScoreLine>> {
         let result = image::load_image(path, &meta.input).and_then(|img| {
             let scored = score_images(method.as_ref(), &[&img], 1, &device, false)?;
             if let Some(dir) = &args.heatmap {
-                let stem = path.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
-                crate::report::heatmap_overlay(&img, scored.map(0), heatmap_range(&meta), None, &dir.join(format!("{stem}-heatmap.png")))?;
+                let stem = path
+                    .file_stem()
+                    .map_or("image".into(), |s| s.to_string_lossy().into_owned());
+                crate::report::heatmap_overlay(
+                    &img,
+                    scored.map(0),
+                    heatmap_range(&meta),
+                    None,
+                    &dir.join(format!("{stem}-heatmap.png")),
+                )?;
             }
             let score = scored.scores[0];
             Ok(ScoreVerdict {

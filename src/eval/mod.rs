@@ -148,7 +148,10 @@ pub fn evaluate(
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| Error::invalid("metrics", e.to_string()))?;
     write_atomic(&out.join("metrics.json"), json.as_bytes())?;
-    write_atomic(&out.join("summary.md"), summary_markdown(&report).as_bytes())?;
+    write_atomic(
+        &out.join("summary.md"),
+        summary_markdown(&report).as_bytes(),
+    )?;
 
     let labels: Vec<bool> = test.iter().map(|l| l.sample.is_defective()).collect();
     if let Some(roc) = metrics::roc(&scored.scores, &labels) {
@@ -159,14 +162,16 @@ pub fn evaluate(
             &out.join("roc.png"),
         )?;
     }
-    let (good, bad): (Vec<(f32, bool)>, Vec<(f32, bool)>) = scored
-        .scores
-        .iter()
-        .copied()
-        .zip(labels.iter().copied())
-        .partition(|&(_, defect)| !defect);
-    let good: Vec<f32> = good.into_iter().map(|(s, _)| s).collect();
-    let bad: Vec<f32> = bad.into_iter().map(|(s, _)| s).collect();
+    let score_of = |defective: bool| -> Vec<f32> {
+        scored
+            .scores
+            .iter()
+            .zip(&labels)
+            .filter(|(_, &d)| d == defective)
+            .map(|(&s, _)| s)
+            .collect()
+    };
+    let (good, bad) = (score_of(false), score_of(true));
     report::histogram_png(
         &good,
         &bad,
@@ -181,8 +186,12 @@ pub fn evaluate(
 /// Overlays for the defect-free parts scored highest and the defective parts scored lowest:
 /// the ones a technician has to look at before trusting a threshold.
 fn write_worst_cases(test: &[Loaded], scored: &Scored, meta: &ModelMeta, dir: &Path) -> Result<()> {
-    let mut good: Vec<usize> = (0..test.len()).filter(|&i| !test[i].sample.is_defective()).collect();
-    let mut bad: Vec<usize> = (0..test.len()).filter(|&i| test[i].sample.is_defective()).collect();
+    let mut good: Vec<usize> = (0..test.len())
+        .filter(|&i| !test[i].sample.is_defective())
+        .collect();
+    let mut bad: Vec<usize> = (0..test.len())
+        .filter(|&i| test[i].sample.is_defective())
+        .collect();
     good.sort_by(|&a, &b| scored.scores[b].total_cmp(&scored.scores[a]));
     bad.sort_by(|&a, &b| scored.scores[a].total_cmp(&scored.scores[b]));
     let picks = good
@@ -251,7 +260,9 @@ fn summary_markdown(r: &EvalReport) -> String {
         fmt(r.aupro),
         fmt(r.image_f1_max),
     );
-    s.push_str("| defect type | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|\n");
+    s.push_str(
+        "| defect type | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|\n",
+    );
     for (name, t) in &r.per_type {
         s.push_str(&format!(
             "| {name} | {} | {} | {} | {} |\n",
@@ -262,7 +273,10 @@ fn summary_markdown(r: &EvalReport) -> String {
         ));
     }
     if !r.skipped.is_empty() {
-        s.push_str(&format!("\nSkipped {} unreadable files:\n", r.skipped.len()));
+        s.push_str(&format!(
+            "\nSkipped {} unreadable files:\n",
+            r.skipped.len()
+        ));
         for line in &r.skipped {
             s.push_str(&format!("- {line}\n"));
         }

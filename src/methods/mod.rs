@@ -73,8 +73,12 @@ pub const METHODS: &[&str] = &["nf-bmr"];
 /// Prefix of the frozen backbone's tensors inside a model file.
 const BACKBONE_PREFIX: &str = "backbone.";
 
-fn parse_config<T: serde::de::DeserializeOwned>(method: &str, config: serde_json::Value) -> Result<T> {
-    serde_json::from_value(config).map_err(|e| Error::config(format!("{method} config"), e.to_string()))
+fn parse_config<T: serde::de::DeserializeOwned>(
+    method: &str,
+    config: serde_json::Value,
+) -> Result<T> {
+    serde_json::from_value(config)
+        .map_err(|e| Error::config(format!("{method} config"), e.to_string()))
 }
 
 /// A fresh, trainable detector. `backbone` is the pretrained weights file for methods that use one.
@@ -96,7 +100,13 @@ pub fn create(
                 .into_iter()
                 .map(|(k, v)| (format!("{BACKBONE_PREFIX}{k}"), v))
                 .collect();
-            Ok(Box::new(nf_bmr::NfBmr::new(cfg, input, Box::new(extractor), frozen, device)?))
+            Ok(Box::new(nf_bmr::NfBmr::new(
+                cfg,
+                input,
+                Box::new(extractor),
+                frozen,
+                device,
+            )?))
         }
         other => Err(unknown_method(other)),
     }
@@ -115,7 +125,8 @@ pub fn from_model_file(
     };
     match meta.method.as_str() {
         "nf-bmr" => {
-            let cfg: nf_bmr::NfBmrConfig = parse_config("nf-bmr", meta.config.clone()).map_err(in_file)?;
+            let cfg: nf_bmr::NfBmrConfig =
+                parse_config("nf-bmr", meta.config.clone()).map_err(in_file)?;
             cfg.validate().map_err(in_file)?;
             let frozen: HashMap<String, Tensor> = tensors
                 .iter()
@@ -126,9 +137,17 @@ pub fn from_model_file(
                 .iter()
                 .map(|(k, v)| (k[BACKBONE_PREFIX.len()..].to_string(), v.clone()))
                 .collect();
-            let extractor = Lite0Features::new(&unprefixed, cfg.taps.clone(), device).map_err(in_file)?;
-            let method = nf_bmr::NfBmr::from_tensors(cfg, meta.input, Box::new(extractor), frozen, &tensors, device)
-                .map_err(in_file)?;
+            let extractor =
+                Lite0Features::new(&unprefixed, cfg.taps.clone(), device).map_err(in_file)?;
+            let method = nf_bmr::NfBmr::from_tensors(
+                cfg,
+                meta.input,
+                Box::new(extractor),
+                frozen,
+                &tensors,
+                device,
+            )
+            .map_err(in_file)?;
             Ok(Box::new(method))
         }
         other => Err(Error::ModelFile {
@@ -139,5 +158,8 @@ pub fn from_model_file(
 }
 
 fn unknown_method(name: &str) -> Error {
-    Error::invalid("method", format!("`{name}` is not one of {}", METHODS.join(", ")))
+    Error::invalid(
+        "method",
+        format!("`{name}` is not one of {}", METHODS.join(", ")),
+    )
 }

@@ -150,12 +150,11 @@ pub fn save(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) ->
 pub fn load(path: &Path, device: &Device) -> Result<(ModelMeta, HashMap<String, Tensor>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let meta = parse_meta(path, &bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
-        Error::ModelFile {
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::ModelFile {
             path: path.into(),
             reason: format!("tensor data unreadable (truncated or corrupt file?): {e}"),
-        }
-    })?;
+        })?;
     Ok((meta, tensors))
 }
 
@@ -179,7 +178,11 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| bad(format!("no `{METADATA_KEY}` entry in __metadata__: not a vigil model")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "no `{METADATA_KEY}` entry in __metadata__: not a vigil model"
+            ))
+        })?;
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| bad(format!("metadata is not JSON: {e}")))?;
     match value.get("format").and_then(|f| f.as_str()) {
@@ -200,7 +203,10 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
         || meta.input.height == 0
         || meta.input.width == 0
     {
-        return Err(bad(format!("input {:?} is not a valid image size", meta.input)));
+        return Err(bad(format!(
+            "input {:?} is not a valid image size",
+            meta.input
+        )));
     }
     if meta.preprocessing != Preprocessing::default() {
         return Err(bad(format!(

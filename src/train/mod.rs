@@ -70,7 +70,11 @@ pub fn encode_all(
     let mut parts = Vec::with_capacity(images.len().div_ceil(batch_size));
     for chunk in images.chunks(batch_size) {
         let refs: Vec<&Image> = chunk.iter().collect();
-        parts.push(method.encode_frozen(&batch_tensor(&refs, device)?)?.detach());
+        parts.push(
+            method
+                .encode_frozen(&batch_tensor(&refs, device)?)?
+                .detach(),
+        );
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
