@@ -34,6 +34,7 @@ fn arg(args: &[String], i: usize, default: usize) -> usize {
 }
 
 fn main() -> vigil::Result<()> {
+    vigil::runtime::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let (c, h, w, b) = (
         arg(&args, 1, 40),

@@ -17,7 +17,9 @@ pub mod model_file;
 pub mod nn;
 pub mod report;
 pub mod rng;
+pub mod runtime;
 pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};
+

@@ -405,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    vigil::runtime::tune_allocator();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Cli::parse()) {
         Ok(code) => code,

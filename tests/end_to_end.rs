@@ -47,11 +47,11 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
         out: model.clone(),
         config: None,
         set: [
-            "taps=[4]",
+            "taps=[4,7]",
             "flow_hidden=64",
             "bmr_width=32",
-            "flow_epochs=6",
-            "map_epochs=10",
+            "flow_epochs=8",
+            "map_epochs=20",
         ]
         .map(String::from)
         .to_vec(),

@@ -18,6 +18,7 @@ pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -347,6 +348,40 @@ impl NfBmr {
         self.train.mapping.as_ref()
     }
 
+    /// The inference pass; `lap` is called after each stage (backbone, flow, map, anomaly map).
+    fn forward(
+        &self,
+        images: &Tensor,
+        mut lap: impl FnMut(&'static str) -> Result<()>,
+    ) -> Result<Inference> {
+        let (_, c, h, w) = images.dims4()?;
+        if (c, h, w) != (self.input.channels, self.input.height, self.input.width) {
+            return Err(Error::invalid(
+                "images",
+                format!(
+                    "{c}x{h}x{w}, the model takes {}x{}x{}",
+                    self.input.channels, self.input.height, self.input.width
+                ),
+            ));
+        }
+        let features = self.extractor.extract(images)?;
+        lap("backbone")?;
+        self.check_features(&features)?;
+        let source = self.standardize(&features)?;
+        let (target, log_det) = self.eval.flow.forward(&source)?;
+        lap("flow")?;
+        let per_position = match &self.eval.mapping {
+            None => nll_per_position(&target, &log_det)?,
+            Some(mapping) => loss::mapping_score(mapping, &source, &target)?,
+        };
+        lap("mapping")?;
+        let maps = self.resizer.resize(&per_position)?;
+        let scores = maps.flatten_from(1)?.max(1)?;
+        lap("anomaly map")?;
+        Ok(Inference { maps, scores })
+    }
+
+
     fn bad_phase(&self, phase: usize) -> Error {
         Error::invalid(
             "training phase",
@@ -450,27 +485,20 @@ impl Method for NfBmr {
     }
 
     fn infer(&self, images: &Tensor) -> Result<Inference> {
-        let (_, c, h, w) = images.dims4()?;
-        if (c, h, w) != (self.input.channels, self.input.height, self.input.width) {
-            return Err(Error::invalid(
-                "images",
-                format!(
-                    "{c}x{h}x{w}, the model takes {}x{}x{}",
-                    self.input.channels, self.input.height, self.input.width
-                ),
-            ));
-        }
-        let features = self.extractor.extract(images)?;
-        self.check_features(&features)?;
-        let source = self.standardize(&features)?;
-        let (target, log_det) = self.eval.flow.forward(&source)?;
-        let per_position = match &self.eval.mapping {
-            None => nll_per_position(&target, &log_det)?,
-            Some(mapping) => loss::mapping_score(mapping, &source, &target)?,
-        };
-        let maps = self.resizer.resize(&per_position)?;
-        let scores = maps.flatten_from(1)?.max(1)?;
-        Ok(Inference { maps, scores })
+        self.forward(images, |_| Ok(()))
+    }
+
+    fn infer_timed(&self, images: &Tensor) -> Result<(Inference, Vec<(&'static str, Duration)>)> {
+        let mut stages = Vec::with_capacity(4);
+        let mut last = Instant::now();
+        let out = self.forward(images, |stage| {
+            images.device().synchronize()?;
+            let now = Instant::now();
+            stages.push((stage, now - last));
+            last = now;
+            Ok(())
+        })?;
+        Ok((out, stages))
     }
 
     fn tensors(&self) -> Result<HashMap<String, Tensor>> {
