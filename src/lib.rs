@@ -22,4 +22,3 @@ pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};
-

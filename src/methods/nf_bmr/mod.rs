@@ -381,7 +381,6 @@ impl NfBmr {
         Ok(Inference { maps, scores })
     }
 
-
     fn bad_phase(&self, phase: usize) -> Error {
         Error::invalid(
             "training phase",

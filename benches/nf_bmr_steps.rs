@@ -1,5 +1,6 @@
 //! Times NF-BMR's `train_step` (both phases) and `infer` on realistic feature sizes.
-//! `cargo run --release --example nf_bmr_bench -- <channels> <feat_h> <feat_w> <batch> <flow_hidden> [flow_kernel] [bmr_width]`
+//! `cargo bench --bench nf_bmr_steps -- [channels feat_h feat_w batch flow_hidden flow_kernel bmr_width]`
+//! (defaults: the paper's widths on Lite0 block-4 features of a 640×256 part).
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -35,7 +36,8 @@ fn arg(args: &[String], i: usize, default: usize) -> usize {
 
 fn main() -> vigil::Result<()> {
     vigil::runtime::tune_allocator();
-    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; positional numbers follow the program name.
+    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
     let (c, h, w, b) = (
         arg(&args, 1, 40),
         arg(&args, 2, 32),
