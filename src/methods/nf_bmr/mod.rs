@@ -348,6 +348,17 @@ impl NfBmr {
         self.train.mapping.as_ref()
     }
 
+    /// The part of `[B, H, W]` maps the image score looks at: all but `score_margin` feature
+    /// cells at each border, or everything when the map is too small to leave any inside.
+    fn score_region(&self, maps: &Tensor) -> Result<Tensor> {
+        let (_, h, w) = maps.dims3()?;
+        let m = self.cfg.score_margin * self.extractor.stride();
+        if 2 * m >= h || 2 * m >= w {
+            return Ok(maps.clone());
+        }
+        Ok(maps.narrow(1, m, h - 2 * m)?.narrow(2, m, w - 2 * m)?)
+    }
+
     /// The inference pass; `lap` is called after each stage (backbone, flow, map, anomaly map).
     fn forward(
         &self,
@@ -376,7 +387,7 @@ impl NfBmr {
         };
         lap("mapping")?;
         let maps = self.resizer.resize(&per_position)?;
-        let scores = maps.flatten_from(1)?.max(1)?;
+        let scores = self.score_region(&maps)?.flatten_from(1)?.max(1)?;
         lap("anomaly map")?;
         Ok(Inference { maps, scores })
     }
