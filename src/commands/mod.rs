@@ -367,6 +367,9 @@ pub fn score(args: &ScoreArgs) -> Result<Vec<ScoreLine>> {
         }
         None => None,
     };
+    if let Some(dir) = &args.heatmap {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let mut lines = Vec::with_capacity(args.images.len());
     for path in &args.images {
         let result = image::load_image(path, &meta.input).and_then(|img| {
