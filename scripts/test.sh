@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 # The tests build in the dev profile (dependencies optimised); reuse it for the weights import
 # instead of compiling a second, release copy of every dependency.
 VIGIL="cargo run --quiet --" models/get-weights.sh
-cargo test --all-targets "$@"
+cargo test "$@"
