@@ -4,8 +4,7 @@
 //! which candle's loader rejects; [`import_legacy_pth`] converts it once, in Rust, so inference only
 //! ever reads safetensors.
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
@@ -32,7 +31,7 @@ pub struct ImportSummary {
 /// temporary file next to `dst` and renamed, so `dst` is either absent, the old file or complete.
 pub fn import_legacy_pth(src: &Path, dst: &Path) -> Result<ImportSummary> {
     let bytes = fs::read(src).map_err(|e| Error::io(src, e))?;
-    let source_sha256 = hex(&Sha256::digest(&bytes));
+    let source_sha256 = crate::model_file::hex(&Sha256::digest(&bytes));
     let entries = legacy_pth::read_legacy_pth(&bytes).map_err(|reason| Error::Weights {
         path: src.to_path_buf(),
         reason,
@@ -77,7 +76,7 @@ pub fn import_legacy_pth(src: &Path, dst: &Path) -> Result<ImportSummary> {
         path: dst.to_path_buf(),
         reason: format!("cannot serialise: {e}"),
     })?;
-    write_atomically(dst, &serialized)?;
+    crate::atomic::write_atomic(dst, &serialized)?;
 
     Ok(ImportSummary {
         tensors: raw.len(),
@@ -88,34 +87,4 @@ pub fn import_legacy_pth(src: &Path, dst: &Path) -> Result<ImportSummary> {
         skipped,
         source_sha256,
     })
-}
-
-fn write_atomically(dst: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match dst.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = dst.file_name().ok_or_else(|| {
-        Error::invalid("output path", format!("{} has no file name", dst.display()))
-    })?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = fs::File::create(&tmp)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&tmp, dst));
-    written.map_err(|e| {
-        // Best effort: the temporary file is useless once the write failed.
-        let _ = fs::remove_file(&tmp);
-        Error::io(dst, e)
-    })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
