@@ -9,6 +9,7 @@ pub mod calibration;
 pub mod commands;
 pub mod data;
 pub mod device;
+pub mod digest;
 pub mod error;
 pub mod eval;
 pub mod methods;

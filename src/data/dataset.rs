@@ -391,9 +391,5 @@ pub fn fingerprint(samples: &[Sample]) -> Result<String> {
             hasher.update(&bytes);
         }
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::digest::hex(&hasher.finalize()))
 }

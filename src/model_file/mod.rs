@@ -220,11 +220,6 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
 
 /// sha256 of the file's bytes, hex: what a calibration records to stay tied to its model.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(hex(&sha2::Sha256::digest(&bytes)))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(crate::digest::sha256_hex(&bytes))
 }

@@ -7,7 +7,6 @@ use std::fs;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -31,7 +30,7 @@ pub struct ImportSummary {
 /// temporary file next to `dst` and renamed, so `dst` is either absent, the old file or complete.
 pub fn import_legacy_pth(src: &Path, dst: &Path) -> Result<ImportSummary> {
     let bytes = fs::read(src).map_err(|e| Error::io(src, e))?;
-    let source_sha256 = crate::model_file::hex(&Sha256::digest(&bytes));
+    let source_sha256 = crate::digest::sha256_hex(&bytes);
     let entries = legacy_pth::read_legacy_pth(&bytes).map_err(|reason| Error::Weights {
         path: src.to_path_buf(),
         reason,
