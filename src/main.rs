@@ -279,10 +279,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = commands::eval(&args).context("evaluation failed")?;
             println!(
                 "image AUROC {}  pixel AUROC {}  AUPRO {}  F1-max {}  {:.1} images/s  ({} images, {} skipped) -> {}",
-                fmt(r.image_auroc),
-                fmt(r.pixel_auroc),
-                fmt(r.aupro),
-                fmt(r.image_f1_max),
+                fmt(r.metrics.image_auroc),
+                fmt(r.metrics.pixel_auroc),
+                fmt(r.metrics.aupro),
+                fmt(r.metrics.image_f1_max),
                 r.images_per_second,
                 r.images,
                 r.skipped.len(),

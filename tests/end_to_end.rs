@@ -74,9 +74,9 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
         run: run(),
     })
     .unwrap();
-    let auroc = report.image_auroc.unwrap();
+    let auroc = report.metrics.image_auroc.unwrap();
     assert!(auroc >= 0.9, "image AUROC {auroc}");
-    assert!(report.pixel_auroc.unwrap() > 0.5 && report.aupro.is_some());
+    assert!(report.metrics.pixel_auroc.unwrap() > 0.5 && report.metrics.aupro.is_some());
     for f in ["metrics.json", "summary.md", "roc.png", "histogram.png"] {
         assert!(report_dir.join(f).exists(), "{f} missing");
     }

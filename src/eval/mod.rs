@@ -74,12 +74,9 @@ pub fn score_images(
 /// `metrics.json` as `vigil eval` writes it.
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
-    pub image_auroc: Option<f64>,
-    pub pixel_auroc: Option<f64>,
-    pub aupro: Option<f64>,
-    pub image_f1_max: Option<f64>,
-    pub f1_threshold: Option<f32>,
-    pub per_type: std::collections::BTreeMap<String, metrics::TypeMetrics>,
+    /// `image_auroc`, `pixel_auroc`, `aupro`, `image_f1_max`, `f1_threshold`, `per_type`.
+    #[serde(flatten)]
+    pub metrics: Summary,
     pub images_per_second: f64,
     pub images: usize,
     pub good: usize,
@@ -124,12 +121,7 @@ pub fn evaluate(
     let summary: Summary = metrics::summarize(&items, scored.height, scored.width);
     let defective = test.iter().filter(|l| l.sample.is_defective()).count();
     let report = EvalReport {
-        image_auroc: summary.image_auroc,
-        pixel_auroc: summary.pixel_auroc,
-        aupro: summary.aupro,
-        image_f1_max: summary.image_f1_max,
-        f1_threshold: summary.f1_threshold,
-        per_type: summary.per_type.clone(),
+        metrics: summary,
         images_per_second: test.len() as f64 / scored.inference_seconds.max(1e-9),
         images: test.len(),
         good: test.len() - defective,
@@ -157,7 +149,7 @@ pub fn evaluate(
     if let Some(roc) = metrics::roc(&scored.scores, &labels) {
         report::roc_png(
             &roc,
-            report.image_auroc,
+            report.metrics.image_auroc,
             &format!("{} image ROC", meta.method),
             &out.join("roc.png"),
         )?;
@@ -175,7 +167,7 @@ pub fn evaluate(
     report::histogram_png(
         &good,
         &bad,
-        summary.f1_threshold,
+        report.metrics.f1_threshold,
         &format!("{} image scores", meta.method),
         &out.join("histogram.png"),
     )?;
@@ -255,15 +247,15 @@ fn summary_markdown(r: &EvalReport) -> String {
         r.images_per_second,
         r.device,
         r.batch_size,
-        fmt(r.image_auroc),
-        fmt(r.pixel_auroc),
-        fmt(r.aupro),
-        fmt(r.image_f1_max),
+        fmt(r.metrics.image_auroc),
+        fmt(r.metrics.pixel_auroc),
+        fmt(r.metrics.aupro),
+        fmt(r.metrics.image_f1_max),
     );
     s.push_str(
         "| defect type | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|\n",
     );
-    for (name, t) in &r.per_type {
+    for (name, t) in &r.metrics.per_type {
         s.push_str(&format!(
             "| {name} | {} | {} | {} | {} |\n",
             t.count,
