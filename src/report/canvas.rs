@@ -112,35 +112,39 @@ impl Canvas {
     /// Draws `text` with the top of its line at `y`.
     pub fn text(&mut self, font: &Font, x: f64, y: f64, text: &str, color: Rgb, align: Align) {
         let width = f64::from(font.text_width(text));
-        let mut pen = match align {
+        let left = match align {
             Align::Left => x,
             Align::Center => x - width / 2.0,
             Align::Right => x - width,
         }
         .round() as i64;
         let top = y.round() as i64;
-        for c in text.chars() {
-            let glyph = font.glyph(c);
-            let coverage = font.coverage(&glyph);
-            for row in 0..glyph.height {
-                for col in 0..glyph.width {
-                    let alpha = coverage[row * glyph.width + col];
-                    if alpha > 0 {
-                        let px = pen + i64::from(glyph.left) + col as i64;
-                        let py = top + i64::from(glyph.top) + row as i64;
-                        self.blend(px, py, color, f32::from(alpha) / 255.0);
-                    }
-                }
-            }
-            pen += i64::from(glyph.advance);
-        }
+        // Along the line (pen, dx) runs right, across it (dy) down.
+        self.glyphs(font, text, left, color, |pen, dx, dy| (pen + dx, top + dy));
     }
 
     /// Draws `text` turned a quarter anticlockwise (read bottom to top), centred on `center_y`,
     /// with the top of its line at `x`.
     pub fn text_vertical(&mut self, font: &Font, x: f64, center_y: f64, text: &str, color: Rgb) {
-        let mut pen = (center_y + f64::from(font.text_width(text)) / 2.0).round() as i64;
+        let bottom = (center_y + f64::from(font.text_width(text)) / 2.0).round() as i64;
         let left = x.round() as i64;
+        // The pen runs up from `bottom`; across the line is to the right.
+        self.glyphs(font, text, 0, color, |pen, dx, dy| {
+            (left + dy, bottom - pen - dx)
+        });
+    }
+
+    /// Blends each glyph's coverage at `place(pen, dx, dy)`, where `pen` advances along the line
+    /// from `start` and `(dx, dy)` is the pixel's offset along and across it.
+    fn glyphs(
+        &mut self,
+        font: &Font,
+        text: &str,
+        start: i64,
+        color: Rgb,
+        place: impl Fn(i64, i64, i64) -> (i64, i64),
+    ) {
+        let mut pen = start;
         for c in text.chars() {
             let glyph = font.glyph(c);
             let coverage = font.coverage(&glyph);
@@ -148,13 +152,14 @@ impl Canvas {
                 for col in 0..glyph.width {
                     let alpha = coverage[row * glyph.width + col];
                     if alpha > 0 {
-                        let px = left + i64::from(glyph.top) + row as i64;
-                        let py = pen - i64::from(glyph.left) - col as i64;
+                        let dx = i64::from(glyph.left) + col as i64;
+                        let dy = i64::from(glyph.top) + row as i64;
+                        let (px, py) = place(pen, dx, dy);
                         self.blend(px, py, color, f32::from(alpha) / 255.0);
                     }
                 }
             }
-            pen -= i64::from(glyph.advance);
+            pen += i64::from(glyph.advance);
         }
     }
 
