@@ -9,6 +9,7 @@ use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::{NfBmr, NfBmrConfig};
 use vigil::methods::Method;
 use vigil::nn::FeatureExtractor;
+use vigil::rng::Rng;
 
 /// Average-pools the image to the feature grid and repeats it over the channels: cheap, so the
 /// timings are NF-BMR's own.
@@ -75,11 +76,11 @@ fn main() -> vigil::Result<()> {
         cfg.flow_hidden, cfg.flow_kernel, cfg.bmr_width
     );
     for (phase, name) in [(0, "flow"), (1, "map")] {
-        model.train_step(phase, &encoded)?;
+        model.train_step(phase, &encoded, &mut Rng::new(0))?;
         let reps = 3;
         let start = Instant::now();
         for _ in 0..reps {
-            model.train_step(phase, &encoded)?;
+            model.train_step(phase, &encoded, &mut Rng::new(0))?;
         }
         println!(
             "train_step {name}: {:.1} ms",

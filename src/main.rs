@@ -68,6 +68,12 @@ enum Command {
         /// Backbone weights (installed by models/get-weights.sh).
         #[arg(long, default_value = commands::DEFAULT_BACKBONE)]
         backbone: PathBuf,
+        /// Checkpoint written after every epoch (default: the model path with `.ckpt`).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Continue a stopped training from its checkpoint (same data, method, config and seed).
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -236,6 +242,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             validation_fraction,
             seed,
             backbone,
+            checkpoint,
+            resume,
             run,
         } => {
             let args = commands::TrainArgs {
@@ -249,6 +257,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 validation_fraction,
                 seed,
                 backbone,
+                checkpoint,
+                resume,
                 run: run.into(),
             };
             let s = commands::train(&args).context("training failed")?;

@@ -60,6 +60,8 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
         validation_fraction: 0.1,
         seed: 1,
         backbone: backbone(),
+        checkpoint: None,
+        resume: false,
         run: run(),
     })
     .unwrap();

@@ -6,10 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::anomaly_map::MapResizer;
-use vigil::methods::nf_bmr::init::seeded_var_builder;
 use vigil::methods::nf_bmr::{Mapping, NfBmr, NfBmrConfig};
 use vigil::methods::Method;
 use vigil::nn::flow::{nll_loss, FlowSpec, RealNvp};
+use vigil::nn::init::seeded_var_builder;
 use vigil::nn::FeatureExtractor;
 use vigil::rng::Rng;
 use vigil::Result;
@@ -360,7 +360,7 @@ fn every_parameter_gets_a_gradient_in_its_phase_and_the_flow_stays_fixed_in_map(
         let encoded = model
             .encode_frozen(&normal_images(&mut rng, 4, INPUT))
             .unwrap();
-        model.train_step(0, &encoded).unwrap();
+        model.train_step(0, &encoded, &mut Rng::new(0)).unwrap();
         let phases = model.phases().len();
         assert_eq!(phases, if mapping == Mapping::None { 1 } else { 2 });
         let flow_vars = model.trainable_vars(0).unwrap();
@@ -400,7 +400,7 @@ fn every_parameter_gets_a_gradient_in_its_phase_and_the_flow_stays_fixed_in_map(
                 .as_tensor()
                 .copy()
                 .unwrap();
-            model.train_step(1, &encoded).unwrap();
+            model.train_step(1, &encoded, &mut Rng::new(0)).unwrap();
             for ((name, var), old) in flow_vars.iter().zip(&before) {
                 assert_eq!(
                     max_abs_diff(var.as_tensor(), old),
@@ -428,7 +428,7 @@ fn middle_block_is_one_set_of_tensors_shared_by_both_directions() {
     let encoded = model
         .encode_frozen(&normal_images(&mut rng, 2, INPUT))
         .unwrap();
-    model.train_step(0, &encoded).unwrap();
+    model.train_step(0, &encoded, &mut Rng::new(0)).unwrap();
     let tensors = model.tensors().unwrap();
     let shared: Vec<&String> = tensors.keys().filter(|k| k.contains("shared")).collect();
     assert_eq!(
@@ -508,7 +508,7 @@ fn tensors_round_trip_gives_identical_inference() {
                 let encoded = model
                     .encode_frozen(&normal_images(&mut rng, 4, INPUT))
                     .unwrap();
-                model.train_step(phase, &encoded).unwrap();
+                model.train_step(phase, &encoded, &mut Rng::new(0)).unwrap();
             }
         }
         let saved = model.tensors().unwrap();
@@ -548,7 +548,7 @@ fn bad_inputs_and_model_tensors_are_errors_that_name_them() {
     let mut model = model;
     let wrong_channels = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(model
-        .train_step(0, &wrong_channels)
+        .train_step(0, &wrong_channels, &mut Rng::new(0))
         .unwrap_err()
         .to_string()
         .contains("channels"));
@@ -559,7 +559,8 @@ fn bad_inputs_and_model_tensors_are_errors_that_name_them() {
                 .narrow(1, 0, 1)
                 .unwrap()
                 .repeat((1, FEATURES, 1, 1))
-                .unwrap()
+                .unwrap(),
+            &mut Rng::new(0)
         )
         .is_err());
 
@@ -697,7 +698,7 @@ fn out_of_distribution_patch_scores_highest_at_its_location() {
                 let encoded = model
                     .encode_frozen(&normal_images(&mut rng, 8, spec))
                     .unwrap();
-                model.train_step(phase, &encoded).unwrap();
+                model.train_step(phase, &encoded, &mut Rng::new(0)).unwrap();
             }
         }
         let normal = normal_images(&mut rng, 4, spec);

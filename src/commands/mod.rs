@@ -40,6 +40,10 @@ pub struct TrainArgs {
     pub validation_fraction: f32,
     pub seed: u64,
     pub backbone: PathBuf,
+    /// Written after every epoch; default `<out>.ckpt`.
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint when it exists.
+    pub resume: bool,
     pub run: RunOptions,
 }
 
@@ -168,21 +172,35 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let mut method = methods::create(&args.method, config, input, &args.backbone, &device)?;
     let train_set = load(&data.train, &input, &args.run, "load")?;
     let val_set = load(&data.validation, &input, &args.run, "load val")?;
-    let images: Vec<Image> = train_set.loaded.into_iter().map(|l| l.image).collect();
-    let opts = TrainOptions {
-        batch_size: args.run.batch_size,
-        seed: args.seed,
-        progress: args.run.progress,
-    };
-    let report = train::fit(method.as_mut(), &images, &opts, &device)?;
-    drop(images);
-    let validation = validation_stats(method.as_ref(), &val_set, &args.run, &device)?;
     let used: Vec<dataset::Sample> = data
         .train
         .iter()
         .filter(|s| !train_set.skipped.iter().any(|(p, _)| p == &s.path))
         .cloned()
         .collect();
+    let data_fingerprint = dataset::fingerprint(&used)?;
+    let images: Vec<Image> = train_set.loaded.into_iter().map(|l| l.image).collect();
+    let val_images: Vec<Image> = val_set.loaded.iter().map(|l| l.image.clone()).collect();
+    let opts = TrainOptions {
+        batch_size: args.run.batch_size,
+        seed: args.seed,
+        progress: args.run.progress,
+        checkpoint: Some(
+            args.checkpoint
+                .clone()
+                .unwrap_or_else(|| args.out.with_extension("ckpt")),
+        ),
+        resume: args.resume,
+        data_fingerprint: data_fingerprint.clone(),
+    };
+    let report = train::fit(method.as_mut(), &images, &val_images, &opts, &device)?;
+    drop(images);
+    if !val_images.is_empty() {
+        let refs: Vec<&Image> = val_images.iter().collect();
+        let scored = score_images(method.as_ref(), &refs, args.run.batch_size, &device, false)?;
+        method.fit_score_scale(&scored.scores)?;
+    }
+    let validation = validation_stats(method.as_ref(), &val_set, &args.run, &device)?;
     let meta = ModelMeta {
         format: model_file::FORMAT.into(),
         format_version: model_file::FORMAT_VERSION,
@@ -192,7 +210,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         preprocessing: Preprocessing::default(),
         validation: validation.clone(),
         training: TrainingInfo {
-            data_fingerprint: dataset::fingerprint(&used)?,
+            data_fingerprint,
             train_images: used.len(),
             validation_images: val_set.loaded.len(),
             seed: args.seed,

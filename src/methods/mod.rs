@@ -11,8 +11,10 @@ use crate::data::InputSpec;
 use crate::error::{Error, Result};
 use crate::model_file::ModelMeta;
 use crate::nn::backbone::Lite0Features;
+use crate::rng::Rng;
 
 pub mod nf_bmr;
+pub mod ocr_gan;
 
 /// What a detector says about a batch of images.
 #[derive(Debug)]
@@ -28,6 +30,9 @@ pub struct Inference {
 pub struct PhaseSpec {
     pub name: &'static str,
     pub epochs: usize,
+    /// Keep the epoch whose validation scores spread least instead of the last one (for training
+    /// that oscillates, such as a GAN's). Uses defect-free validation images only.
+    pub select_best: bool,
 }
 
 /// Losses of one training step, by name, for progress bars and logs.
@@ -46,7 +51,34 @@ pub trait Method: Send {
     fn phases(&self) -> Vec<PhaseSpec>;
 
     /// One optimisation step of phase `phase` (an index into `phases()`) on encoded inputs.
-    fn train_step(&mut self, phase: usize, encoded: &Tensor) -> Result<StepLosses>;
+    /// `rng` (seeded per epoch by the training loop, so a resumed training draws the same) is for
+    /// the step's own randomness, such as synthetic anomalies.
+    fn train_step(&mut self, phase: usize, encoded: &Tensor, rng: &mut Rng) -> Result<StepLosses>;
+
+    /// Everything a stopped training needs to resume exactly: parameters, running statistics,
+    /// optimiser moments. Copies, so later steps do not change them.
+    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
+        Err(Error::invalid(
+            "checkpoint",
+            format!("{} cannot save its training state yet", self.name()),
+        ))
+    }
+
+    /// Restores what [`Method::training_state`] returned.
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let _ = state;
+        Err(Error::invalid(
+            "checkpoint",
+            format!("{} cannot restore a training state yet", self.name()),
+        ))
+    }
+
+    /// Called once after training with the scores `infer` now gives the defect-free validation
+    /// images, for methods whose score is scaled by them (OCR-GAN's min-max). Default: unscaled.
+    fn fit_score_scale(&mut self, validation_scores: &[f32]) -> Result<()> {
+        let _ = validation_scores;
+        Ok(())
+    }
 
     /// Anomaly maps and scores for `[B, C, H, W]` images in 0..=1 at the model's input size.
     fn infer(&self, images: &Tensor) -> Result<Inference>;
@@ -68,7 +100,7 @@ pub trait Method: Send {
 }
 
 /// Names `--method` accepts.
-pub const METHODS: &[&str] = &["nf-bmr"];
+pub const METHODS: &[&str] = &["nf-bmr", "ocr-gan"];
 
 /// Prefix of the frozen backbone's tensors inside a model file.
 const BACKBONE_PREFIX: &str = "backbone.";
@@ -107,6 +139,10 @@ pub fn create(
                 frozen,
                 device,
             )?))
+        }
+        "ocr-gan" => {
+            let cfg: ocr_gan::OcrGanConfig = parse_config(name, config)?;
+            Ok(Box::new(ocr_gan::OcrGan::new(cfg, input, None, device)?))
         }
         other => Err(unknown_method(other)),
     }
@@ -148,6 +184,13 @@ pub fn from_model_file(
                 device,
             )
             .map_err(in_file)?;
+            Ok(Box::new(method))
+        }
+        "ocr-gan" => {
+            let cfg: ocr_gan::OcrGanConfig =
+                parse_config("ocr-gan", meta.config.clone()).map_err(in_file)?;
+            let method =
+                ocr_gan::OcrGan::new(cfg, meta.input, Some(&tensors), device).map_err(in_file)?;
             Ok(Box::new(method))
         }
         other => Err(Error::ModelFile {

@@ -136,7 +136,18 @@ pub fn save(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) ->
         path: path.into(),
         reason: format!("cannot encode metadata: {e}"),
     })?;
-    let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
+    write_tensors(path, METADATA_KEY, json, tensors)
+}
+
+/// Writes `tensors` with one JSON document under `key` in `__metadata__`, atomically (model files
+/// and training checkpoints).
+pub fn write_tensors(
+    path: &Path,
+    key: &str,
+    json: String,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let metadata = HashMap::from([(key.to_string(), json)]);
     let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
     named.sort_by(|a, b| a.0.cmp(b.0));
     let bytes = safetensors::serialize(named, Some(metadata)).map_err(|e| Error::ModelFile {
@@ -144,6 +155,33 @@ pub fn save(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) ->
         reason: format!("cannot serialise tensors: {e}"),
     })?;
     write_atomic(path, &bytes)
+}
+
+/// Reads what [`write_tensors`] wrote: the JSON document under `key` and the tensors.
+pub fn read_tensors(
+    path: &Path,
+    key: &str,
+    device: &Device,
+) -> Result<(String, HashMap<String, Tensor>)> {
+    let bad = |reason: String| Error::ModelFile {
+        path: path.into(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("unreadable header (truncated?): {e}")))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(key))
+        .ok_or_else(|| bad(format!("no `{key}` entry in __metadata__")))?
+        .clone();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        bad(format!(
+            "tensor data unreadable (truncated or corrupt file?): {e}"
+        ))
+    })?;
+    Ok((json, tensors))
 }
 
 /// Reads and validates a model file's metadata and tensors.

@@ -4,8 +4,11 @@ use candle_core::Tensor;
 use crate::error::Result;
 
 pub mod backbone;
+pub mod conv;
 pub mod depthwise;
 pub mod flow;
+pub mod init;
+pub mod norm;
 pub mod residual;
 
 /// A frozen feature extractor: images in, one feature map out.

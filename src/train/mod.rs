@@ -1,14 +1,21 @@
 //! The training loop every method shares: cache the frozen front once, then run the method's
 //! phases epoch by epoch over seeded shuffles, with progress and divergence checks.
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 use crate::data::{batch_tensor, Image};
 use crate::error::{Error, Result};
+use crate::eval::score_images;
 use crate::methods::Method;
 use crate::rng::Rng;
+
+pub mod checkpoint;
+pub mod optim;
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -16,6 +23,12 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Draw progress bars (they hide themselves when stderr is not a terminal).
     pub progress: bool,
+    /// Written (atomically) after every epoch when the method can save its training state.
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from `checkpoint` when it exists.
+    pub resume: bool,
+    /// Identifies the training images; a checkpoint made on other images is refused.
+    pub data_fingerprint: String,
 }
 
 impl Default for TrainOptions {
@@ -24,22 +37,36 @@ impl Default for TrainOptions {
             batch_size: 8,
             seed: 0,
             progress: true,
+            checkpoint: None,
+            resume: false,
+            data_fingerprint: String::new(),
         }
     }
 }
 
 /// Mean losses per epoch, per phase.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainReport {
     pub phases: Vec<PhaseReport>,
     pub seconds: f64,
+    /// `(phase, epochs already done)` when this run resumed a checkpoint.
+    pub resumed_at: Option<(String, usize)>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PhaseReport {
-    pub name: &'static str,
-    /// For each epoch, the mean of each named loss.
-    pub epochs: Vec<Vec<(&'static str, f32)>>,
+    pub name: String,
+    pub epochs: Vec<EpochReport>,
+    /// The epoch (1-based) whose parameters were kept, for phases that select one.
+    pub kept_epoch: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// The mean of each named loss over the epoch.
+    pub losses: Vec<(String, f32)>,
+    /// Coefficient of variation of the validation scores, for phases that select an epoch.
+    pub validation_spread: Option<f32>,
 }
 
 pub fn progress_bar(len: u64, prefix: &str, enabled: bool) -> ProgressBar {
@@ -81,10 +108,46 @@ pub fn encode_all(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// Trains `method` on defect-free `images` through all its phases.
+/// The best epoch of a phase so far: its 1-based number, spread and training state.
+struct Best {
+    epoch: usize,
+    spread: f32,
+    state: HashMap<String, Tensor>,
+}
+
+/// Coefficient of variation (std / |mean|) of the validation scores: how tightly the detector
+/// scores defect-free parts, independent of the scores' scale (which changes while training).
+fn validation_spread(
+    method: &dyn Method,
+    validation: &[Image],
+    opts: &TrainOptions,
+    device: &Device,
+) -> Result<f32> {
+    let refs: Vec<&Image> = validation.iter().collect();
+    let scores = score_images(method, &refs, opts.batch_size, device, false)?.scores;
+    let n = scores.len() as f64;
+    let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
+    let var = scores
+        .iter()
+        .map(|&s| (s as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let spread = (var.sqrt() / mean.abs().max(1e-12)) as f32;
+    if !spread.is_finite() {
+        return Err(Error::invalid(
+            "training",
+            format!("{} gives non-finite validation scores", method.name()),
+        ));
+    }
+    Ok(spread)
+}
+
+/// Trains `method` on defect-free `images` through all its phases. `validation` (defect-free,
+/// kept out of training) chooses the epoch of phases that select one.
 pub fn fit(
     method: &mut dyn Method,
     images: &[Image],
+    validation: &[Image],
     opts: &TrainOptions,
     device: &Device,
 ) -> Result<TrainReport> {
@@ -95,25 +158,75 @@ pub fn fit(
         return Err(Error::config("batch_size", "must be at least 1"));
     }
     let start = Instant::now();
-    let encoded = encode_all(method, images, opts.batch_size, device, opts.progress)?;
-    let mut rng = Rng::new(opts.seed);
+    let identity = checkpoint::Identity::of(method, opts);
     let mut report = TrainReport::default();
-    for (phase, spec) in method.phases().into_iter().enumerate() {
+    let (mut first_phase, mut first_epoch, mut best) = (0, 0, None);
+    if let Some(path) = opts
+        .checkpoint
+        .as_ref()
+        .filter(|p| opts.resume && p.exists())
+    {
+        let saved = checkpoint::load(path, &identity, device)?;
+        method.restore_training_state(&saved.state)?;
+        (first_phase, first_epoch) = (saved.phase, saved.epochs_done);
+        best = saved.best.map(|(epoch, spread, state)| Best {
+            epoch,
+            spread,
+            state,
+        });
+        report = saved.report;
+        report.resumed_at = Some((
+            method
+                .phases()
+                .get(first_phase)
+                .map_or("done".into(), |p| p.name.to_string()),
+            first_epoch,
+        ));
+        log::info!(
+            "resuming {} from {} after epoch {first_epoch} of phase {}",
+            method.name(),
+            path.display(),
+            first_phase + 1
+        );
+    }
+    let encoded = encode_all(method, images, opts.batch_size, device, opts.progress)?;
+    let phases = method.phases();
+    for (phase, spec) in phases.iter().enumerate().skip(first_phase) {
+        let select = spec.select_best && !validation.is_empty();
+        if spec.select_best && validation.is_empty() {
+            log::warn!(
+                "no validation images: phase `{}` keeps its last epoch",
+                spec.name
+            );
+        }
         let steps_per_epoch = images.len().div_ceil(opts.batch_size);
         let bar = progress_bar(
             (spec.epochs * steps_per_epoch) as u64,
             spec.name,
             opts.progress,
         );
-        let mut epochs = Vec::with_capacity(spec.epochs);
-        for epoch in 0..spec.epochs {
+        if report.phases.len() <= phase {
+            report.phases.push(PhaseReport {
+                name: spec.name.to_string(),
+                epochs: Vec::new(),
+                kept_epoch: None,
+            });
+        }
+        let resume_epoch = if phase == first_phase { first_epoch } else { 0 };
+        if phase != first_phase {
+            best = None;
+        }
+        bar.set_position((resume_epoch * steps_per_epoch) as u64);
+        for epoch in resume_epoch..spec.epochs {
+            // Seeded per (phase, epoch), so a resumed training draws exactly what it would have.
+            let mut rng = Rng::new(opts.seed).fork(((phase as u64) << 32) | epoch as u64);
             let mut order: Vec<u32> = (0..images.len() as u32).collect();
             rng.shuffle(&mut order);
             let mut sums: Vec<(&'static str, f32)> = Vec::new();
             for chunk in order.chunks(opts.batch_size) {
                 let idx = Tensor::new(chunk, device)?;
                 let batch = encoded.index_select(&idx, 0)?;
-                let losses = method.train_step(phase, &batch)?;
+                let losses = method.train_step(phase, &batch, &mut rng)?;
                 if let Some((name, value)) = losses.iter().find(|(_, v)| !v.is_finite()) {
                     return Err(Error::invalid(
                         "training",
@@ -139,19 +252,53 @@ pub fn fit(
                 .into_iter()
                 .map(|(n, s)| (n, s / images.len() as f32))
                 .collect();
+            let spread = if select {
+                let spread = validation_spread(method, validation, opts, device)?;
+                if best.as_ref().is_none_or(|b: &Best| spread < b.spread) {
+                    best = Some(Best {
+                        epoch: epoch + 1,
+                        spread,
+                        state: method.training_state()?,
+                    });
+                }
+                Some(spread)
+            } else {
+                None
+            };
             log::info!(
-                "{} {} {}",
+                "{} {} {}{}",
                 method.name(),
                 spec.name,
-                format_losses(epoch + 1, &means)
+                format_losses(epoch + 1, &means),
+                spread.map_or(String::new(), |s| format!(", validation spread {s:.4}"))
             );
-            epochs.push(means);
+            report.phases[phase].epochs.push(EpochReport {
+                losses: means.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+                validation_spread: spread,
+            });
+            if let Some(path) = &opts.checkpoint {
+                let saved = checkpoint::Saved {
+                    phase,
+                    epochs_done: epoch + 1,
+                    best: best.as_ref().map(|b| (b.epoch, b.spread, b.state.clone())),
+                    report: report.clone(),
+                    state: method.training_state()?,
+                };
+                checkpoint::save(path, &identity, &saved)?;
+            }
         }
         bar.finish_and_clear();
-        report.phases.push(PhaseReport {
-            name: spec.name,
-            epochs,
-        });
+        if let Some(b) = best.take() {
+            log::info!(
+                "{} {}: keeping epoch {} (validation spread {:.4})",
+                method.name(),
+                spec.name,
+                b.epoch,
+                b.spread
+            );
+            method.restore_training_state(&b.state)?;
+            report.phases[phase].kept_epoch = Some(b.epoch);
+        }
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)

@@ -13,7 +13,6 @@
 //! evenly across channels. They are stored as `norm.mean` / `norm.std`.
 pub mod anomaly_map;
 pub mod config;
-pub mod init;
 pub mod loss;
 pub mod model;
 
@@ -21,23 +20,31 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 
 pub use config::{Mapping, NfBmrConfig};
 
 use self::anomaly_map::MapResizer;
-use self::init::seeded_var_builder;
 use self::model::MappingNets;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::flow::{nll_loss, nll_per_position, FlowSpec, RealNvp};
+use crate::nn::init::{detached, load_vars, seeded_var_builder};
 use crate::nn::FeatureExtractor;
+use crate::rng::Rng;
+use crate::train::optim::{sorted_vars, Adam, AdamParams};
 
 const FLOW_PHASE: usize = 0;
 const MAP_PHASE: usize = 1;
 const NORM_MEAN: &str = "norm.mean";
 const NORM_STD: &str = "norm.std";
+const FLOW_OPT: &str = "optim.flow.";
+const MAP_OPT: &str = "optim.map.";
+/// The feature statistics' running sums, kept in training checkpoints only.
+const STATS_SUMS: &str = "norm.sum";
+const STATS_SUMS_SQ: &str = "norm.sum_sq";
+const STATS_COUNT: &str = "norm.count";
 /// Added to each channel's variance, so that a channel that never fired in training does not
 /// divide by zero (its standardised value stays finite, and large when it fires).
 const VARIANCE_FLOOR: f64 = 1e-4;
@@ -139,6 +146,41 @@ impl FeatureStats {
         Ok(())
     }
 
+    /// The running sums, for a checkpoint (f64, as accumulated).
+    fn accumulators(&self) -> Result<HashMap<String, Tensor>> {
+        let device = self.mean.device();
+        Ok(HashMap::from([
+            (
+                STATS_SUMS.to_string(),
+                Tensor::new(self.sum.as_slice(), device)?,
+            ),
+            (
+                STATS_SUMS_SQ.to_string(),
+                Tensor::new(self.sum_sq.as_slice(), device)?,
+            ),
+            (STATS_COUNT.to_string(), Tensor::new(&[self.count], device)?),
+        ]))
+    }
+
+    /// The statistics and their running sums as a checkpoint holds them.
+    fn restored(state: &HashMap<String, Tensor>, channels: usize, device: &Device) -> Result<Self> {
+        let read = |name: &str, len: usize| -> Result<Vec<f64>> {
+            Ok(stored(state, name, &[len])?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?)
+        };
+        let mut stats = FeatureStats::loaded(
+            stored(state, NORM_MEAN, &[channels])?,
+            stored(state, NORM_STD, &[channels])?,
+            channels,
+            device,
+        )?;
+        stats.sum = read(STATS_SUMS, channels)?;
+        stats.sum_sq = read(STATS_SUMS_SQ, channels)?;
+        stats.count = read(STATS_COUNT, 1)?[0];
+        Ok(stats)
+    }
+
     fn standardize(&self, features: &Tensor) -> Result<Tensor> {
         Ok(features
             .broadcast_sub(&self.mean)?
@@ -159,42 +201,20 @@ pub struct NfBmr {
     /// Built on detached views of the same storage (optimiser steps update it in place): inference
     /// records no graph and keeps no intermediate alive.
     eval: Nets,
-    flow_opt: AdamW,
-    map_opt: AdamW,
+    flow_opt: Adam,
+    map_opt: Adam,
     stats: FeatureStats,
     resizer: MapResizer,
 }
 
-fn detached(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
-    let vars = vars
-        .data()
-        .lock()
-        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
-    Ok(vars
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect())
-}
-
-fn sorted_vars(vars: &VarMap) -> Result<Vec<(String, Var)>> {
-    let vars = vars
-        .data()
-        .lock()
-        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
-    let mut named: Vec<(String, Var)> = vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(named)
-}
-
-fn adam(vars: &VarMap, lr: f64) -> Result<AdamW> {
-    Ok(AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
+fn adam(vars: &VarMap, lr: f64) -> Result<Adam> {
+    Adam::new(
+        vars,
+        AdamParams {
             lr,
-            weight_decay: 0.0,
             ..Default::default()
         },
-    )?)
+    )
 }
 
 /// The stored tensor `name` from a model file, checked against the expected shape.
@@ -270,13 +290,8 @@ impl NfBmr {
         let stats = match trained {
             None => FeatureStats::identity(channels, device)?,
             Some(trained) => {
-                for (name, var) in sorted_vars(&flow_vars)?
-                    .into_iter()
-                    .chain(sorted_vars(&map_vars)?)
-                {
-                    let tensor = stored(trained, &name, var.dims())?;
-                    var.set(&tensor.to_device(device)?.to_dtype(DType::F32)?)?;
-                }
+                load_vars(&flow_vars, trained)?;
+                load_vars(&map_vars, trained)?;
                 FeatureStats::loaded(
                     stored(trained, NORM_MEAN, &[channels])?,
                     stored(trained, NORM_STD, &[channels])?,
@@ -459,17 +474,19 @@ impl Method for NfBmr {
         let mut phases = vec![PhaseSpec {
             name: "flow",
             epochs: self.cfg.flow_epochs,
+            select_best: false,
         }];
         if self.cfg.mapping != Mapping::None {
             phases.push(PhaseSpec {
                 name: "map",
                 epochs: self.cfg.map_epochs,
+                select_best: false,
             });
         }
         phases
     }
 
-    fn train_step(&mut self, phase: usize, encoded: &Tensor) -> Result<StepLosses> {
+    fn train_step(&mut self, phase: usize, encoded: &Tensor, _: &mut Rng) -> Result<StepLosses> {
         if phase == FLOW_PHASE {
             self.check_features(encoded)?;
             self.stats.accumulate(encoded)?;
@@ -486,10 +503,10 @@ impl Method for NfBmr {
             ));
         }
         if phase == FLOW_PHASE {
-            self.flow_opt.backward_step(&loss)?;
+            self.flow_opt.step(&loss.backward()?)?;
             Ok(vec![("nll", value)])
         } else {
-            self.map_opt.backward_step(&loss)?;
+            self.map_opt.step(&loss.backward()?)?;
             Ok(vec![("mse", value)])
         }
     }
@@ -515,6 +532,22 @@ impl Method for NfBmr {
         let mut all = self.own_tensors()?;
         all.extend(self.frozen.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(all)
+    }
+
+    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut state = self.own_tensors()?;
+        state.extend(self.stats.accumulators()?);
+        state.extend(self.flow_opt.state(FLOW_OPT)?);
+        state.extend(self.map_opt.state(MAP_OPT)?);
+        Ok(state)
+    }
+
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        load_vars(&self.flow_vars, state)?;
+        load_vars(&self.map_vars, state)?;
+        self.stats = FeatureStats::restored(state, self.channels, self.stats.mean.device())?;
+        self.flow_opt.load_state(FLOW_OPT, state)?;
+        self.map_opt.load_state(MAP_OPT, state)
     }
 
     fn config_json(&self) -> serde_json::Value {

@@ -1,11 +1,15 @@
 //! Deterministic parameter initialisation: a `VarBuilder` backend that creates each missing
 //! variable from [`crate::rng::Rng`] seeded by the model seed and the variable's name, so the same
 //! config gives the same initial weights on every machine (candle's own init draws from `rand`'s
-//! thread RNG), independently of the order in which layers are built.
+//! thread RNG), independently of the order in which layers are built. Also the helpers that move
+//! a variable map's values in and out (inference views, snapshots, loading).
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 struct SeededVarMap {
@@ -104,4 +108,46 @@ pub fn seeded_var_builder(
         dtype,
         device.clone(),
     )
+}
+
+/// Views of every variable's storage that record no gradient: a network built on them infers
+/// without a backward graph, and sees every optimiser update (`Var::set` writes in place).
+pub fn detached(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let vars = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
+    Ok(vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect())
+}
+
+/// Copies of every variable, by name (a snapshot later updates do not touch).
+pub fn snapshot(vars: &VarMap, into: &mut HashMap<String, Tensor>) -> Result<()> {
+    for (name, tensor) in detached(vars)? {
+        into.insert(name, tensor.copy()?);
+    }
+    Ok(())
+}
+
+/// Sets every variable of `vars` from `stored` (same names), checking shapes; names the culprit.
+pub fn load_vars(vars: &VarMap, stored: &HashMap<String, Tensor>) -> Result<()> {
+    let vars = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
+    for (name, var) in vars.iter() {
+        let tensor = stored
+            .get(name)
+            .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
+        if tensor.dims() != var.dims() {
+            return Err(Error::invalid(
+                format!("model tensor `{name}`"),
+                format!("shape {:?}, expected {:?}", tensor.dims(), var.dims()),
+            ));
+        }
+        var.set(&tensor.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,58 @@
+//! Times OCR-GAN's `train_step` and `infer` (ms per image) for a generator width and input size.
+//! `cargo bench --bench ocr_gan -- [width height width_px batch levels disc_width disc_levels]`
+//! (defaults: the light 4-channel generator at 256², batch 8).
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use vigil::data::InputSpec;
+use vigil::methods::ocr_gan::{OcrGan, OcrGanConfig};
+use vigil::methods::Method;
+use vigil::rng::Rng;
+
+fn arg(args: &[String], i: usize, default: usize) -> usize {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn main() -> vigil::Result<()> {
+    vigil::runtime::tune_allocator();
+    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
+    let cfg = OcrGanConfig {
+        width: arg(&args, 1, 4),
+        levels: arg(&args, 5, 5),
+        disc_width: arg(&args, 6, 16),
+        disc_levels: arg(&args, 7, 4),
+        ..Default::default()
+    };
+    let (h, w, b) = (arg(&args, 2, 256), arg(&args, 3, 256), arg(&args, 4, 8));
+    let input = InputSpec {
+        height: h,
+        width: w,
+        channels: 3,
+    };
+    let device = Device::Cpu;
+    let mut model = OcrGan::new(cfg.clone(), input, None, &device)?;
+    let images = Tensor::rand(0f32, 1.0, (b, 3, h, w), &device)?;
+    let mut rng = Rng::new(0);
+    model.train_step(0, &images, &mut rng)?;
+    let steps = 3;
+    let start = Instant::now();
+    for _ in 0..steps {
+        model.train_step(0, &images, &mut rng)?;
+    }
+    let train_ms = start.elapsed().as_secs_f64() * 1e3 / (steps * b) as f64;
+    println!(
+        "ocr-gan width {} levels {} disc {}x{} at {h}x{w}, batch {b}: train_step {train_ms:.1} ms/image",
+        cfg.width, cfg.levels, cfg.disc_width, cfg.disc_levels
+    );
+    for batch in [1, b] {
+        let x = images.narrow(0, 0, batch)?;
+        model.infer(&x)?;
+        let start = Instant::now();
+        for _ in 0..steps {
+            model.infer(&x)?;
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / (steps * batch) as f64;
+        println!("  infer batch {batch}: {ms:.1} ms/image");
+    }
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! OCR-GAN (Liang et al., IEEE TIP 2023): the image is split into omni-frequency bands
+//! ([`fd`]), each band is reconstructed by its own Skip-GANomaly U-Net while channel selection
+//! mixes the band encoders ([`model`]), and the summed reconstruction is judged by a DCGAN
+//! discriminator that also learns to call CutPaste/cutout forgeries positive. Trained from scratch:
+//! no pretrained network and no extra data.
+//!
+//! Score: `A = λ·L_con + (1 − λ)·L_lat` per image (mean |I − Î| and the mean squared distance of
+//! the discriminator's latent features), min-max scaled with the defect-free validation scores
+//! kept in the model file (the paper scales over the test set, which a running line cannot do):
+//! validation parts score in 0..1, defects above. Heatmap: |I − Î| averaged over channels and
+//! smoothed.
+//!
+//! Images enter in 0..1 and are mapped to −1..1 (the generators end in tanh).
+pub mod config;
+pub mod fd;
+pub mod loss;
+pub mod model;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+pub use config::{ContentPooling, Forgeries, OcrGanConfig};
+
+use self::fd::FrequencyDecoupling;
+use self::loss::{bce_with_logits, content_error, latent_error};
+use self::model::{Builders, Discriminator, Generator};
+use crate::data::anomaly::{AnomalyGenerator, AnomalySynth, CutPasteParams, CutoutParams};
+use crate::data::{batch_tensor, Image, InputSpec};
+use crate::error::{Error, Result};
+use crate::methods::nf_bmr::anomaly_map::MapResizer;
+use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
+use crate::nn::init::{detached, load_vars, seeded_var_builder, snapshot};
+use crate::rng::Rng;
+use crate::train::optim::{Adam, AdamParams};
+
+const SCORE_MIN: &str = "score.min";
+const SCORE_MAX: &str = "score.max";
+const G_OPT: &str = "optim.g.";
+const D_OPT: &str = "optim.d.";
+
+struct Nets {
+    generator: Generator,
+    discriminator: Discriminator,
+}
+
+impl Nets {
+    fn new(
+        g: VarBuilder,
+        d: VarBuilder,
+        buffers: VarBuilder,
+        cfg: &OcrGanConfig,
+        channels: usize,
+    ) -> Result<Self> {
+        Ok(Nets {
+            generator: Generator::new(
+                Builders {
+                    params: g.pp("g"),
+                    buffers: buffers.pp("g"),
+                },
+                cfg,
+                channels,
+            )?,
+            discriminator: Discriminator::new(
+                Builders {
+                    params: d.pp("d"),
+                    buffers: buffers.pp("d"),
+                },
+                cfg,
+                channels,
+            )?,
+        })
+    }
+}
+
+/// One batch's losses, as scalar tensors that record the backward graph.
+pub struct Losses {
+    /// `λ_con·L_con + λ_adv·L_adv + λ_lat·L_lat`, minimised by the generators.
+    pub generator: Tensor,
+    /// Cross-entropy of normal images (negative) against reconstructions and forgeries
+    /// (positive), minimised by the discriminator.
+    pub discriminator: Tensor,
+    pub content: Tensor,
+    pub adversarial: Tensor,
+    pub latent: Tensor,
+}
+
+pub struct OcrGan {
+    cfg: OcrGanConfig,
+    input: InputSpec,
+    fd: FrequencyDecoupling,
+    g_vars: VarMap,
+    d_vars: VarMap,
+    /// BatchNorm running statistics: saved and loaded, never optimised.
+    buffers: VarMap,
+    train: Nets,
+    /// The same storage through detached views: inference records no backward graph.
+    eval: Nets,
+    g_opt: Adam,
+    d_opt: Adam,
+    forgers: Vec<AnomalySynth>,
+    /// Raw scores of the validation images that map to 0 and 1.
+    score_min: f32,
+    score_max: f32,
+    smoother: MapResizer,
+    device: Device,
+}
+
+impl OcrGan {
+    /// A fresh detector, or (with `stored`) the one a model file holds.
+    pub fn new(
+        cfg: OcrGanConfig,
+        input: InputSpec,
+        stored: Option<&HashMap<String, Tensor>>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let factor = cfg.size_factor();
+        if !(input.height.is_multiple_of(factor) && input.width.is_multiple_of(factor)) {
+            return Err(Error::invalid(
+                "input size",
+                format!(
+                    "{}x{}: OCR-GAN halves it {} times (levels, disc_levels, bands), so both \
+                     sides must divide by {factor}; pass --height/--width",
+                    input.height,
+                    input.width,
+                    factor.trailing_zeros()
+                ),
+            ));
+        }
+        let (g_vars, d_vars, buffers) = (VarMap::new(), VarMap::new(), VarMap::new());
+        let seeded = |vars: &VarMap| seeded_var_builder(vars, cfg.seed, DType::F32, device);
+        let train = Nets::new(
+            seeded(&g_vars),
+            seeded(&d_vars),
+            seeded(&buffers),
+            &cfg,
+            input.channels,
+        )?;
+        let (mut score_min, mut score_max) = (0.0, 1.0);
+        if let Some(stored) = stored {
+            for vars in [&g_vars, &d_vars, &buffers] {
+                load_vars(vars, stored)?;
+            }
+            (score_min, score_max) = (scalar(stored, SCORE_MIN)?, scalar(stored, SCORE_MAX)?);
+        }
+        let view = |vars: &VarMap| -> Result<VarBuilder<'static>> {
+            Ok(VarBuilder::from_tensors(
+                detached(vars)?,
+                DType::F32,
+                device,
+            ))
+        };
+        let eval = Nets::new(
+            view(&g_vars)?,
+            view(&d_vars)?,
+            view(&buffers)?,
+            &cfg,
+            input.channels,
+        )?;
+        let adam = AdamParams {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut forgers = Vec::new();
+        if matches!(cfg.forgeries, Forgeries::Cutout | Forgeries::Both) {
+            forgers.push(AnomalySynth::single(AnomalyGenerator::Cutout(
+                CutoutParams::default(),
+            ))?);
+        }
+        if matches!(cfg.forgeries, Forgeries::Cutpaste | Forgeries::Both) {
+            forgers.push(AnomalySynth::single(AnomalyGenerator::CutPaste(
+                CutPasteParams::default(),
+            ))?);
+        }
+        Ok(OcrGan {
+            fd: FrequencyDecoupling::new(cfg.bands, device)?,
+            g_opt: Adam::new(&g_vars, adam)?,
+            d_opt: Adam::new(&d_vars, adam)?,
+            smoother: MapResizer::new(
+                (input.height, input.width),
+                (input.height, input.width),
+                cfg.smoothing_sigma,
+                device,
+            )?,
+            cfg,
+            input,
+            g_vars,
+            d_vars,
+            buffers,
+            train,
+            eval,
+            forgers,
+            score_min,
+            score_max,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &OcrGanConfig {
+        &self.cfg
+    }
+
+    /// The generators and the discriminator on the trainable variables (for gradient tests).
+    pub fn trainable(&self) -> (&Generator, &Discriminator) {
+        (&self.train.generator, &self.train.discriminator)
+    }
+
+    /// Every trainable variable, generator then discriminator.
+    pub fn trainable_vars(&self) -> Result<Vec<(String, candle_core::Var)>> {
+        let mut all = crate::train::optim::sorted_vars(&self.g_vars)?;
+        all.extend(crate::train::optim::sorted_vars(&self.d_vars)?);
+        Ok(all)
+    }
+
+    /// The omni-frequency bands of `[B, C, H, W]` images in 0..1, in the generators' −1..1 range.
+    pub fn bands(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        self.fd.split(&to_signed(images)?)
+    }
+
+    fn check_input(&self, images: &Tensor) -> Result<()> {
+        let (_, c, h, w) = images.dims4()?;
+        if (c, h, w) != (self.input.channels, self.input.height, self.input.width) {
+            return Err(Error::invalid(
+                "images",
+                format!(
+                    "{c}x{h}x{w}, the model takes {}x{}x{}",
+                    self.input.channels, self.input.height, self.input.width
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// CutPaste and/or cutout versions of every image of the batch, `[B·k, C, H, W]` in 0..1.
+    fn forge(&self, images: &Tensor, rng: &mut Rng) -> Result<Option<Tensor>> {
+        if self.forgers.is_empty() {
+            return Ok(None);
+        }
+        let (b, c, h, w) = images.dims4()?;
+        let data = images.flatten_all()?.to_vec1::<f32>()?;
+        let plane = c * h * w;
+        let mut forged = Vec::with_capacity(b * self.forgers.len());
+        for i in 0..b {
+            let image = Image {
+                channels: c,
+                height: h,
+                width: w,
+                data: data[i * plane..(i + 1) * plane].to_vec(),
+            };
+            for forger in &self.forgers {
+                forged.push(forger.apply(&image, rng)?.0);
+            }
+        }
+        let refs: Vec<&Image> = forged.iter().collect();
+        Ok(Some(batch_tensor(&refs, images.device())?))
+    }
+
+    /// The training losses of one batch on the current parameters (eqs. 9–12). Both are computed
+    /// before either network steps, as Skip-GANomaly does: the discriminator judges the
+    /// reconstructions made before the generators' update.
+    pub fn losses(&self, images: &Tensor, rng: &mut Rng) -> Result<Losses> {
+        self.check_input(images)?;
+        let cfg = &self.cfg;
+        let x = to_signed(images)?;
+        let bands = self.fd.split(&x)?;
+        let recon = sum(&self.train.generator.forward(&bands, true)?)?;
+        let d = &self.train.discriminator;
+        let (f_x, logits_x) = d.forward(&x, true)?;
+        let (f_r, logits_r) = d.forward(&recon, true)?;
+        // The generators want their reconstructions judged normal (label 0).
+        let content = content_error(&x, &recon)?.mean_all()?;
+        let adversarial = bce_with_logits(&logits_r, 0.0)?;
+        let latent = latent_error(&f_x.detach(), &f_r)?.mean_all()?;
+        let generator = (((&content * cfg.lambda_con)? + (&adversarial * cfg.lambda_adv)?)?
+            + (&latent * cfg.lambda_lat)?)?;
+        let (_, logits_detached) = d.forward(&recon.detach(), true)?;
+        let mut discriminator =
+            (bce_with_logits(&logits_x, 0.0)? + bce_with_logits(&logits_detached, 1.0)?)?;
+        if let Some(forged) = self.forge(images, rng)? {
+            let (_, logits_f) = d.forward(&to_signed(&forged)?, true)?;
+            discriminator = (discriminator + bce_with_logits(&logits_f, 1.0)?)?;
+        }
+        Ok(Losses {
+            generator,
+            discriminator,
+            content,
+            adversarial,
+            latent,
+        })
+    }
+
+    /// Raw `A = λ·L_con + (1 − λ)·L_lat` and the smoothed heatmap `[B, H, W]`.
+    fn raw_scores(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_input(images)?;
+        let x = to_signed(images)?;
+        let bands = self.fd.split(&x)?;
+        let recon = sum(&self.eval.generator.forward(&bands, false)?)?;
+        let d = &self.eval.discriminator;
+        let (f_x, _) = d.forward(&x, false)?;
+        let (f_r, _) = d.forward(&recon, false)?;
+        let maps = self.smoother.resize(&(&x - &recon)?.abs()?.mean(1)?)?;
+        let content = match self.cfg.content_pooling {
+            ContentPooling::Mean => content_error(&x, &recon)?,
+            ContentPooling::Max => maps.flatten_from(1)?.max(1)?,
+        };
+        let lambda = self.cfg.score_lambda;
+        let a = ((content * lambda)? + (latent_error(&f_x, &f_r)? * (1.0 - lambda))?)?;
+        Ok((a, maps))
+    }
+}
+
+fn to_signed(images: &Tensor) -> Result<Tensor> {
+    Ok(((images * 2.0)? - 1.0)?)
+}
+
+fn sum(tensors: &[Tensor]) -> Result<Tensor> {
+    let mut total = tensors
+        .first()
+        .ok_or_else(|| Error::invalid("reconstruction", "no bands"))?
+        .clone();
+    for t in &tensors[1..] {
+        total = (total + t)?;
+    }
+    Ok(total)
+}
+
+fn scalar(stored: &HashMap<String, Tensor>, name: &str) -> Result<f32> {
+    let t = stored
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    match values.as_slice() {
+        [v] if v.is_finite() => Ok(*v),
+        _ => Err(Error::invalid(
+            format!("model tensor `{name}`"),
+            format!("{values:?} is not one finite number"),
+        )),
+    }
+}
+
+impl Method for OcrGan {
+    fn name(&self) -> &'static str {
+        "ocr-gan"
+    }
+
+    /// Trained from scratch: nothing frozen, the images themselves are cached.
+    fn encode_frozen(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(images.clone())
+    }
+
+    fn phases(&self) -> Vec<PhaseSpec> {
+        vec![PhaseSpec {
+            name: "gan",
+            epochs: self.cfg.epochs,
+            select_best: true,
+        }]
+    }
+
+    fn train_step(&mut self, phase: usize, images: &Tensor, rng: &mut Rng) -> Result<StepLosses> {
+        if phase != 0 {
+            return Err(Error::invalid(
+                "training phase",
+                format!("{phase}; OCR-GAN has one phase"),
+            ));
+        }
+        let losses = self.losses(images, rng)?;
+        self.g_opt.step(&losses.generator.backward()?)?;
+        self.d_opt.step(&losses.discriminator.backward()?)?;
+        Ok(vec![
+            ("con", losses.content.to_scalar::<f32>()?),
+            ("adv", losses.adversarial.to_scalar::<f32>()?),
+            ("lat", losses.latent.to_scalar::<f32>()?),
+            ("d", losses.discriminator.to_scalar::<f32>()?),
+        ])
+    }
+
+    fn infer(&self, images: &Tensor) -> Result<Inference> {
+        let (raw, maps) = self.raw_scores(images)?;
+        let range = (self.score_max - self.score_min).max(f32::EPSILON) as f64;
+        let scores = ((raw - self.score_min as f64)? / range)?;
+        Ok(Inference { maps, scores })
+    }
+
+    fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for vars in [&self.g_vars, &self.d_vars, &self.buffers] {
+            snapshot(vars, &mut out)?;
+        }
+        out.insert(
+            SCORE_MIN.into(),
+            Tensor::new(&[self.score_min], &self.device)?,
+        );
+        out.insert(
+            SCORE_MAX.into(),
+            Tensor::new(&[self.score_max], &self.device)?,
+        );
+        Ok(out)
+    }
+
+    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut state = self.tensors()?;
+        state.extend(self.g_opt.state(G_OPT)?);
+        state.extend(self.d_opt.state(D_OPT)?);
+        Ok(state)
+    }
+
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for vars in [&self.g_vars, &self.d_vars, &self.buffers] {
+            load_vars(vars, state)?;
+        }
+        self.g_opt.load_state(G_OPT, state)?;
+        self.d_opt.load_state(D_OPT, state)?;
+        self.score_min = scalar(state, SCORE_MIN)?;
+        self.score_max = scalar(state, SCORE_MAX)?;
+        Ok(())
+    }
+
+    /// `validation_scores` are scaled with the current range; recover the raw ones, then map their
+    /// minimum to 0 and maximum to 1.
+    fn fit_score_scale(&mut self, validation_scores: &[f32]) -> Result<()> {
+        let range = (self.score_max - self.score_min).max(f32::EPSILON);
+        let raw: Vec<f32> = validation_scores
+            .iter()
+            .map(|s| s * range + self.score_min)
+            .collect();
+        let lo = raw.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !(lo.is_finite() && hi.is_finite()) {
+            return Err(Error::invalid(
+                "validation scores",
+                "none, or not finite: cannot scale OCR-GAN's score",
+            ));
+        }
+        self.score_min = lo;
+        self.score_max = if hi > lo { hi } else { lo + 1.0 };
+        Ok(())
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+}

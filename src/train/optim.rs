@@ -1,0 +1,217 @@
+//! Adam with PyTorch's coupled (L2) weight decay, and a state that can be saved and restored, so a
+//! stopped training resumes with the same moments and step count (candle's `AdamW` keeps its
+//! state private and decays decoupled).
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Added to the gradient as `weight_decay · θ` (PyTorch `Adam(weight_decay=…)`).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamParams {
+    fn default() -> Self {
+        AdamParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct Adam {
+    params: AdamParams,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+/// The variables of `vars`, sorted by name (a stable order for optimiser state and tests).
+pub fn sorted_vars(vars: &VarMap) -> Result<Vec<(String, Var)>> {
+    let vars = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
+    let mut named: Vec<(String, Var)> = vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(named)
+}
+
+impl Adam {
+    pub fn new(vars: &VarMap, params: AdamParams) -> Result<Self> {
+        let slots = sorted_vars(vars)?
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = var.as_tensor().zeros_like()?;
+                Ok(Slot {
+                    name,
+                    m: zeros.clone(),
+                    v: zeros,
+                    var,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Adam {
+            params,
+            slots,
+            step: 0,
+        })
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of every variable that received a gradient.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let p = self.params;
+        let t = self.step as i32;
+        let bias1 = 1.0 - p.beta1.powi(t);
+        let bias2 = 1.0 - p.beta2.powi(t);
+        for slot in &mut self.slots {
+            let Some(grad) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let theta = slot.var.as_tensor();
+            let grad = if p.weight_decay > 0.0 {
+                (grad + (theta * p.weight_decay)?)?
+            } else {
+                grad.clone()
+            };
+            slot.m = ((&slot.m * p.beta1)? + (&grad * (1.0 - p.beta1))?)?;
+            slot.v = ((&slot.v * p.beta2)? + (grad.sqr()? * (1.0 - p.beta2))?)?;
+            let m_hat = (&slot.m / bias1)?;
+            let v_hat = (&slot.v / bias2)?;
+            let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+            slot.var.set(&(theta - (update * p.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// Moments and step count, named `{prefix}{var}.m`, `{prefix}{var}.v`, `{prefix}step`.
+    pub fn state(&self, prefix: &str) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::with_capacity(2 * self.slots.len() + 1);
+        for slot in &self.slots {
+            out.insert(format!("{prefix}{}.m", slot.name), slot.m.copy()?);
+            out.insert(format!("{prefix}{}.v", slot.name), slot.v.copy()?);
+        }
+        // f64 holds every step count a training can reach exactly; safetensors has no u64 scalar
+        // candle can read back on every backend.
+        out.insert(
+            format!("{prefix}step"),
+            Tensor::new(&[self.step as f64], self.slots_device())?,
+        );
+        Ok(out)
+    }
+
+    /// Restores what [`Adam::state`] saved; every moment must be present with its shape.
+    pub fn load_state(&mut self, prefix: &str, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |key: String, like: &Tensor| -> Result<Tensor> {
+            let t = state
+                .get(&key)
+                .ok_or_else(|| Error::invalid(format!("optimiser state `{key}`"), "missing"))?;
+            if t.dims() != like.dims() {
+                return Err(Error::invalid(
+                    format!("optimiser state `{key}`"),
+                    format!("shape {:?}, expected {:?}", t.dims(), like.dims()),
+                ));
+            }
+            Ok(t.to_device(like.device())?.to_dtype(like.dtype())?)
+        };
+        for slot in &mut self.slots {
+            slot.m = get(format!("{prefix}{}.m", slot.name), &slot.m)?;
+            slot.v = get(format!("{prefix}{}.v", slot.name), &slot.v)?;
+        }
+        let key = format!("{prefix}step");
+        let step = state
+            .get(&key)
+            .ok_or_else(|| Error::invalid(format!("optimiser state `{key}`"), "missing"))?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        self.step = step.first().copied().unwrap_or(0.0) as u64;
+        Ok(())
+    }
+
+    fn slots_device(&self) -> &candle_core::Device {
+        self.slots
+            .first()
+            .map(|s| s.var.device())
+            .unwrap_or(&candle_core::Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// One step by hand: with β1 = 0.9, β2 = 0.999 the first bias-corrected update is lr·sign(g)
+    /// (up to eps), and weight decay adds `wd·θ` to the gradient first.
+    #[test]
+    fn first_step_matches_the_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = VarMap::new();
+        let w = vars.get((2,), "w", candle_nn::Init::Const(1.0), DType::F32, &dev)?;
+        let mut opt = Adam::new(
+            &vars,
+            AdamParams {
+                lr: 0.1,
+                weight_decay: 0.5,
+                ..Default::default()
+            },
+        )?;
+        // d/dw of sum(w · [-2, 3]) = [-2, 3]; plus 0.5·w = [-1.5, 3.5]: signs -, +.
+        let loss = (w.clone() * Tensor::new(&[-2f32, 3.0], &dev)?)?.sum_all()?;
+        opt.step(&loss.backward()?)?;
+        let got = w.to_vec1::<f32>()?;
+        assert!(
+            (got[0] - 1.1).abs() < 1e-5 && (got[1] - 0.9).abs() < 1e-5,
+            "{got:?}"
+        );
+        assert_eq!(opt.steps(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trips() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = VarMap::new();
+        let w = vars.get((3,), "w", candle_nn::Init::Const(0.5), DType::F32, &dev)?;
+        let mut a = Adam::new(&vars, AdamParams::default())?;
+        for _ in 0..3 {
+            a.step(&w.sqr()?.sum_all()?.backward()?)?;
+        }
+        let mut b = Adam::new(&vars, AdamParams::default())?;
+        b.load_state("opt.", &a.state("opt.")?)?;
+        assert_eq!(b.steps(), 3);
+        assert_eq!(
+            b.state("x.")?["x.w.v"].to_vec1::<f32>()?,
+            a.state("x.")?["x.w.v"].to_vec1::<f32>()?
+        );
+        let mut missing = a.state("opt.")?;
+        missing.remove("opt.w.m");
+        assert!(b.load_state("opt.", &missing).is_err());
+        Ok(())
+    }
+}
