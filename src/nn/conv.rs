@@ -13,6 +13,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::{Error, Result};
+use crate::nn::im2col::Im2Col;
 
 /// DCGAN's initialisation, which Skip-GANomaly and OCR-GAN use for every convolution.
 pub const DCGAN_INIT: Init = Init::Randn {
@@ -99,6 +100,36 @@ fn append_zero(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[x, &Tensor::zeros((b, c, 1), x.dtype(), x.device())?], 2)
 }
 
+/// The columns `[B, C·k², Ho·Wo]` of `x` for `geometry`: a CPU custom op, or on other devices a
+/// candle `index_select` (standard ops on CUDA).
+fn columns(x: &Tensor, geometry: ConvGeometry, cache: &GatherCache) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if x.device().is_cpu() {
+        let (Some(_), Some(_)) = (
+            out_len(h, geometry.kernel, geometry.stride, geometry.padding),
+            out_len(w, geometry.kernel, geometry.stride, geometry.padding),
+        ) else {
+            candle_core::bail!(
+                "a {0}x{0} kernel does not fit a {h}x{w} input",
+                geometry.kernel
+            )
+        };
+        return x.contiguous()?.apply_op1(Im2Col {
+            kernel: geometry.kernel,
+            stride: geometry.stride,
+            padding: geometry.padding,
+            height: h,
+            width: w,
+        });
+    }
+    let taps = geometry.kernel * geometry.kernel;
+    let (ho, wo, ids) = geometry.indices(h, w)?;
+    let index = cache.get((h, w), || Tensor::from_vec(ids, taps * ho * wo, x.device()))?;
+    append_zero(&x.reshape((b, c, h * w))?)?
+        .index_select(&index, 2)?
+        .reshape((b, c * taps, ho * wo))
+}
+
 /// im2col + matmul with a weight in PyTorch's flattened layout `[out, in·k·k]`.
 fn gather_conv(
     x: &Tensor,
@@ -106,13 +137,10 @@ fn gather_conv(
     geometry: ConvGeometry,
     cache: &GatherCache,
 ) -> candle_core::Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let taps = geometry.kernel * geometry.kernel;
-    let (ho, wo, ids) = geometry.indices(h, w)?;
-    let index = cache.get((h, w), || Tensor::from_vec(ids, taps * ho * wo, x.device()))?;
-    let cols = append_zero(&x.reshape((b, c, h * w))?)?
-        .index_select(&index, 2)?
-        .reshape((b, c * taps, ho * wo))?;
+    let (b, _, h, w) = x.dims4()?;
+    let ho = out_len(h, geometry.kernel, geometry.stride, geometry.padding).unwrap_or(0);
+    let wo = out_len(w, geometry.kernel, geometry.stride, geometry.padding).unwrap_or(0);
+    let cols = columns(x, geometry, cache)?;
     let out = weight.dim(0)?;
     weight.broadcast_matmul(&cols)?.reshape((b, out, ho, wo))
 }
@@ -277,6 +305,40 @@ mod tests {
             let theirs = x.conv2d(&conv.weight.reshape((5, 3, k, k))?, p, s, 1, 1)?;
             assert_eq!(ours.dims(), theirs.dims());
             assert!(max_diff(&ours, &theirs) < 1e-5);
+        }
+        Ok(())
+    }
+
+    /// The CPU custom op and the `index_select` path (used on CUDA) give the same columns and the
+    /// same input gradient.
+    #[test]
+    fn im2col_op_matches_the_index_gather_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w, k, s, p) in [
+            (8, 12, 4, 2, 1),
+            (7, 9, 3, 1, 1),
+            (6, 6, 3, 2, 0),
+            (5, 4, 1, 1, 0),
+        ] {
+            let geometry = ConvGeometry {
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let var = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?)?;
+            let x = var.as_tensor();
+            let op = columns(x, geometry, &GatherCache::default())?;
+            let (ho, wo, ids) = geometry.indices(h, w)?;
+            let index = Tensor::from_vec(ids, k * k * ho * wo, &dev)?;
+            let reference = append_zero(&x.reshape((2, 3, h * w))?)?
+                .index_select(&index, 2)?
+                .reshape((2, 3 * k * k, ho * wo))?;
+            assert_eq!(op.dims(), reference.dims());
+            assert!(max_diff(&op, &reference) < 1e-7);
+            let weights = Tensor::randn(0f32, 1.0, op.dims(), &dev)?;
+            let g_op = (op * &weights)?.sum_all()?.backward()?;
+            let g_ref = (reference * &weights)?.sum_all()?.backward()?;
+            assert!(max_diff(g_op.get(x).unwrap(), g_ref.get(x).unwrap()) < 1e-5);
         }
         Ok(())
     }
