@@ -92,11 +92,14 @@ impl Adam {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let theta = slot.var.as_tensor();
+            // Detached: a gradient can carry the backward graph of its step (candle records ops
+            // on variables), and moments built from it would chain every step's graph together.
+            let theta = slot.var.as_tensor().detach();
+            let grad = grad.detach();
             let grad = if p.weight_decay > 0.0 {
-                (grad + (theta * p.weight_decay)?)?
+                (grad + (&theta * p.weight_decay)?)?
             } else {
-                grad.clone()
+                grad
             };
             slot.m = ((&slot.m * p.beta1)? + (&grad * (1.0 - p.beta1))?)?;
             slot.v = ((&slot.v * p.beta2)? + (grad.sqr()? * (1.0 - p.beta2))?)?;
@@ -190,6 +193,23 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(opt.steps(), 1);
+        Ok(())
+    }
+
+    /// A gradient that depends on the variable (here 2·w) carries a backward graph; the moments
+    /// must hold values only, or every step would chain onto the last and memory would grow.
+    #[test]
+    fn moments_keep_no_backward_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = VarMap::new();
+        let w = vars.get((4,), "w", candle_nn::Init::Const(0.5), DType::F32, &dev)?;
+        let mut opt = Adam::new(&vars, AdamParams::default())?;
+        for _ in 0..2 {
+            opt.step(&w.sqr()?.sum_all()?.backward()?)?;
+        }
+        for slot in &opt.slots {
+            assert!(!slot.m.track_op() && !slot.v.track_op());
+        }
         Ok(())
     }
 
