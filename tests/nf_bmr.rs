@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use vigil::data::InputSpec;
-use vigil::methods::nf_bmr::anomaly_map::MapResizer;
+use vigil::methods::anomaly_map::MapResizer;
 use vigil::methods::nf_bmr::{Mapping, NfBmr, NfBmrConfig};
 use vigil::methods::Method;
 use vigil::nn::flow::{nll_loss, FlowSpec, RealNvp};

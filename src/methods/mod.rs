@@ -13,6 +13,7 @@ use crate::model_file::ModelMeta;
 use crate::nn::backbone::Lite0Features;
 use crate::rng::Rng;
 
+pub mod anomaly_map;
 pub mod nf_bmr;
 pub mod ocr_gan;
 

@@ -11,7 +11,6 @@
 //! deviation of every feature seen in the flow phase (accumulated over its steps; they are then
 //! fixed). This puts every channel on the flow's N(0, 1) scale and weighs the source-domain MSE
 //! evenly across channels. They are stored as `norm.mean` / `norm.std`.
-pub mod anomaly_map;
 pub mod config;
 pub mod loss;
 pub mod model;
@@ -24,10 +23,10 @@ use candle_nn::{VarBuilder, VarMap};
 
 pub use config::{Mapping, NfBmrConfig};
 
-use self::anomaly_map::MapResizer;
 use self::model::MappingNets;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
+use crate::methods::anomaly_map::MapResizer;
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::flow::{nll_loss, nll_per_position, FlowSpec, RealNvp};
 use crate::nn::init::{detached, load_vars, seeded_var_builder};

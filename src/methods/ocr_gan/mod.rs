@@ -29,7 +29,7 @@ use self::model::{Builders, Discriminator, Generator};
 use crate::data::anomaly::{AnomalyGenerator, AnomalySynth, CutPasteParams, CutoutParams};
 use crate::data::{batch_tensor, Image, InputSpec};
 use crate::error::{Error, Result};
-use crate::methods::nf_bmr::anomaly_map::MapResizer;
+use crate::methods::anomaly_map::MapResizer;
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::init::{detached, load_vars, seeded_var_builder, snapshot};
 use crate::rng::Rng;

@@ -1,4 +1,4 @@
-//! From per-position scores on the feature grid to an anomaly map at the input size.
+//! From per-position scores to an anomaly map at the input size (every method's heatmaps).
 //!
 //! Bilinear upsampling (half-pixel centres, PyTorch's `align_corners=false`) followed by Gaussian
 //! smoothing (replicated borders, radius `round(4σ)`) is linear and separable, so each axis folds
