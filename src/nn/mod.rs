@@ -6,6 +6,7 @@ use crate::error::Result;
 pub mod backbone;
 pub mod depthwise;
 pub mod flow;
+pub mod kernels;
 pub mod residual;
 
 /// A frozen feature extractor: images in, one feature map out.
