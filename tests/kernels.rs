@@ -36,7 +36,10 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn activate(t: Tensor, activation: Activation) -> Tensor {
@@ -140,7 +143,12 @@ fn gemm_reads_strided_rows_and_rejects_bad_sizes() {
         };
         assert!(kernels.gemm(short, &packed, plain, &mut out).is_err());
         assert!(kernels
-            .gemm(ASource::Matrix { data: &a, lda }, &packed, plain, &mut out[1..])
+            .gemm(
+                ASource::Matrix { data: &a, lda },
+                &packed,
+                plain,
+                &mut out[1..]
+            )
             .is_err());
     }
 }
@@ -164,7 +172,11 @@ fn dense_conv_matches_candle_conv2d() {
         for &(b, cin, cout, h, w, k, stride, pad) in &cases {
             for activation in [Activation::Identity, Activation::Relu6] {
                 let x = values(&mut rng, b * h * w * cin, 1.0);
-                let weight = values(&mut rng, cout * cin * k * k, 1.5 / ((cin * k * k) as f32).sqrt());
+                let weight = values(
+                    &mut rng,
+                    cout * cin * k * k,
+                    1.5 / ((cin * k * k) as f32).sqrt(),
+                );
                 let bias = values(&mut rng, cout, 1.0);
                 let x_nchw = nchw_tensor(&x, [b, cin, h, w]);
                 let reference = x_nchw
@@ -197,9 +209,14 @@ fn dense_conv_matches_candle_conv2d() {
                     activation,
                     residual: None,
                 };
-                kernels.conv2d(&x, geom, &packed, epilogue, &mut out).unwrap();
+                kernels
+                    .conv2d(&x, geom, &packed, epilogue, &mut out)
+                    .unwrap();
                 let d = max_diff(&out, &nhwc_values(&reference));
-                assert!(d < TOLERANCE, "{kernels:?} case {b}x{cin}x{h}x{w} k{k} s{stride}: {d}");
+                assert!(
+                    d < TOLERANCE,
+                    "{kernels:?} case {b}x{cin}x{h}x{w} k{k} s{stride}: {d}"
+                );
             }
         }
     }
@@ -261,7 +278,10 @@ fn depthwise_matches_grouped_conv2d() {
                 .depthwise(&geom, &x, &packed, &bias, Activation::Relu6, &mut out)
                 .unwrap();
             let d = max_diff(&out, &nhwc_values(&reference));
-            assert!(d < TOLERANCE, "{kernels:?} {b}x{c}x{h}x{w} k{kernel} s{stride}: {d}");
+            assert!(
+                d < TOLERANCE,
+                "{kernels:?} {b}x{c}x{h}x{w} k{kernel} s{stride}: {d}"
+            );
             assert!(kernels
                 .depthwise(&geom, &x[1..], &packed, &bias, Activation::Relu6, &mut out)
                 .is_err());
@@ -274,7 +294,11 @@ fn depthwise_matches_grouped_conv2d() {
 #[test]
 fn fast_lite0_matches_the_candle_backbone() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0.safetensors");
-    assert!(path.exists(), "{} is missing: run models/get-weights.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run models/get-weights.sh",
+        path.display()
+    );
     let tensors = vigil::nn::backbone::load_tensors(&path, 10, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let net = EfficientNetLite0::new(vb, 10, false).unwrap();

@@ -5,6 +5,9 @@
 //! a run of channels are contiguous like the pixels they multiply.
 use super::{Activation, Isa};
 
+/// Output pixels the vector kernel computes together.
+const GROUP: usize = 4;
+
 /// Geometry of a depthwise convolution; padding before each axis (TF "same" puts the odd pixel
 /// after, which needs no bookkeeping here).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +47,38 @@ pub(super) fn depthwise_rows(
         let ky0 = (-y0).max(0) as usize;
         let ky1 = ((g.height as isize - y0).min(g.kernel as isize)).max(0) as usize;
         let plane = &input[b * g.height * g.width * c..(b + 1) * g.height * g.width * c];
-        for ox in 0..g.out_w {
+        // Pixels whose every horizontal tap is inside the image, taken GROUP at a time by the
+        // vector kernel (the weights of a tap are loaded once for the group).
+        let interior_lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
+        let interior_hi = if g.width + g.pad_left >= g.kernel {
+            ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
+        } else {
+            0
+        };
+        let grouped = isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo;
+        let mut ox = 0;
+        while ox < g.out_w {
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
+            let at = ((row - rows.start) * g.out_w + ox) * c;
+            if grouped && ox >= interior_lo && ox + GROUP <= interior_hi {
+                let window = Window {
+                    kernel: g.kernel,
+                    width: g.width,
+                    y0,
+                    x0,
+                    ky: ky0..ky1,
+                    kx: 0..g.kernel,
+                };
+                let dst = &mut out[at..at + GROUP * c];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `grouped` implies AVX2 was detected; all GROUP pixels are interior, so
+                // every tap lies inside `plane`, and `dst` holds GROUP pixels.
+                unsafe {
+                    x86::group(plane, weights, bias, &window, g.stride, activation, dst)
+                };
+                ox += GROUP;
+                continue;
+            }
             let kx0 = (-x0).max(0) as usize;
             let kx1 = ((g.width as isize - x0).min(g.kernel as isize)).max(0) as usize;
             let window = Window {
@@ -56,7 +89,6 @@ pub(super) fn depthwise_rows(
                 ky: ky0..ky1,
                 kx: kx0..kx1,
             };
-            let at = ((row - rows.start) * g.out_w + ox) * c;
             let dst = &mut out[at..at + c];
             match isa {
                 #[cfg(target_arch = "x86_64")]
@@ -67,6 +99,7 @@ pub(super) fn depthwise_rows(
                 },
                 Isa::Portable => pixel_portable(plane, weights, bias, &window, activation, dst),
             }
+            ox += 1;
         }
     }
 }
@@ -116,7 +149,48 @@ fn pixel_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activation, Window};
+    use super::{Activation, Window, GROUP};
+
+    /// GROUP horizontally adjacent interior pixels (the window of the first, every tap in
+    /// range), eight channels at a time.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; every tap of the GROUP pixels must lie inside `plane`, `C =
+    /// dst.len() / GROUP` a multiple of 8, and `weights`/`bias` hold `k·k·C` and `C` floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn group(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        stride: usize,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        let c = dst.len() / GROUP;
+        let (lo, hi) = activation.bounds();
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let step = stride * c;
+        for ch in (0..c).step_by(8) {
+            let b = _mm256_loadu_ps(bias.as_ptr().add(ch));
+            let mut acc = [b; GROUP];
+            for ky in w.ky.clone() {
+                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
+                let taps = weights.as_ptr().add(ky * w.kernel * c + ch);
+                for kx in 0..w.kernel {
+                    let k = _mm256_loadu_ps(taps.add(kx * c));
+                    let src = row.add(kx * c);
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(src.add(p * step)), k, *a);
+                    }
+                }
+            }
+            for (p, a) in acc.iter().enumerate() {
+                let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
+            }
+        }
+    }
 
     /// # Safety
     /// Needs AVX2 and FMA; the window's taps must lie inside `plane`, and `weights`/`bias` must

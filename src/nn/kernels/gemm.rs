@@ -130,15 +130,14 @@ impl ASource<'_> {
                     let ox = m % geom.out_w;
                     let oy = (m / geom.out_w) % geom.out_h;
                     let b = m / (geom.out_w * geom.out_h);
+                    let tap = k0 / c;
+                    let mut ci = k0 % c;
+                    let (mut ky, mut kx) = (tap / geom.kernel_w, tap % geom.kernel_w);
                     let mut k = k0;
                     while k < k0 + kc {
-                        let tap = k / c;
-                        let ci = k % c;
                         let run = (c - ci).min(k0 + kc - k);
-                        let iy = (oy * geom.stride + tap / geom.kernel_w) as isize
-                            - geom.pad_top as isize;
-                        let ix = (ox * geom.stride + tap % geom.kernel_w) as isize
-                            - geom.pad_left as isize;
+                        let iy = (oy * geom.stride + ky) as isize - geom.pad_top as isize;
+                        let ix = (ox * geom.stride + kx) as isize - geom.pad_left as isize;
                         let inside = (0..geom.height as isize).contains(&iy)
                             && (0..geom.width as isize).contains(&ix);
                         let base = (k - k0) * MR + r;
@@ -155,6 +154,11 @@ impl ASource<'_> {
                             }
                         }
                         k += run;
+                        ci = 0;
+                        kx += 1;
+                        if kx == geom.kernel_w {
+                            (ky, kx) = (ky + 1, 0);
+                        }
                     }
                 }
             }
@@ -174,6 +178,14 @@ thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// An A panel for the micro-kernel: element `(r, k)` at `ptr + r·rs + k·ks`.
+#[derive(Clone, Copy)]
+struct APanel {
+    ptr: *const f32,
+    rs: usize,
+    ks: usize,
+}
+
 /// `out[m, n] = epilogue(Σ_k A[m, k] · B[k, n] + bias[n])` for rows `rows` of A, writing
 /// `out` (row-major, `ldc = B.n()`, the slice starting at row `rows.start`).
 pub(super) fn gemm_rows(
@@ -186,144 +198,138 @@ pub(super) fn gemm_rows(
 ) {
     let (k, n) = (b.k, b.n);
     let n_panels = n.div_ceil(NR);
+    assert!(out.len() >= (rows.end - rows.start) * n);
+    if let Some(res) = epilogue.residual {
+        assert!(res.len() >= rows.end * n);
+    }
     PACK_A.with(|cell| {
         let mut pack = cell.borrow_mut();
         if pack.len() < MC * KC {
             pack.resize(MC * KC, 0.0);
         }
         let mut k0 = 0;
-        while k0 < k.max(1) {
+        while k0 < k {
             let kc = KC.min(k - k0);
-            let first = k0 == 0;
-            let last = k0 + kc >= k;
+            let (first, last) = (k0 == 0, k0 + kc >= k);
             let mut m0 = rows.start;
             while m0 < rows.end {
                 let mc = MC.min(rows.end - m0);
                 let panels_m = mc.div_ceil(MR);
-                for pm in 0..panels_m {
+                // A plain matrix is read in place (full panels); other panels are packed.
+                let mut a_panels = [APanel {
+                    ptr: std::ptr::null(),
+                    rs: 0,
+                    ks: 0,
+                }; MC / MR];
+                for (pm, panel) in a_panels.iter_mut().enumerate().take(panels_m) {
                     let r0 = m0 + pm * MR;
                     let rows_here = MR.min(rows.end - r0);
-                    a.pack_panel(
-                        r0,
-                        rows_here,
-                        k0,
-                        kc,
-                        &mut pack[pm * kc * MR..(pm + 1) * kc * MR],
-                    );
+                    *panel = match a {
+                        ASource::Matrix { data, lda } if rows_here == MR => APanel {
+                            ptr: data[r0 * lda + k0..].as_ptr(),
+                            rs: lda,
+                            ks: 1,
+                        },
+                        _ => {
+                            let dst = &mut pack[pm * kc * MR..(pm + 1) * kc * MR];
+                            a.pack_panel(r0, rows_here, k0, kc, dst);
+                            APanel {
+                                ptr: dst.as_ptr(),
+                                rs: 1,
+                                ks: MR,
+                            }
+                        }
+                    };
                 }
                 for pn in 0..n_panels {
                     let bpanel = &b.panel(pn)[k0 * NR..(k0 + kc) * NR];
                     let cols = NR.min(n - pn * NR);
-                    for pm in 0..panels_m {
+                    for (pm, panel) in a_panels.iter().enumerate().take(panels_m) {
                         let r0 = m0 + pm * MR;
-                        let rows_here = MR.min(rows.end - r0);
-                        let mut tile = [0f32; MR * NR];
-                        micro_kernel(isa, kc, &pack[pm * kc * MR..], bpanel, &mut tile);
-                        let offset = (r0 - rows.start) * n + pn * NR;
-                        let tile_out = Tile {
-                            rows: rows_here,
+                        let tile = Tile {
+                            rows: MR.min(rows.end - r0),
                             cols,
                             ldc: n,
                             first,
                             last,
                             bias: &b.bias[pn * NR..pn * NR + NR],
+                            activation: epilogue.activation,
+                            residual: epilogue.residual.map(|res| &res[r0 * n + pn * NR..]),
                         };
-                        let residual = epilogue
-                            .residual
-                            .map(|res| &res[r0 * n + pn * NR..]);
-                        store_tile(
-                            isa,
-                            &tile,
-                            &tile_out,
-                            epilogue.activation,
-                            residual,
-                            &mut out[offset..],
-                        );
+                        let offset = (r0 - rows.start) * n + pn * NR;
+                        micro_kernel(isa, kc, *panel, bpanel, &tile, &mut out[offset..]);
                     }
                 }
                 m0 += mc;
             }
             k0 += kc;
-            if k == 0 {
-                break;
-            }
         }
     });
 }
 
+/// One output tile and what to do with it.
 struct Tile<'a> {
     rows: usize,
     cols: usize,
     ldc: usize,
+    /// First K block: overwrite instead of accumulating.
     first: bool,
+    /// Last K block: apply bias, activation and residual.
     last: bool,
     bias: &'a [f32],
+    activation: Activation,
+    residual: Option<&'a [f32]>,
 }
 
-fn micro_kernel(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; MR * NR]) {
-    assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+/// Multiplies an A panel (`kc` deep; valid for `tile.rows` rows, readable for `MR`) by a packed
+/// B panel into `out` (row stride `tile.ldc`).
+fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: &[f32], tile: &Tile, out: &mut [f32]) {
+    assert!(b.len() >= kc * NR && tile.bias.len() >= NR);
+    assert!(out.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
+    if let Some(res) = tile.residual {
+        assert!(res.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2Fma` is only constructed after run-time detection of AVX2 and FMA;
-        // the asserts above keep every read inside `a` and `b`.
-        Isa::Avx2Fma => unsafe { x86::micro_kernel(kc, a.as_ptr(), b.as_ptr(), tile) },
-        Isa::Portable => portable_micro_kernel(kc, a, b, tile),
-    }
-}
-
-fn portable_micro_kernel(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; MR * NR]) {
-    let mut acc = [[0f32; NR]; MR];
-    for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
-        for (row, &ai) in acc.iter_mut().zip(av) {
-            for (c, &bj) in row.iter_mut().zip(bv) {
-                *c = ai.mul_add(bj, *c);
+        // A panels point into live slices holding `MR` rows of `kc` values (checked by the
+        // caller's slicing), the asserts above bound every other access.
+        Isa::Avx2Fma => unsafe { x86::micro_kernel(kc, a, b.as_ptr(), tile, out) },
+        Isa::Portable => {
+            let mut acc = [0f32; MR * NR];
+            for kk in 0..kc {
+                let bv = &b[kk * NR..kk * NR + NR];
+                for r in 0..MR {
+                    // SAFETY: as above, the panel holds `MR` rows of `kc` values.
+                    let ar = unsafe { *a.ptr.add(r * a.rs + kk * a.ks) };
+                    for (c, &bj) in acc[r * NR..r * NR + NR].iter_mut().zip(bv) {
+                        *c = ar.mul_add(bj, *c);
+                    }
+                }
             }
+            merge_tile(&acc, tile, out);
         }
     }
-    for (dst, row) in tile.chunks_exact_mut(NR).zip(&acc) {
-        dst.copy_from_slice(row);
-    }
 }
 
-fn store_tile(
-    isa: Isa,
-    tile: &[f32; MR * NR],
-    t: &Tile,
-    activation: Activation,
-    residual: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 was detected (see `micro_kernel`); the function only uses safe indexing.
-        Isa::Avx2Fma => unsafe { x86::store_tile(tile, t, activation, residual, out) },
-        Isa::Portable => store_tile_generic(tile, t, activation, residual, out),
-    }
-}
-
+/// Merges a computed `[MR, NR]` accumulator tile into `out` (the general, partial-tile path).
 #[inline(always)]
-fn store_tile_generic(
-    tile: &[f32; MR * NR],
-    t: &Tile,
-    activation: Activation,
-    residual: Option<&[f32]>,
-    out: &mut [f32],
-) {
+fn merge_tile(acc: &[f32; MR * NR], t: &Tile, out: &mut [f32]) {
     for r in 0..t.rows {
         let dst = &mut out[r * t.ldc..r * t.ldc + t.cols];
-        let src = &tile[r * NR..r * NR + t.cols];
-        if !t.first {
+        let src = &acc[r * NR..r * NR + t.cols];
+        if t.first {
+            dst.copy_from_slice(src);
+        } else {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d += s;
             }
-        } else {
-            dst.copy_from_slice(src);
         }
         if t.last {
             for (d, &bias) in dst.iter_mut().zip(t.bias) {
-                *d = activation.apply(*d + bias);
+                *d = t.activation.apply(*d + bias);
             }
-            if let Some(res) = residual {
+            if let Some(res) = t.residual {
                 for (d, &x) in dst.iter_mut().zip(&res[r * t.ldc..r * t.ldc + t.cols]) {
                     *d += x;
                 }
@@ -336,44 +342,63 @@ fn store_tile_generic(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{store_tile_generic, Activation, Tile, MR, NR};
+    use super::{merge_tile, APanel, Tile, MR, NR};
 
     /// # Safety
-    /// Needs AVX2 and FMA; `a` must hold `kc × MR` and `b` `kc × NR` floats.
+    /// Needs AVX2 and FMA; `a` must address `MR` rows of `kc` values, `b` hold `kc × NR` floats,
+    /// and `out`/`tile.residual` cover the tile (checked by the caller).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn micro_kernel(
         kc: usize,
-        mut a: *const f32,
+        a: APanel,
         mut b: *const f32,
-        tile: &mut [f32; MR * NR],
+        t: &Tile,
+        out: &mut [f32],
     ) {
         let mut c = [[_mm256_setzero_ps(); 2]; MR];
+        let mut ap = a.ptr;
         for _ in 0..kc {
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
             for (r, acc) in c.iter_mut().enumerate() {
-                let ar = _mm256_broadcast_ss(&*a.add(r));
+                let ar = _mm256_broadcast_ss(&*ap.add(r * a.rs));
                 acc[0] = _mm256_fmadd_ps(ar, b0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(ar, b1, acc[1]);
             }
-            a = a.add(MR);
+            ap = ap.add(a.ks);
             b = b.add(NR);
         }
-        for (r, acc) in c.iter().enumerate() {
-            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), acc[0]);
-            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), acc[1]);
+        if t.rows < MR || t.cols < NR {
+            let mut tile = [0f32; MR * NR];
+            for (r, acc) in c.iter().enumerate() {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), acc[0]);
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), acc[1]);
+            }
+            merge_tile(&tile, t, out);
+            return;
         }
-    }
-
-    /// The generic epilogue, compiled with AVX2 so that its loops vectorise.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn store_tile(
-        tile: &[f32; MR * NR],
-        t: &Tile,
-        activation: Activation,
-        residual: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        store_tile_generic(tile, t, activation, residual, out)
+        // A full tile: the whole epilogue in registers.
+        let (lo, hi) = t.activation.bounds();
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let bias = [
+            _mm256_loadu_ps(t.bias.as_ptr()),
+            _mm256_loadu_ps(t.bias.as_ptr().add(8)),
+        ];
+        for (r, acc) in c.iter().enumerate() {
+            let dst = out.as_mut_ptr().add(r * t.ldc);
+            for (h, &v) in acc.iter().enumerate() {
+                let mut v = v;
+                if !t.first {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(dst.add(8 * h)));
+                }
+                if t.last {
+                    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, bias[h]), lo), hi);
+                    if let Some(res) = t.residual {
+                        v = _mm256_add_ps(v, _mm256_loadu_ps(res.as_ptr().add(r * t.ldc + 8 * h)));
+                    }
+                }
+                _mm256_storeu_ps(dst.add(8 * h), v);
+            }
+        }
     }
 }

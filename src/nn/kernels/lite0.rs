@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use super::{
-    nchw_to_nhwc, nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, Activation, ASource,
+    nchw_to_nhwc, nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, ASource, Activation,
     ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
 };
 use crate::error::{Error, Result};
@@ -60,7 +60,8 @@ pub struct FastLite0 {
     stem_grey: PackedB,
     stem_channels: usize,
     blocks: Vec<Block>,
-    workspace: Mutex<Workspace>,
+    /// Buffers of each worker, reused across calls.
+    workspaces: Mutex<Vec<Workspace>>,
 }
 
 /// A feature map `[B, C, H, W]` (channels-first, as candle expects) from [`FastLite0::forward_taps`].
@@ -97,7 +98,7 @@ impl FastLite0 {
             stem_grey: pack_conv_weight(&grey, stem_channels, 1, 3, 3, stem_b),
             stem_channels,
             blocks,
-            workspace: Mutex::new(Workspace::default()),
+            workspaces: Mutex::new(Vec::new()),
         }
     }
 
@@ -124,7 +125,8 @@ impl FastLite0 {
                 ))
             }
         };
-        if batch == 0 || height == 0 || width == 0 || images.len() != dims.iter().product::<usize>() {
+        if batch == 0 || height == 0 || width == 0 || images.len() != dims.iter().product::<usize>()
+        {
             return Err(Error::invalid(
                 "backbone input",
                 format!("{} values for shape {dims:?}", images.len()),
@@ -143,13 +145,116 @@ impl FastLite0 {
                 ),
             ));
         }
+        let mut outputs: Vec<FeatureMap> = self
+            .tap_dims(dims, taps)
+            .into_iter()
+            .map(|dims| FeatureMap {
+                data: vec![0.0; dims.iter().product()],
+                dims,
+            })
+            .collect();
         let mut guard = self
-            .workspace
+            .workspaces
             .lock()
             .map_err(|_| Error::invalid("backbone workspace", "poisoned by a panic"))?;
-        let ws = &mut *guard;
-        let k = self.kernels;
+        let threads = rayon::current_num_threads().max(1);
+        if batch == 1 {
+            // One image: every operation split over the threads.
+            if guard.is_empty() {
+                guard.push(Workspace::default());
+            }
+            let mut views: Vec<&mut [f32]> = outputs.iter_mut().map(|m| &mut m.data[..]).collect();
+            self.run(
+                self.kernels,
+                &mut guard[0],
+                images,
+                dims,
+                stem,
+                taps,
+                &mut views,
+            )?;
+        } else {
+            // Several images: whole images per thread, one at a time, with its own buffers, so
+            // that no operation waits for another thread and each working set stays one image.
+            let workers = threads.min(batch);
+            if guard.len() < workers {
+                guard.resize_with(workers, Workspace::default);
+            }
+            let per = batch.div_ceil(workers);
+            let image_len = images.len() / batch;
+            let map_lens: Vec<usize> = outputs.iter().map(|m| m.data.len() / batch).collect();
+            // Per worker: its images and its part of every output map.
+            let mut parts: Vec<Vec<&mut [f32]>> = (0..workers).map(|_| Vec::new()).collect();
+            for (map, &len) in outputs.iter_mut().zip(&map_lens) {
+                for (part, chunk) in parts.iter_mut().zip(map.data.chunks_mut(per * len)) {
+                    part.push(chunk);
+                }
+            }
+            let kernels = self.kernels.serial();
+            let workspaces: &mut [Workspace] = &mut guard[..];
+            let mut results: Vec<Result<()>> = (0..workers).map(|_| Ok(())).collect();
+            rayon::scope(|s| {
+                for (((worker, ws), part), result) in workspaces
+                    .iter_mut()
+                    .enumerate()
+                    .zip(parts.iter_mut())
+                    .zip(results.iter_mut())
+                {
+                    let map_lens = &map_lens;
+                    s.spawn(move |_| {
+                        let first = worker * per;
+                        let last = (first + per).min(batch);
+                        for image in first..last {
+                            let one = [1, channels, height, width];
+                            let src = &images[image * image_len..(image + 1) * image_len];
+                            let mut views: Vec<&mut [f32]> = part
+                                .iter_mut()
+                                .zip(map_lens)
+                                .map(|(chunk, &len)| {
+                                    &mut chunk[(image - first) * len..(image - first + 1) * len]
+                                })
+                                .collect();
+                            *result = self.run(kernels, ws, src, one, stem, taps, &mut views);
+                            if result.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            results.into_iter().collect::<Result<Vec<()>>>()?;
+        }
+        Ok(outputs)
+    }
 
+    /// Shapes `[B, C, H, W]` of the maps after each block in `taps`.
+    fn tap_dims(&self, [batch, _, height, width]: [usize; 4], taps: &[usize]) -> Vec<[usize; 4]> {
+        taps.iter()
+            .map(|&tap| {
+                let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
+                for block in &self.blocks[..=tap] {
+                    (h, w) = (h.div_ceil(block.stride), w.div_ceil(block.stride));
+                }
+                [batch, self.blocks[tap].out_c, h, w]
+            })
+            .collect()
+    }
+
+    /// Runs `images` through the network up to the deepest tap with `ws`'s buffers, writing the
+    /// taps (channels-first) into `outputs`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        k: Kernels,
+        ws: &mut Workspace,
+        images: &[f32],
+        dims: [usize; 4],
+        stem: &PackedB,
+        taps: &[usize],
+        outputs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let [batch, channels, height, width] = dims;
+        let deepest = taps.iter().copied().max().unwrap_or(0);
         // Stem: (x − 0.5) / 0.5 while converting to channels-last; zero padding after that.
         let input = slot(&mut ws.input, images.len());
         nchw_to_nhwc(images, dims, input, |v| 2.0 * v - 1.0);
@@ -181,14 +286,21 @@ impl FastLite0 {
             slot(&mut ws.current, batch * h * w * c),
         )?;
 
-        let mut outputs: Vec<Option<FeatureMap>> = taps.iter().map(|_| None).collect();
         for (index, block) in self.blocks[..=deepest].iter().enumerate() {
             let pixels = batch * h * w;
             let current = &ws.current[..pixels * c];
             let hidden_in: &[f32] = match &block.expand {
                 Some(expand) => {
                     let out = slot(&mut ws.expanded, pixels * block.hidden);
-                    k.gemm(ASource::Matrix { data: current, lda: c }, expand, relu6, out)?;
+                    k.gemm(
+                        ASource::Matrix {
+                            data: current,
+                            lda: c,
+                        },
+                        expand,
+                        relu6,
+                        out,
+                    )?;
                     out
                 }
                 None => current,
@@ -232,17 +344,11 @@ impl FastLite0 {
             )?;
             std::mem::swap(&mut ws.current, &mut ws.next);
             (h, w, c) = (oh, ow, block.out_c);
-            for (slot_index, _) in taps.iter().enumerate().filter(|(_, &t)| t == index) {
-                let dims = [batch, c, h, w];
-                let mut data = vec![0.0; batch * c * h * w];
-                nhwc_to_nchw(&ws.current[..data.len()], dims, &mut data);
-                outputs[slot_index] = Some(FeatureMap { data, dims });
+            for (out, _) in outputs.iter_mut().zip(taps).filter(|(_, &t)| t == index) {
+                nhwc_to_nchw(&ws.current[..batch * h * w * c], [batch, c, h, w], out);
             }
         }
-        outputs
-            .into_iter()
-            .map(|t| t.ok_or_else(|| Error::invalid("backbone taps", "a tap was not reached")))
-            .collect()
+        Ok(())
     }
 }
 

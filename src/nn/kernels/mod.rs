@@ -60,6 +60,8 @@ const PARALLEL_MACS: usize = 1 << 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels {
     isa: Isa,
+    /// Whether one operation may be split over rayon's threads.
+    parallel: bool,
 }
 
 impl Kernels {
@@ -67,14 +69,29 @@ impl Kernels {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Self { isa: Isa::Avx2Fma };
+            return Self {
+                isa: Isa::Avx2Fma,
+                parallel: true,
+            };
         }
-        Self { isa: Isa::Portable }
+        Self::portable()
     }
 
     /// The portable kernels, whatever the CPU (for tests and comparisons).
     pub fn portable() -> Self {
-        Self { isa: Isa::Portable }
+        Self {
+            isa: Isa::Portable,
+            parallel: true,
+        }
+    }
+
+    /// The same kernels, each operation on the calling thread only (for callers that split the
+    /// work over threads themselves, e.g. one image per thread).
+    pub fn serial(self) -> Self {
+        Self {
+            parallel: false,
+            ..self
+        }
     }
 
     pub fn isa(&self) -> Isa {
@@ -112,7 +129,8 @@ impl Kernels {
             check_len("gemm residual", res.len(), out.len())?;
         }
         let isa = self.isa;
-        par_rows(m, b.n(), gemm::MR, m * b.n() * b.k(), out, |rows, chunk| {
+        let macs = if self.parallel { m * b.n() * b.k() } else { 0 };
+        par_rows(m, b.n(), gemm::MR, macs, out, |rows, chunk| {
             gemm::gemm_rows(isa, a, b, rows, epilogue, chunk)
         });
         Ok(())
@@ -148,15 +166,26 @@ impl Kernels {
             input.len(),
             geom.batch * geom.height * geom.width * c,
         )?;
-        check_len("depthwise weights", weights.len(), geom.kernel * geom.kernel * c)?;
+        check_len(
+            "depthwise weights",
+            weights.len(),
+            geom.kernel * geom.kernel * c,
+        )?;
         check_len("depthwise bias", bias.len(), c)?;
         let rows = geom.batch * geom.out_h;
         check_len("depthwise output", out.len(), rows * geom.out_w * c)?;
         if geom.stride == 0 || geom.kernel == 0 {
-            return Err(Error::invalid("depthwise geometry", "kernel and stride must be >= 1"));
+            return Err(Error::invalid(
+                "depthwise geometry",
+                "kernel and stride must be >= 1",
+            ));
         }
         let isa = self.isa;
-        let macs = rows * geom.out_w * c * geom.kernel * geom.kernel;
+        let macs = if self.parallel {
+            rows * geom.out_w * c * geom.kernel * geom.kernel
+        } else {
+            0
+        };
         par_rows(rows, geom.out_w * c, 1, macs, out, |range, chunk| {
             depthwise::depthwise_rows(isa, geom, input, weights, bias, activation, range, chunk)
         });
