@@ -13,11 +13,13 @@
 //! evenly across channels. They are stored as `norm.mean` / `norm.std`.
 pub mod anomaly_map;
 pub mod config;
+mod fast;
 pub mod init;
 pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -26,12 +28,14 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 pub use config::{Mapping, NfBmrConfig};
 
 use self::anomaly_map::MapResizer;
+use self::fast::FastHead;
 use self::init::seeded_var_builder;
 use self::model::MappingNets;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::flow::{nll_loss, nll_per_position, FlowSpec, RealNvp};
+use crate::nn::kernels::Kernels;
 use crate::nn::FeatureExtractor;
 
 const FLOW_PHASE: usize = 0;
@@ -163,6 +167,9 @@ pub struct NfBmr {
     map_opt: AdamW,
     stats: FeatureStats,
     resizer: MapResizer,
+    /// The inference head on the fast CPU kernels, built on first use from the current weights
+    /// and dropped by every training step (CPU only).
+    fast: Mutex<Option<Arc<FastHead>>>,
 }
 
 fn detached(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
@@ -300,6 +307,7 @@ impl NfBmr {
                 cfg.smoothing_sigma,
                 device,
             )?,
+            fast: Mutex::new(None),
             cfg,
             input,
             extractor,
@@ -378,7 +386,28 @@ impl NfBmr {
         let features = self.extractor.extract(images)?;
         lap("backbone")?;
         self.check_features(&features)?;
-        let source = self.standardize(&features)?;
+        let per_position = match self.fast_head(&features)? {
+            Some(head) => {
+                let per_position = head.per_position(&features)?;
+                lap("flow and mapping")?;
+                per_position
+            }
+            None => self.per_position_candle(&features, &mut lap)?,
+        };
+        let maps = self.resizer.resize(&per_position)?;
+        let scores = self.score_region(&maps)?.flatten_from(1)?.max(1)?;
+        lap("anomaly map")?;
+        Ok(Inference { maps, scores })
+    }
+
+    /// The per-position scores `[B, h, w]` of standardised features on candle's ops (the reference
+    /// of the fast head, and the path on CUDA).
+    fn per_position_candle(
+        &self,
+        features: &Tensor,
+        mut lap: impl FnMut(&'static str) -> Result<()>,
+    ) -> Result<Tensor> {
+        let source = self.standardize(features)?;
         let (target, log_det) = self.eval.flow.forward(&source)?;
         lap("flow")?;
         let per_position = match &self.eval.mapping {
@@ -386,10 +415,51 @@ impl NfBmr {
             Some(mapping) => loss::mapping_score(mapping, &source, &target)?,
         };
         lap("mapping")?;
-        let maps = self.resizer.resize(&per_position)?;
-        let scores = self.score_region(&maps)?.flatten_from(1)?.max(1)?;
-        lap("anomaly map")?;
-        Ok(Inference { maps, scores })
+        Ok(per_position)
+    }
+
+    /// The fast CPU head for these features, built from the current weights when missing; `None`
+    /// off the CPU.
+    fn fast_head(&self, features: &Tensor) -> Result<Option<Arc<FastHead>>> {
+        if !features.device().is_cpu() {
+            return Ok(None);
+        }
+        let mut cached = self
+            .fast
+            .lock()
+            .map_err(|_| Error::invalid("NF-BMR fast head", "lock poisoned"))?;
+        if cached.is_none() {
+            let head = FastHead::new(
+                Kernels::detect(),
+                &self.stats.mean,
+                &self.stats.std,
+                self.eval.flow.fast()?,
+                self.eval.mapping.as_ref().map(|m| m.fast()).transpose()?,
+            )?;
+            *cached = Some(Arc::new(head));
+        }
+        Ok(cached.clone())
+    }
+
+    /// Per-position anomaly scores `[B, h, w]` of backbone features on candle's ops, bypassing the
+    /// fast CPU head (for comparisons with it).
+    pub fn per_position_reference(&self, features: &Tensor) -> Result<Tensor> {
+        self.check_features(features)?;
+        self.per_position_candle(features, |_| Ok(()))
+    }
+
+    /// The same on the fast CPU head (features on the CPU).
+    pub fn per_position_fast(&self, features: &Tensor) -> Result<Tensor> {
+        self.check_features(features)?;
+        let head = self
+            .fast_head(features)?
+            .ok_or_else(|| Error::invalid("features", "the fast head runs on the CPU only"))?;
+        head.per_position(features)
+    }
+
+    /// Multiply-adds per feature position of the flow and the mapping nets (CPU).
+    pub fn head_macs_per_position(&self, features: &Tensor) -> Result<Option<usize>> {
+        Ok(self.fast_head(features)?.map(|h| h.macs_per_position()))
     }
 
     fn bad_phase(&self, phase: usize) -> Error {
@@ -470,6 +540,11 @@ impl Method for NfBmr {
     }
 
     fn train_step(&mut self, phase: usize, encoded: &Tensor) -> Result<StepLosses> {
+        // The fast head is a snapshot of weights and statistics this step changes.
+        *self
+            .fast
+            .get_mut()
+            .map_err(|_| Error::invalid("NF-BMR fast head", "lock poisoned"))? = None;
         if phase == FLOW_PHASE {
             self.check_features(encoded)?;
             self.stats.accumulate(encoded)?;

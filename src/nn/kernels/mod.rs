@@ -8,6 +8,7 @@
 //! candle's differentiable ops, and on CUDA candle's ops stay in use.
 pub mod depthwise;
 pub mod gemm;
+pub mod heads;
 pub mod lite0;
 
 use std::ops::Range;
