@@ -423,6 +423,23 @@ impl EfficientNetLite0 {
         Ok(block_spec(block)?.net_stride)
     }
 
+    /// Multiply-accumulates of the features up to `last_block` for one `height`×`width` image
+    /// (every convolution; BN is folded, activations are free).
+    pub fn macs(height: usize, width: usize, last_block: usize) -> Result<usize> {
+        block_spec(last_block)?;
+        let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
+        let mut macs = h * w * STEM_CHANNELS * 3 * 9;
+        for spec in &BLOCKS[..=last_block] {
+            let hidden = spec.in_channels * spec.expansion;
+            if spec.expansion != 1 {
+                macs += h * w * spec.in_channels * hidden;
+            }
+            (h, w) = (h.div_ceil(spec.stride), w.div_ceil(spec.stride));
+            macs += h * w * hidden * (spec.kernel * spec.kernel + spec.out_channels);
+        }
+        Ok(macs)
+    }
+
     /// The last block this instance has.
     pub fn last_block(&self) -> usize {
         self.blocks.len() - 1

@@ -46,7 +46,8 @@ pub(super) struct FastHead {
     std: Vec<f32>,
     flow: FastFlow,
     mapping: Option<FastMapping>,
-    workspace: Mutex<Workspace>,
+    /// Buffers of each worker, reused across calls.
+    workspaces: Mutex<Vec<Workspace>>,
 }
 
 impl FastMapping {
@@ -137,7 +138,7 @@ impl FastHead {
             std: values(std)?,
             flow,
             mapping,
-            workspace: Mutex::new(Workspace::default()),
+            workspaces: Mutex::new(Vec::new()),
         })
     }
 
@@ -155,21 +156,81 @@ impl FastHead {
                 format!("{c} channels, the model has {}", self.mean.len()),
             ));
         }
-        let grid = Grid {
-            batch,
+        let values: Vec<f32> = features.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut scores = vec![0f32; batch * height * width];
+        let mut guard = self
+            .workspaces
+            .lock()
+            .map_err(|_| Error::invalid("NF-BMR workspace", "poisoned by a panic"))?;
+        let threads = rayon::current_num_threads().max(1);
+        let one = |b: usize| Grid {
+            batch: b,
             height,
             width,
         };
-        let n = grid.positions();
-        let values: Vec<f32> = features.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut guard = self
-            .workspace
-            .lock()
-            .map_err(|_| Error::invalid("NF-BMR workspace", "poisoned by a panic"))?;
-        let ws = &mut *guard;
-        let k = self.kernels;
+        if batch == 1 {
+            // One image: every operation split over the threads.
+            if guard.is_empty() {
+                guard.push(Workspace::default());
+            }
+            self.run(self.kernels, &mut guard[0], &values, one(1), &mut scores)?;
+        } else {
+            // Several images: whole images per thread, one at a time, so that each thread's
+            // working set stays one image (a batch of flow activations outgrows the caches).
+            let workers = threads.min(batch);
+            if guard.len() < workers {
+                guard.resize_with(workers, Workspace::default);
+            }
+            let per = batch.div_ceil(workers);
+            let (image_len, map_len) = (c * height * width, height * width);
+            let kernels = self.kernels.serial();
+            let workspaces: &mut [Workspace] = &mut guard[..];
+            let mut results: Vec<Result<()>> = (0..workers).map(|_| Ok(())).collect();
+            let values = &values;
+            rayon::scope(|s| {
+                for (((ws, scores), result), inputs) in workspaces
+                    .iter_mut()
+                    .zip(scores.chunks_mut(per * map_len))
+                    .zip(results.iter_mut())
+                    .zip(values.chunks(per * image_len))
+                {
+                    s.spawn(move |_| {
+                        for (input, out) in inputs.chunks(image_len).zip(scores.chunks_mut(map_len))
+                        {
+                            *result = self.run(kernels, ws, input, one(1), out);
+                            if result.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            results.into_iter().collect::<Result<Vec<()>>>()?;
+        }
+        Ok(Tensor::from_vec(
+            scores,
+            (batch, height, width),
+            features.device(),
+        )?)
+    }
+
+    /// Scores `out` (`[B, h, w]`) of the channels-first features `values` with `ws`'s buffers.
+    fn run(
+        &self,
+        k: Kernels,
+        ws: &mut Workspace,
+        values: &[f32],
+        grid: Grid,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (n, c) = (grid.positions(), self.mean.len());
         let source = slot(&mut ws.source, n * c);
-        nchw_to_nhwc(&values, [batch, c, height, width], source, |v| v);
+        nchw_to_nhwc(
+            values,
+            [grid.batch, c, grid.height, grid.width],
+            source,
+            |v| v,
+        );
         for pixel in source.chunks_exact_mut(c) {
             for ((v, m), s) in pixel.iter_mut().zip(&self.mean).zip(&self.std) {
                 *v = (*v - m) / s;
@@ -180,47 +241,33 @@ impl FastHead {
         let log_det = slot(&mut ws.log_det, n);
         self.flow
             .forward(k, target, grid, log_det, &mut ws.scratch)?;
-        let mut scores = vec![0f32; n];
-        match &self.mapping {
-            None => {
-                for ((score, z), ld) in scores.iter_mut().zip(target.chunks_exact(c)).zip(&*log_det)
-                {
-                    *score = 0.5 * z.iter().map(|v| v * v).sum::<f32>() - ld;
-                }
+        let Some(mapping) = &self.mapping else {
+            for ((score, z), ld) in out.iter_mut().zip(target.chunks_exact(c)).zip(&*log_det) {
+                *score = 0.5 * z.iter().map(|v| v * v).sum::<f32>() - ld;
             }
-            Some(mapping) => {
-                let (source, target) = (&ws.source[..n * c], &ws.target[..n * c]);
-                let mut to_target = vec![0f32; n];
-                for (from, to, errors) in
-                    [(true, target, &mut to_target), (false, source, &mut scores)]
-                {
-                    let input = if from { source } else { target };
-                    mapping.predict(
-                        k,
-                        from,
-                        input,
-                        grid,
-                        &mut ws.ping,
-                        &mut ws.pong,
-                        &mut ws.scratch,
-                    )?;
-                    for ((e, p), t) in errors
-                        .iter_mut()
-                        .zip(ws.ping[..n * c].chunks_exact(c))
-                        .zip(to.chunks_exact(c))
-                    {
-                        *e = p.iter().zip(t).map(|(p, t)| (p - t) * (p - t)).sum();
-                    }
-                }
-                for (s, t) in scores.iter_mut().zip(&to_target) {
-                    *s += t;
-                }
+            return Ok(());
+        };
+        let (source, target) = (&ws.source[..n * c], &ws.target[..n * c]);
+        // TMNN's error first, then SMNN's added (the candle path's order of summation).
+        for (to_target, input, expected) in [(true, source, target), (false, target, source)] {
+            mapping.predict(
+                k,
+                to_target,
+                input,
+                grid,
+                &mut ws.ping,
+                &mut ws.pong,
+                &mut ws.scratch,
+            )?;
+            for ((e, p), t) in out
+                .iter_mut()
+                .zip(ws.ping[..n * c].chunks_exact(c))
+                .zip(expected.chunks_exact(c))
+            {
+                let error: f32 = p.iter().zip(t).map(|(p, t)| (p - t) * (p - t)).sum();
+                *e = if to_target { error } else { *e + error };
             }
         }
-        Ok(Tensor::from_vec(
-            scores,
-            (batch, height, width),
-            features.device(),
-        )?)
+        Ok(())
     }
 }

@@ -207,14 +207,16 @@ pub(super) fn gemm_rows(
         if pack.len() < MC * KC {
             pack.resize(MC * KC, 0.0);
         }
-        let mut k0 = 0;
-        while k0 < k {
-            let kc = KC.min(k - k0);
-            let (first, last) = (k0 == 0, k0 + kc >= k);
-            let mut m0 = rows.start;
-            while m0 < rows.end {
-                let mc = MC.min(rows.end - m0);
-                let panels_m = mc.div_ceil(MR);
+        // Rows outermost: an `MC × N` block of the output stays in cache over all K blocks
+        // (the weights, read once per row block, are the smaller stream for these shapes).
+        let mut m0 = rows.start;
+        while m0 < rows.end {
+            let mc = MC.min(rows.end - m0);
+            let panels_m = mc.div_ceil(MR);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let (first, last) = (k0 == 0, k0 + kc >= k);
                 // A plain matrix is read in place (full panels); other panels are packed.
                 let mut a_panels = [APanel {
                     ptr: std::ptr::null(),
@@ -260,9 +262,9 @@ pub(super) fn gemm_rows(
                         micro_kernel(isa, kc, *panel, bpanel, &tile, &mut out[offset..]);
                     }
                 }
-                m0 += mc;
+                k0 += kc;
             }
-            k0 += kc;
+            m0 += mc;
         }
     });
 }
