@@ -88,7 +88,10 @@ fn fast_head_equals_the_candle_path() {
                 let single = features.narrow(0, 1, 1).unwrap();
                 let fast_one = model.per_position_fast(&single).unwrap();
                 let d = max_relative_diff(&fast_one, &reference.narrow(0, 1, 1).unwrap());
-                assert!(d < 1e-4, "{mapping:?} k{flow_kernel} step {step}, batch 1: {d}");
+                assert!(
+                    d < 1e-4,
+                    "{mapping:?} k{flow_kernel} step {step}, batch 1: {d}"
+                );
                 // Training changes the weights and statistics: the fast head must follow.
                 for phase in 0..model.phases().len() {
                     model.train_step(phase, &features).unwrap();

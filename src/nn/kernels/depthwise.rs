@@ -6,6 +6,7 @@
 use super::{Activation, Isa};
 
 /// Output pixels the vector kernel computes together.
+#[cfg(target_arch = "x86_64")]
 const GROUP: usize = 4;
 
 /// Geometry of a depthwise convolution; padding before each axis (TF "same" puts the odd pixel
@@ -49,17 +50,21 @@ pub(super) fn depthwise_rows(
         let plane = &input[b * g.height * g.width * c..(b + 1) * g.height * g.width * c];
         // Pixels whose every horizontal tap is inside the image, taken GROUP at a time by the
         // vector kernel (the weights of a tap are loaded once for the group).
+        #[cfg(target_arch = "x86_64")]
         let interior_lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
+        #[cfg(target_arch = "x86_64")]
         let interior_hi = if g.width + g.pad_left >= g.kernel {
             ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
         } else {
             0
         };
+        #[cfg(target_arch = "x86_64")]
         let grouped = isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo;
         let mut ox = 0;
         while ox < g.out_w {
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
             let at = ((row - rows.start) * g.out_w + ox) * c;
+            #[cfg(target_arch = "x86_64")]
             if grouped && ox >= interior_lo && ox + GROUP <= interior_hi {
                 let window = Window {
                     kernel: g.kernel,
@@ -70,12 +75,9 @@ pub(super) fn depthwise_rows(
                     kx: 0..g.kernel,
                 };
                 let dst = &mut out[at..at + GROUP * c];
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: `grouped` implies AVX2 was detected; all GROUP pixels are interior, so
                 // every tap lies inside `plane`, and `dst` holds GROUP pixels.
-                unsafe {
-                    x86::group(plane, weights, bias, &window, g.stride, activation, dst)
-                };
+                unsafe { x86::group(plane, weights, bias, &window, g.stride, activation, dst) };
                 ox += GROUP;
                 continue;
             }

@@ -125,40 +125,49 @@ impl ASource<'_> {
             }
             ASource::Im2col { image, geom } => {
                 let c = geom.in_c;
-                for r in 0..rows {
+                // Output pixel of each panel row.
+                let mut pixels = [(0usize, 0usize, 0usize); MR];
+                for (r, p) in pixels.iter_mut().enumerate().take(rows) {
                     let m = row0 + r;
-                    let ox = m % geom.out_w;
-                    let oy = (m / geom.out_w) % geom.out_h;
-                    let b = m / (geom.out_w * geom.out_h);
-                    let tap = k0 / c;
-                    let mut ci = k0 % c;
-                    let (mut ky, mut kx) = (tap / geom.kernel_w, tap % geom.kernel_w);
-                    let mut k = k0;
-                    while k < k0 + kc {
-                        let run = (c - ci).min(k0 + kc - k);
+                    *p = (
+                        m / (geom.out_w * geom.out_h),
+                        (m / geom.out_w) % geom.out_h,
+                        m % geom.out_w,
+                    );
+                }
+                let zeros = [0f32; KC];
+                let tap = k0 / c;
+                let mut ci = k0 % c;
+                let (mut ky, mut kx) = (tap / geom.kernel_w, tap % geom.kernel_w);
+                let mut k = k0;
+                // One tap at a time: each row reads a contiguous run of channels (or zeros
+                // outside the image), and the panel is written `MR` values per depth.
+                while k < k0 + kc {
+                    let run = (c - ci).min(k0 + kc - k);
+                    let mut sources: [&[f32]; MR] = [&zeros[..run]; MR];
+                    for (source, &(b, oy, ox)) in sources.iter_mut().zip(&pixels).take(rows) {
                         let iy = (oy * geom.stride + ky) as isize - geom.pad_top as isize;
                         let ix = (ox * geom.stride + kx) as isize - geom.pad_left as isize;
-                        let inside = (0..geom.height as isize).contains(&iy)
-                            && (0..geom.width as isize).contains(&ix);
-                        let base = (k - k0) * MR + r;
-                        if inside {
+                        if (0..geom.height as isize).contains(&iy)
+                            && (0..geom.width as isize).contains(&ix)
+                        {
                             let at = ((b * geom.height + iy as usize) * geom.width + ix as usize)
                                 * c
                                 + ci;
-                            for (j, &v) in image[at..at + run].iter().enumerate() {
-                                dst[base + j * MR] = v;
-                            }
-                        } else {
-                            for j in 0..run {
-                                dst[base + j * MR] = 0.0;
-                            }
+                            *source = &image[at..at + run];
                         }
-                        k += run;
-                        ci = 0;
-                        kx += 1;
-                        if kx == geom.kernel_w {
-                            (ky, kx) = (ky + 1, 0);
+                    }
+                    let panel = &mut dst[(k - k0) * MR..(k - k0 + run) * MR];
+                    for (j, column) in panel.chunks_exact_mut(MR).enumerate() {
+                        for (value, source) in column.iter_mut().zip(&sources) {
+                            *value = source[j];
                         }
+                    }
+                    k += run;
+                    ci = 0;
+                    kx += 1;
+                    if kx == geom.kernel_w {
+                        (ky, kx) = (ky + 1, 0);
                     }
                 }
             }
