@@ -139,3 +139,80 @@ impl fmt::Display for BenchReport {
         Ok(())
     }
 }
+
+/// Measured fp32 peak of this CPU in GFLOP/s on `threads` threads: independent FMA chains
+/// (enough to cover the FMA latency), 8-wide with AVX2+FMA where the CPU has it, for about
+/// `seconds`.
+pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
+    let threads = threads.max(1);
+    // Calibrate the iteration count on one thread, then run all threads at once.
+    let mut iterations = 1 << 20;
+    loop {
+        let start = std::time::Instant::now();
+        std::hint::black_box(fma_loop(iterations));
+        let elapsed = start.elapsed().as_secs_f64();
+        if elapsed > seconds / 4.0 {
+            iterations = (iterations as f64 * seconds / elapsed) as u64;
+            break;
+        }
+        iterations *= 2;
+    }
+    let start = std::time::Instant::now();
+    let flops: f64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| fma_loop(iterations)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map(|(_, f)| f).unwrap_or(0.0))
+            .sum()
+    });
+    flops / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// `iterations` rounds of 10 independent FMA chains; returns a checksum and the FLOPs done.
+fn fma_loop(iterations: u64) -> (f32, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were just detected.
+        let sum = unsafe { fma_loop_avx2(iterations) };
+        return (sum, iterations as f64 * 10.0 * 8.0 * 2.0);
+    }
+    let mut acc = [1f32; 10];
+    for _ in 0..iterations {
+        for a in &mut acc {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    (acc.iter().sum(), iterations as f64 * 10.0 * 2.0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2(iterations: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mul = _mm256_set1_ps(0.999_999);
+    let add = _mm256_set1_ps(1e-7);
+    let mut acc = [_mm256_set1_ps(1.0); 10];
+    for _ in 0..iterations {
+        for a in &mut acc {
+            *a = _mm256_fmadd_ps(*a, mul, add);
+        }
+    }
+    let mut out = [0f32; 8];
+    let mut total = _mm256_setzero_ps();
+    for a in acc {
+        total = _mm256_add_ps(total, a);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), total);
+    out.iter().sum()
+}
+
+/// Resident set size of this process in bytes (Linux; `None` elsewhere).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
+}

@@ -3,14 +3,21 @@
 //! Inference only: BatchNorm (eval mode, eps 1e-3) is folded into the preceding convolution's
 //! weights and a bias at load time, 1×1 convolutions run as matrix products on `[B, C, H·W]`
 //! views, and depthwise convolutions use [`depthwise_conv2d`]. Padding is TensorFlow "same".
+//!
+//! On CPU the feature path runs on the fast kernels instead ([`FastLite0`], channels-last, no
+//! autograd graph, reused buffers); the candle ops stay the reference
+//! ([`EfficientNetLite0::forward_taps_candle`]) and the path on CUDA.
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::nn::depthwise::{depthwise_conv2d, SamePad};
+use crate::nn::kernels::lite0::{BlockWeights, FastLite0};
+use crate::nn::kernels::Kernels;
 use crate::nn::FeatureExtractor;
 
 const BN_EPS: f64 = 1e-3;
@@ -331,6 +338,8 @@ pub struct EfficientNetLite0 {
     stem_bias: Tensor,
     blocks: Vec<Block>,
     head: Option<Head>,
+    /// The same network on the fast CPU kernels (CPU only).
+    fast: Option<Arc<FastLite0>>,
 }
 
 impl EfficientNetLite0 {
@@ -357,13 +366,51 @@ impl EfficientNetLite0 {
         } else {
             None
         };
-        Ok(Self {
+        let mut net = Self {
             stem_rgb,
             stem_grey,
             stem_bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
             blocks,
             head,
-        })
+            fast: None,
+        };
+        if vb.device().is_cpu() {
+            net.fast = Some(Arc::new(net.fast_engine(Kernels::detect())?));
+        }
+        Ok(net)
+    }
+
+    /// This network's folded weights on the fast CPU kernels of instruction set `kernels`.
+    pub fn fast_engine(&self, kernels: Kernels) -> Result<FastLite0> {
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let pair = |p: &Pointwise| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((values(&p.weight)?, values(&p.bias)?))
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .zip(BLOCKS)
+            .map(|(block, spec)| {
+                Ok(BlockWeights {
+                    kernel: spec.kernel,
+                    stride: spec.stride,
+                    in_c: spec.in_channels,
+                    hidden: spec.in_channels * spec.expansion,
+                    out_c: spec.out_channels,
+                    expand: block.expand.as_ref().map(pair).transpose()?,
+                    depthwise: (
+                        values(&block.depthwise.weight)?,
+                        values(&block.depthwise.bias)?,
+                    ),
+                    project: pair(&block.project)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FastLite0::new(
+            kernels,
+            (&values(&self.stem_rgb)?, &values(&self.stem_bias)?),
+            blocks,
+        ))
     }
 
     /// Channels of the feature map after `block`.
@@ -376,14 +423,57 @@ impl EfficientNetLite0 {
         Ok(block_spec(block)?.net_stride)
     }
 
+    /// Multiply-accumulates of the features up to `last_block` for one `height`×`width` image
+    /// (every convolution; BN is folded, activations are free).
+    pub fn macs(height: usize, width: usize, last_block: usize) -> Result<usize> {
+        block_spec(last_block)?;
+        let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
+        let mut macs = h * w * STEM_CHANNELS * 3 * 9;
+        for spec in &BLOCKS[..=last_block] {
+            let hidden = spec.in_channels * spec.expansion;
+            if spec.expansion != 1 {
+                macs += h * w * spec.in_channels * hidden;
+            }
+            (h, w) = (h.div_ceil(spec.stride), w.div_ceil(spec.stride));
+            macs += h * w * hidden * (spec.kernel * spec.kernel + spec.out_channels);
+        }
+        Ok(macs)
+    }
+
     /// The last block this instance has.
     pub fn last_block(&self) -> usize {
         self.blocks.len() - 1
     }
 
     /// Runs `x` (`[B, 1 | 3, H, W]`, values in 0..=1) and returns the feature maps after each
-    /// block in `taps`, in the order given.
+    /// block in `taps`, in the order given: on the fast kernels when `x` is on the CPU.
     pub fn forward_taps(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
+        match &self.fast {
+            Some(fast) if x.device().is_cpu() => {
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let dims: [usize; 4] = x.dims().try_into().map_err(|_| {
+                    Error::invalid(
+                        "backbone input",
+                        format!("shape {:?} is not [B, 1 or 3, H, W]", x.dims()),
+                    )
+                })?;
+                let (storage, layout) = x.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    return self.forward_taps_candle(&x, taps);
+                };
+                let start = layout.start_offset();
+                let values = &cpu.as_slice::<f32>()?[start..start + x.elem_count()];
+                fast.forward_taps(values, dims, taps)?
+                    .into_iter()
+                    .map(|map| Ok(Tensor::from_vec(map.data, map.dims.to_vec(), x.device())?))
+                    .collect()
+            }
+            _ => self.forward_taps_candle(x, taps),
+        }
+    }
+
+    /// [`EfficientNetLite0::forward_taps`] on candle's ops (the reference, and the CUDA path).
+    pub fn forward_taps_candle(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         let deepest = *taps
             .iter()
             .max()

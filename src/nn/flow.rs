@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 use super::residual::MatmulConv;
 
 use crate::error::{Error, Result};
+use crate::nn::kernels::heads::{FastCoupling, FastFlow};
 
 /// Shape of a [`RealNvp`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -165,6 +166,27 @@ impl RealNvp {
             log_det = log_det.add(&block_log_det)?;
         }
         Ok((z, log_det))
+    }
+
+    /// A snapshot of the current weights for the fast CPU kernels (inference only).
+    pub fn fast(&self) -> Result<FastFlow> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(FastCoupling {
+                    conditioner: b.conditioner.clone(),
+                    transformed: b.transformed.clone(),
+                    hidden: b.hidden.fast()?,
+                    out: b.out.fast()?,
+                    clamp: b.clamp as f32,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FastFlow {
+            blocks,
+            channels: self.channels,
+        })
     }
 
     /// The exact inverse of [`RealNvp::forward`]'s `z`.

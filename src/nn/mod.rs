@@ -9,6 +9,7 @@ pub mod depthwise;
 pub mod flow;
 pub mod im2col;
 pub mod init;
+pub mod kernels;
 pub mod norm;
 pub mod residual;
 

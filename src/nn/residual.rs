@@ -10,6 +10,8 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::{Error, Result};
+use crate::nn::kernels::heads::{FastConv, FastResidual};
+use crate::nn::kernels::PackedB;
 
 /// A same-padded, stride-1 convolution written as a gather and a matrix product, because candle's
 /// CPU conv2d backward goes through a naive `conv_transpose2d`, and shifted slices (`narrow`) have
@@ -114,6 +116,33 @@ impl MatmulConv {
     }
 }
 
+impl MatmulConv {
+    /// A snapshot of the current weights for the fast CPU kernels (inference only).
+    pub fn fast(&self) -> Result<FastConv> {
+        let weight: Vec<f32> = self.weight.flatten_all()?.to_vec1()?;
+        let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        let taps = self.kernel * self.kernel;
+        let in_c = weight.len() / (self.out_c * taps);
+        // Depth `(tap, in)` as the implicit im2col reads it; tap `t = ky·k + kx`.
+        let packed = if self.taps_on_output {
+            PackedB::new(
+                taps * in_c,
+                self.out_c,
+                |k, o| weight[(o * taps + k / in_c) * in_c + k % in_c],
+                &bias,
+            )
+        } else {
+            PackedB::new(
+                taps * in_c,
+                self.out_c,
+                |k, o| weight[o * in_c * taps + (k % in_c) * taps + k / in_c],
+                &bias,
+            )
+        };
+        Ok(FastConv::new(packed, self.kernel, in_c))
+    }
+}
+
 /// `[B, C, N]` → `[B, C, N + 1]` with a zero last element, the target of out-of-image taps.
 fn append_zero(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, _) = x.dims3()?;
@@ -160,6 +189,17 @@ impl ResidualBlock {
             reduce: MatmulConv::new(vb.pp("reduce"), channels, inner, 1, 1.0)?,
             spatial: MatmulConv::new(vb.pp("spatial"), inner, inner, 3, 1.0)?,
             expand: MatmulConv::new(vb.pp("expand"), inner, channels, 1, 1.0)?,
+        })
+    }
+}
+
+impl ResidualBlock {
+    /// A snapshot of the current weights for the fast CPU kernels (inference only).
+    pub fn fast(&self) -> Result<FastResidual> {
+        Ok(FastResidual {
+            reduce: self.reduce.fast()?,
+            spatial: self.spatial.fast()?,
+            expand: self.expand.fast()?,
         })
     }
 }

@@ -12,10 +12,12 @@
 //! fixed). This puts every channel on the flow's N(0, 1) scale and weighs the source-domain MSE
 //! evenly across channels. They are stored as `norm.mean` / `norm.std`.
 pub mod config;
+mod fast;
 pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -23,6 +25,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 pub use config::{Mapping, NfBmrConfig};
 
+use self::fast::FastHead;
 use self::model::MappingNets;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
@@ -30,6 +33,7 @@ use crate::methods::anomaly_map::MapResizer;
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::flow::{nll_loss, nll_per_position, FlowSpec, RealNvp};
 use crate::nn::init::{detached, load_vars, seeded_var_builder};
+use crate::nn::kernels::Kernels;
 use crate::nn::FeatureExtractor;
 use crate::rng::Rng;
 use crate::train::optim::{sorted_vars, Adam, AdamParams};
@@ -204,6 +208,9 @@ pub struct NfBmr {
     map_opt: Adam,
     stats: FeatureStats,
     resizer: MapResizer,
+    /// The inference head on the fast CPU kernels, built on first use from the current weights
+    /// and dropped by every training step (CPU only).
+    fast: Mutex<Option<Arc<FastHead>>>,
 }
 
 fn adam(vars: &VarMap, lr: f64) -> Result<Adam> {
@@ -314,6 +321,7 @@ impl NfBmr {
                 cfg.smoothing_sigma,
                 device,
             )?,
+            fast: Mutex::new(None),
             cfg,
             input,
             extractor,
@@ -392,7 +400,28 @@ impl NfBmr {
         let features = self.extractor.extract(images)?;
         lap("backbone")?;
         self.check_features(&features)?;
-        let source = self.standardize(&features)?;
+        let per_position = match self.fast_head(&features)? {
+            Some(head) => {
+                let per_position = head.per_position(&features)?;
+                lap("flow and mapping")?;
+                per_position
+            }
+            None => self.per_position_candle(&features, &mut lap)?,
+        };
+        let maps = self.resizer.resize(&per_position)?;
+        let scores = self.score_region(&maps)?.flatten_from(1)?.max(1)?;
+        lap("anomaly map")?;
+        Ok(Inference { maps, scores })
+    }
+
+    /// The per-position scores `[B, h, w]` of standardised features on candle's ops (the reference
+    /// of the fast head, and the path on CUDA).
+    fn per_position_candle(
+        &self,
+        features: &Tensor,
+        mut lap: impl FnMut(&'static str) -> Result<()>,
+    ) -> Result<Tensor> {
+        let source = self.standardize(features)?;
         let (target, log_det) = self.eval.flow.forward(&source)?;
         lap("flow")?;
         let per_position = match &self.eval.mapping {
@@ -400,10 +429,51 @@ impl NfBmr {
             Some(mapping) => loss::mapping_score(mapping, &source, &target)?,
         };
         lap("mapping")?;
-        let maps = self.resizer.resize(&per_position)?;
-        let scores = self.score_region(&maps)?.flatten_from(1)?.max(1)?;
-        lap("anomaly map")?;
-        Ok(Inference { maps, scores })
+        Ok(per_position)
+    }
+
+    /// The fast CPU head for these features, built from the current weights when missing; `None`
+    /// off the CPU.
+    fn fast_head(&self, features: &Tensor) -> Result<Option<Arc<FastHead>>> {
+        if !features.device().is_cpu() {
+            return Ok(None);
+        }
+        let mut cached = self
+            .fast
+            .lock()
+            .map_err(|_| Error::invalid("NF-BMR fast head", "lock poisoned"))?;
+        if cached.is_none() {
+            let head = FastHead::new(
+                Kernels::detect(),
+                &self.stats.mean,
+                &self.stats.std,
+                self.eval.flow.fast()?,
+                self.eval.mapping.as_ref().map(|m| m.fast()).transpose()?,
+            )?;
+            *cached = Some(Arc::new(head));
+        }
+        Ok(cached.clone())
+    }
+
+    /// Per-position anomaly scores `[B, h, w]` of backbone features on candle's ops, bypassing the
+    /// fast CPU head (for comparisons with it).
+    pub fn per_position_reference(&self, features: &Tensor) -> Result<Tensor> {
+        self.check_features(features)?;
+        self.per_position_candle(features, |_| Ok(()))
+    }
+
+    /// The same on the fast CPU head (features on the CPU).
+    pub fn per_position_fast(&self, features: &Tensor) -> Result<Tensor> {
+        self.check_features(features)?;
+        let head = self
+            .fast_head(features)?
+            .ok_or_else(|| Error::invalid("features", "the fast head runs on the CPU only"))?;
+        head.per_position(features)
+    }
+
+    /// Multiply-adds per feature position of the flow and the mapping nets (CPU).
+    pub fn head_macs_per_position(&self, features: &Tensor) -> Result<Option<usize>> {
+        Ok(self.fast_head(features)?.map(|h| h.macs_per_position()))
     }
 
     fn bad_phase(&self, phase: usize) -> Error {
@@ -443,6 +513,14 @@ impl NfBmr {
     }
 
     /// NF-BMR's own tensors (parameters and statistics), copied.
+    fn drop_fast_head(&mut self) -> Result<()> {
+        *self
+            .fast
+            .get_mut()
+            .map_err(|_| Error::invalid("NF-BMR fast head", "lock poisoned"))? = None;
+        Ok(())
+    }
+
     fn own_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, var) in sorted_vars(&self.flow_vars)?
@@ -486,6 +564,8 @@ impl Method for NfBmr {
     }
 
     fn train_step(&mut self, phase: usize, encoded: &Tensor, _: &mut Rng) -> Result<StepLosses> {
+        // The fast head is a snapshot of weights and statistics this step changes.
+        self.drop_fast_head()?;
         if phase == FLOW_PHASE {
             self.check_features(encoded)?;
             self.stats.accumulate(encoded)?;
@@ -542,6 +622,7 @@ impl Method for NfBmr {
     }
 
     fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.drop_fast_head()?;
         load_vars(&self.flow_vars, state)?;
         load_vars(&self.map_vars, state)?;
         self.stats = FeatureStats::restored(state, self.channels, self.stats.mean.device())?;

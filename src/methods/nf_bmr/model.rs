@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Mapping;
+use super::fast::{FastBmr, FastMapping};
 use crate::error::Result;
 use crate::nn::residual::{MatmulConv, ResidualBlock};
 
@@ -122,6 +123,33 @@ impl MappingNets {
             }
         };
         Ok(Some(MappingNets { directions }))
+    }
+
+    /// A snapshot of the current weights for the fast CPU kernels (inference only).
+    pub(super) fn fast(&self) -> Result<FastMapping> {
+        let bmr = |d: &BmrDirection| -> Result<FastBmr> {
+            let blocks =
+                |b: &[ResidualBlock]| b.iter().map(|b| b.fast()).collect::<Result<Vec<_>>>();
+            Ok(FastBmr {
+                raise: d.raise.fast()?,
+                before: blocks(&d.before)?,
+                after: blocks(&d.after)?,
+                lower: d.lower.fast()?,
+            })
+        };
+        let convs =
+            |d: &OneByOneDirection| d.convs.iter().map(|c| c.fast()).collect::<Result<Vec<_>>>();
+        Ok(match &self.directions {
+            Directions::OneByOne { smnn, tmnn } => FastMapping::OneByOne {
+                smnn: convs(smnn)?,
+                tmnn: convs(tmnn)?,
+            },
+            Directions::Bmr { smnn, tmnn, shared } => FastMapping::Bmr {
+                smnn: Box::new(bmr(smnn)?),
+                tmnn: Box::new(bmr(tmnn)?),
+                shared: Box::new(shared.fast()?),
+            },
+        })
     }
 
     /// TMNN: source-domain features → predicted target-domain features.

@@ -1,0 +1,281 @@
+//! Depthwise k×k convolution on channels-last data with the bias and activation fused.
+//!
+//! Each output pixel accumulates, eight channels at a time, the taps whose input falls inside the
+//! image (so padding costs nothing); the weights are stored `[k·k, C]` so that a tap's weights for
+//! a run of channels are contiguous like the pixels they multiply.
+use super::{Activation, Isa};
+
+/// Output pixels the vector kernel computes together.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 4;
+
+/// Geometry of a depthwise convolution; padding before each axis (TF "same" puts the odd pixel
+/// after, which needs no bookkeeping here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepthwiseGeom {
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+/// Output rows `(b, oy)` in `rows` of the convolution, written to `out` (which starts at the first
+/// of those rows). `weights` is `[k·k, C]`, `bias` `[C]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn depthwise_rows(
+    isa: Isa,
+    g: &DepthwiseGeom,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    activation: Activation,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let c = g.channels;
+    assert!(input.len() >= g.batch * g.height * g.width * c);
+    assert!(weights.len() >= g.kernel * g.kernel * c && bias.len() >= c);
+    assert!(out.len() >= (rows.end - rows.start) * g.out_w * c);
+    for row in rows.clone() {
+        let (b, oy) = (row / g.out_h, row % g.out_h);
+        let y0 = (oy * g.stride) as isize - g.pad_top as isize;
+        let ky0 = (-y0).max(0) as usize;
+        let ky1 = ((g.height as isize - y0).min(g.kernel as isize)).max(0) as usize;
+        let plane = &input[b * g.height * g.width * c..(b + 1) * g.height * g.width * c];
+        // Pixels whose every horizontal tap is inside the image, taken GROUP at a time by the
+        // vector kernel (the weights of a tap are loaded once for the group).
+        #[cfg(target_arch = "x86_64")]
+        let interior_lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
+        #[cfg(target_arch = "x86_64")]
+        let interior_hi = if g.width + g.pad_left >= g.kernel {
+            ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
+        } else {
+            0
+        };
+        #[cfg(target_arch = "x86_64")]
+        let grouped = isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo;
+        let mut ox = 0;
+        while ox < g.out_w {
+            let x0 = (ox * g.stride) as isize - g.pad_left as isize;
+            let at = ((row - rows.start) * g.out_w + ox) * c;
+            #[cfg(target_arch = "x86_64")]
+            if grouped && ox >= interior_lo && ox + GROUP <= interior_hi {
+                let window = Window {
+                    kernel: g.kernel,
+                    width: g.width,
+                    y0,
+                    x0,
+                    ky: ky0..ky1,
+                    kx: 0..g.kernel,
+                };
+                let dst = &mut out[at..at + GROUP * c];
+                // SAFETY: `grouped` implies AVX2 was detected; all GROUP pixels are interior, so
+                // every tap lies inside `plane`, and `dst` holds GROUP pixels.
+                unsafe { x86::group(plane, weights, bias, &window, g.stride, activation, dst) };
+                ox += GROUP;
+                continue;
+            }
+            let kx0 = (-x0).max(0) as usize;
+            let kx1 = ((g.width as isize - x0).min(g.kernel as isize)).max(0) as usize;
+            let window = Window {
+                kernel: g.kernel,
+                width: g.width,
+                y0,
+                x0,
+                ky: ky0..ky1,
+                kx: kx0..kx1,
+            };
+            let dst = &mut out[at..at + c];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx2Fma` exists only after run-time detection; the window keeps
+                // every tap inside `plane` (asserted lengths above).
+                Isa::Avx2Fma => unsafe {
+                    x86::pixel(plane, weights, bias, &window, activation, dst)
+                },
+                Isa::Portable => pixel_portable(plane, weights, bias, &window, activation, dst),
+            }
+            ox += 1;
+        }
+    }
+}
+
+/// The taps of one output pixel that fall inside the image.
+struct Window {
+    kernel: usize,
+    width: usize,
+    y0: isize,
+    x0: isize,
+    ky: std::ops::Range<usize>,
+    kx: std::ops::Range<usize>,
+}
+
+impl Window {
+    /// Index of the first channel of the input pixel under tap `(ky, kx)`, in units of pixels.
+    fn pixel(&self, ky: usize, kx: usize) -> usize {
+        (self.y0 + ky as isize) as usize * self.width + (self.x0 + kx as isize) as usize
+    }
+}
+
+fn pixel_portable(
+    plane: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    w: &Window,
+    activation: Activation,
+    dst: &mut [f32],
+) {
+    let c = dst.len();
+    dst.copy_from_slice(&bias[..c]);
+    for ky in w.ky.clone() {
+        for kx in w.kx.clone() {
+            let src = &plane[w.pixel(ky, kx) * c..][..c];
+            let tap = &weights[(ky * w.kernel + kx) * c..][..c];
+            for ((d, &x), &k) in dst.iter_mut().zip(src).zip(tap) {
+                *d = x.mul_add(k, *d);
+            }
+        }
+    }
+    for d in dst.iter_mut() {
+        *d = activation.apply(*d);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Activation, Window, GROUP};
+
+    /// GROUP horizontally adjacent interior pixels (the window of the first, every tap in
+    /// range), eight channels at a time.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; every tap of the GROUP pixels must lie inside `plane`, `C =
+    /// dst.len() / GROUP` a multiple of 8, and `weights`/`bias` hold `k·k·C` and `C` floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn group(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        stride: usize,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        let c = dst.len() / GROUP;
+        let (lo, hi) = activation.bounds();
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let step = stride * c;
+        for ch in (0..c).step_by(8) {
+            let b = _mm256_loadu_ps(bias.as_ptr().add(ch));
+            let mut acc = [b; GROUP];
+            for ky in w.ky.clone() {
+                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
+                let taps = weights.as_ptr().add(ky * w.kernel * c + ch);
+                for kx in 0..w.kernel {
+                    let k = _mm256_loadu_ps(taps.add(kx * c));
+                    let src = row.add(kx * c);
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(src.add(p * step)), k, *a);
+                    }
+                }
+            }
+            for (p, a) in acc.iter().enumerate() {
+                let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
+            }
+        }
+    }
+
+    /// # Safety
+    /// Needs AVX2 and FMA; the window's taps must lie inside `plane`, and `weights`/`bias` must
+    /// hold `k·k·C` and `C` floats for `C = dst.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pixel(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        let c = dst.len();
+        let vectors = c / 8 * 8;
+        let (lo, hi) = activation.bounds();
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let mut ch = 0;
+        // Four vectors (32 channels) at a time share the tap loop overhead.
+        while ch + 32 <= vectors {
+            let mut acc = [
+                _mm256_loadu_ps(bias.as_ptr().add(ch)),
+                _mm256_loadu_ps(bias.as_ptr().add(ch + 8)),
+                _mm256_loadu_ps(bias.as_ptr().add(ch + 16)),
+                _mm256_loadu_ps(bias.as_ptr().add(ch + 24)),
+            ];
+            for ky in w.ky.clone() {
+                for kx in w.kx.clone() {
+                    let src = plane.as_ptr().add(w.pixel(ky, kx) * c + ch);
+                    let tap = weights.as_ptr().add((ky * w.kernel + kx) * c + ch);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(src.add(8 * v)),
+                            _mm256_loadu_ps(tap.add(8 * v)),
+                            *a,
+                        );
+                    }
+                }
+            }
+            for (v, a) in acc.iter().enumerate() {
+                let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(ch + 8 * v), y);
+            }
+            ch += 32;
+        }
+        while ch < vectors {
+            let mut acc = _mm256_loadu_ps(bias.as_ptr().add(ch));
+            for ky in w.ky.clone() {
+                for kx in w.kx.clone() {
+                    let src = plane.as_ptr().add(w.pixel(ky, kx) * c + ch);
+                    let tap = weights.as_ptr().add((ky * w.kernel + kx) * c + ch);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(tap), acc);
+                }
+            }
+            let y = _mm256_min_ps(_mm256_max_ps(acc, lo), hi);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(ch), y);
+            ch += 8;
+        }
+        if ch < c {
+            // The last channels (fewer than 8): the portable loop on a narrowed view.
+            pixel_tail(plane, weights, bias, w, activation, dst, ch);
+        }
+    }
+
+    fn pixel_tail(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        activation: Activation,
+        dst: &mut [f32],
+        from: usize,
+    ) {
+        let c = dst.len();
+        for ch in from..c {
+            let mut acc = bias[ch];
+            for ky in w.ky.clone() {
+                for kx in w.kx.clone() {
+                    acc = plane[w.pixel(ky, kx) * c + ch]
+                        .mul_add(weights[(ky * w.kernel + kx) * c + ch], acc);
+                }
+            }
+            dst[ch] = activation.apply(acc);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Packed single-precision GEMM with a fused epilogue (bias, activation, residual), the engine of
+//! every 1×1 and dense convolution on CPU.
+//!
+//! GotoBLAS blocking: the weights (B, `[K, N]`) are packed once at load time into panels of
+//! [`NR`] columns; the activations (A, `[M, K]`) are packed per call into panels of [`MR`] rows,
+//! `KC` columns at a time, straight from their source, which is either a plain row-major matrix
+//! (1×1 convolution on channels-last data) or an implicit im2col of a channels-last image (dense
+//! k×k convolution, zero padding included). A 6×16 micro-kernel (12 AVX2 accumulators) or its
+//! portable twin multiplies a packed A panel with a packed B panel.
+use std::cell::RefCell;
+
+use super::{Activation, Isa};
+
+/// Rows of the micro-kernel's output tile.
+pub const MR: usize = 6;
+/// Columns of the micro-kernel's output tile.
+pub const NR: usize = 16;
+/// Depth of a packed A block: `MC × KC` floats stay in L2, a `KC × NR` B panel in L1.
+const KC: usize = 256;
+const MC: usize = 96;
+
+/// Weights `[K, N]` packed into `ceil(N / NR)` panels of `K × NR` (zero-padded columns), with a
+/// bias padded the same way.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    panels: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl PackedB {
+    /// `at(k, n)` gives element `[k, n]` of the logical `[K, N]` weight matrix.
+    pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32, bias: &[f32]) -> Self {
+        let n_panels = n.div_ceil(NR);
+        let mut panels = vec![0.0; n_panels * k * NR];
+        for p in 0..n_panels {
+            for kk in 0..k {
+                for j in 0..NR.min(n - p * NR) {
+                    panels[(p * k + kk) * NR + j] = at(kk, p * NR + j);
+                }
+            }
+        }
+        let mut padded = vec![0.0; n_panels * NR];
+        padded[..n].copy_from_slice(&bias[..n]);
+        Self {
+            k,
+            n,
+            panels,
+            bias: padded,
+        }
+    }
+
+    /// From a row-major `[N, K]` matrix (a PyTorch `[out, in, kh, kw]` weight flattened, when
+    /// the k index runs over `(in, kh, kw)`; see [`PackedB::new`] for other orders).
+    pub fn from_out_in(weight: &[f32], n: usize, k: usize, bias: &[f32]) -> Self {
+        Self::new(k, n, |kk, nn| weight[nn * k + kk], bias)
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.panels[p * self.k * NR..(p + 1) * self.k * NR]
+    }
+}
+
+/// Geometry of a dense convolution on channels-last data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub in_c: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl ConvGeom {
+    /// Rows of the implicit im2col matrix (output pixels).
+    pub fn rows(&self) -> usize {
+        self.batch * self.out_h * self.out_w
+    }
+
+    /// Its depth, ordered `(ky, kx, c)`.
+    pub fn depth(&self) -> usize {
+        self.kernel_h * self.kernel_w * self.in_c
+    }
+}
+
+/// Where A's rows come from.
+#[derive(Clone, Copy)]
+pub enum ASource<'a> {
+    /// Row-major `[M, K]` with rows `lda` apart.
+    Matrix { data: &'a [f32], lda: usize },
+    /// The im2col matrix of a channels-last `[B, H, W, C]` image, never materialised.
+    Im2col { image: &'a [f32], geom: ConvGeom },
+}
+
+impl ASource<'_> {
+    /// Packs rows `row0..row0 + rows` (at most MR), depths `k0..k0 + kc` into `dst` as `[kc][MR]`,
+    /// zero-filling missing rows.
+    fn pack_panel(&self, row0: usize, rows: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        if rows < MR {
+            dst[..kc * MR].fill(0.0);
+        }
+        match *self {
+            ASource::Matrix { data, lda } => {
+                for r in 0..rows {
+                    let src = &data[(row0 + r) * lda + k0..(row0 + r) * lda + k0 + kc];
+                    for (kk, &v) in src.iter().enumerate() {
+                        dst[kk * MR + r] = v;
+                    }
+                }
+            }
+            ASource::Im2col { image, geom } => {
+                let c = geom.in_c;
+                // Output pixel of each panel row.
+                let mut pixels = [(0usize, 0usize, 0usize); MR];
+                for (r, p) in pixels.iter_mut().enumerate().take(rows) {
+                    let m = row0 + r;
+                    *p = (
+                        m / (geom.out_w * geom.out_h),
+                        (m / geom.out_w) % geom.out_h,
+                        m % geom.out_w,
+                    );
+                }
+                let zeros = [0f32; KC];
+                let tap = k0 / c;
+                let mut ci = k0 % c;
+                let (mut ky, mut kx) = (tap / geom.kernel_w, tap % geom.kernel_w);
+                let mut k = k0;
+                // One tap at a time: each row reads a contiguous run of channels (or zeros
+                // outside the image), and the panel is written `MR` values per depth.
+                while k < k0 + kc {
+                    let run = (c - ci).min(k0 + kc - k);
+                    let mut sources: [&[f32]; MR] = [&zeros[..run]; MR];
+                    for (source, &(b, oy, ox)) in sources.iter_mut().zip(&pixels).take(rows) {
+                        let iy = (oy * geom.stride + ky) as isize - geom.pad_top as isize;
+                        let ix = (ox * geom.stride + kx) as isize - geom.pad_left as isize;
+                        if (0..geom.height as isize).contains(&iy)
+                            && (0..geom.width as isize).contains(&ix)
+                        {
+                            let at = ((b * geom.height + iy as usize) * geom.width + ix as usize)
+                                * c
+                                + ci;
+                            *source = &image[at..at + run];
+                        }
+                    }
+                    let panel = &mut dst[(k - k0) * MR..(k - k0 + run) * MR];
+                    for (j, column) in panel.chunks_exact_mut(MR).enumerate() {
+                        for (value, source) in column.iter_mut().zip(&sources) {
+                            *value = source[j];
+                        }
+                    }
+                    k += run;
+                    ci = 0;
+                    kx += 1;
+                    if kx == geom.kernel_w {
+                        (ky, kx) = (ky + 1, 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What happens to each output element after the product, on the last K block.
+#[derive(Clone, Copy)]
+pub struct Epilogue<'a> {
+    pub activation: Activation,
+    /// Added after the activation (an identity skip), same layout as the output.
+    pub residual: Option<&'a [f32]>,
+}
+
+thread_local! {
+    static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An A panel for the micro-kernel: element `(r, k)` at `ptr + r·rs + k·ks`.
+#[derive(Clone, Copy)]
+struct APanel {
+    ptr: *const f32,
+    rs: usize,
+    ks: usize,
+}
+
+/// `out[m, n] = epilogue(Σ_k A[m, k] · B[k, n] + bias[n])` for rows `rows` of A, writing
+/// `out` (row-major, `ldc = B.n()`, the slice starting at row `rows.start`).
+pub(super) fn gemm_rows(
+    isa: Isa,
+    a: ASource,
+    b: &PackedB,
+    rows: std::ops::Range<usize>,
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
+    let (k, n) = (b.k, b.n);
+    let n_panels = n.div_ceil(NR);
+    assert!(out.len() >= (rows.end - rows.start) * n);
+    if let Some(res) = epilogue.residual {
+        assert!(res.len() >= rows.end * n);
+    }
+    PACK_A.with(|cell| {
+        let mut pack = cell.borrow_mut();
+        if pack.len() < MC * KC {
+            pack.resize(MC * KC, 0.0);
+        }
+        // Rows outermost: an `MC × N` block of the output stays in cache over all K blocks
+        // (the weights, read once per row block, are the smaller stream for these shapes).
+        let mut m0 = rows.start;
+        while m0 < rows.end {
+            let mc = MC.min(rows.end - m0);
+            let panels_m = mc.div_ceil(MR);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let (first, last) = (k0 == 0, k0 + kc >= k);
+                // A plain matrix is read in place (full panels); other panels are packed.
+                let mut a_panels = [APanel {
+                    ptr: std::ptr::null(),
+                    rs: 0,
+                    ks: 0,
+                }; MC / MR];
+                for (pm, panel) in a_panels.iter_mut().enumerate().take(panels_m) {
+                    let r0 = m0 + pm * MR;
+                    let rows_here = MR.min(rows.end - r0);
+                    *panel = match a {
+                        ASource::Matrix { data, lda } if rows_here == MR => APanel {
+                            ptr: data[r0 * lda + k0..].as_ptr(),
+                            rs: lda,
+                            ks: 1,
+                        },
+                        _ => {
+                            let dst = &mut pack[pm * kc * MR..(pm + 1) * kc * MR];
+                            a.pack_panel(r0, rows_here, k0, kc, dst);
+                            APanel {
+                                ptr: dst.as_ptr(),
+                                rs: 1,
+                                ks: MR,
+                            }
+                        }
+                    };
+                }
+                for pn in 0..n_panels {
+                    let bpanel = &b.panel(pn)[k0 * NR..(k0 + kc) * NR];
+                    let cols = NR.min(n - pn * NR);
+                    for (pm, panel) in a_panels.iter().enumerate().take(panels_m) {
+                        let r0 = m0 + pm * MR;
+                        let tile = Tile {
+                            rows: MR.min(rows.end - r0),
+                            cols,
+                            ldc: n,
+                            first,
+                            last,
+                            bias: &b.bias[pn * NR..pn * NR + NR],
+                            activation: epilogue.activation,
+                            residual: epilogue.residual.map(|res| &res[r0 * n + pn * NR..]),
+                        };
+                        let offset = (r0 - rows.start) * n + pn * NR;
+                        micro_kernel(isa, kc, *panel, bpanel, &tile, &mut out[offset..]);
+                    }
+                }
+                k0 += kc;
+            }
+            m0 += mc;
+        }
+    });
+}
+
+/// One output tile and what to do with it.
+struct Tile<'a> {
+    rows: usize,
+    cols: usize,
+    ldc: usize,
+    /// First K block: overwrite instead of accumulating.
+    first: bool,
+    /// Last K block: apply bias, activation and residual.
+    last: bool,
+    bias: &'a [f32],
+    activation: Activation,
+    residual: Option<&'a [f32]>,
+}
+
+/// Multiplies an A panel (`kc` deep; valid for `tile.rows` rows, readable for `MR`) by a packed
+/// B panel into `out` (row stride `tile.ldc`).
+fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: &[f32], tile: &Tile, out: &mut [f32]) {
+    assert!(b.len() >= kc * NR && tile.bias.len() >= NR);
+    assert!(out.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
+    if let Some(res) = tile.residual {
+        assert!(res.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2Fma` is only constructed after run-time detection of AVX2 and FMA;
+        // A panels point into live slices holding `MR` rows of `kc` values (checked by the
+        // caller's slicing), the asserts above bound every other access.
+        Isa::Avx2Fma => unsafe { x86::micro_kernel(kc, a, b.as_ptr(), tile, out) },
+        Isa::Portable => {
+            let mut acc = [0f32; MR * NR];
+            for kk in 0..kc {
+                let bv = &b[kk * NR..kk * NR + NR];
+                for r in 0..MR {
+                    // SAFETY: as above, the panel holds `MR` rows of `kc` values.
+                    let ar = unsafe { *a.ptr.add(r * a.rs + kk * a.ks) };
+                    for (c, &bj) in acc[r * NR..r * NR + NR].iter_mut().zip(bv) {
+                        *c = ar.mul_add(bj, *c);
+                    }
+                }
+            }
+            merge_tile(&acc, tile, out);
+        }
+    }
+}
+
+/// Merges a computed `[MR, NR]` accumulator tile into `out` (the general, partial-tile path).
+#[inline(always)]
+fn merge_tile(acc: &[f32; MR * NR], t: &Tile, out: &mut [f32]) {
+    for r in 0..t.rows {
+        let dst = &mut out[r * t.ldc..r * t.ldc + t.cols];
+        let src = &acc[r * NR..r * NR + t.cols];
+        if t.first {
+            dst.copy_from_slice(src);
+        } else {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        }
+        if t.last {
+            for (d, &bias) in dst.iter_mut().zip(t.bias) {
+                *d = t.activation.apply(*d + bias);
+            }
+            if let Some(res) = t.residual {
+                for (d, &x) in dst.iter_mut().zip(&res[r * t.ldc..r * t.ldc + t.cols]) {
+                    *d += x;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{merge_tile, APanel, Tile, MR, NR};
+
+    /// # Safety
+    /// Needs AVX2 and FMA; `a` must address `MR` rows of `kc` values, `b` hold `kc × NR` floats,
+    /// and `out`/`tile.residual` cover the tile (checked by the caller).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn micro_kernel(
+        kc: usize,
+        a: APanel,
+        mut b: *const f32,
+        t: &Tile,
+        out: &mut [f32],
+    ) {
+        let mut c = [[_mm256_setzero_ps(); 2]; MR];
+        let mut ap = a.ptr;
+        for _ in 0..kc {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for (r, acc) in c.iter_mut().enumerate() {
+                let ar = _mm256_broadcast_ss(&*ap.add(r * a.rs));
+                acc[0] = _mm256_fmadd_ps(ar, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(ar, b1, acc[1]);
+            }
+            ap = ap.add(a.ks);
+            b = b.add(NR);
+        }
+        if t.rows < MR || t.cols < NR {
+            let mut tile = [0f32; MR * NR];
+            for (r, acc) in c.iter().enumerate() {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), acc[0]);
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), acc[1]);
+            }
+            merge_tile(&tile, t, out);
+            return;
+        }
+        // A full tile: the whole epilogue in registers.
+        let (lo, hi) = t.activation.bounds();
+        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        let bias = [
+            _mm256_loadu_ps(t.bias.as_ptr()),
+            _mm256_loadu_ps(t.bias.as_ptr().add(8)),
+        ];
+        for (r, acc) in c.iter().enumerate() {
+            let dst = out.as_mut_ptr().add(r * t.ldc);
+            for (h, &v) in acc.iter().enumerate() {
+                let mut v = v;
+                if !t.first {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(dst.add(8 * h)));
+                }
+                if t.last {
+                    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, bias[h]), lo), hi);
+                    if let Some(res) = t.residual {
+                        v = _mm256_add_ps(v, _mm256_loadu_ps(res.as_ptr().add(r * t.ldc + 8 * h)));
+                    }
+                }
+                _mm256_storeu_ps(dst.add(8 * h), v);
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! EfficientNet-Lite0 on the fast kernels: channels-last from the stem to the taps, BN folded,
+//! every activation buffer owned by the engine and reused across calls.
+use std::sync::Mutex;
+
+use super::{
+    nchw_to_nhwc, nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, ASource, Activation,
+    ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
+};
+use crate::error::{Error, Result};
+use crate::nn::depthwise::SamePad;
+
+/// Folded weights of one inverted-residual block, PyTorch layouts (row-major).
+pub struct BlockWeights {
+    pub kernel: usize,
+    pub stride: usize,
+    pub in_c: usize,
+    pub hidden: usize,
+    pub out_c: usize,
+    /// `([hidden, in], [hidden])`, absent when the expansion is 1.
+    pub expand: Option<(Vec<f32>, Vec<f32>)>,
+    /// `([hidden, 1, k, k], [hidden])`.
+    pub depthwise: (Vec<f32>, Vec<f32>),
+    /// `([out, hidden], [out])`.
+    pub project: (Vec<f32>, Vec<f32>),
+}
+
+struct Block {
+    kernel: usize,
+    stride: usize,
+    hidden: usize,
+    out_c: usize,
+    residual: bool,
+    expand: Option<PackedB>,
+    dw_weight: Vec<f32>,
+    dw_bias: Vec<f32>,
+    project: PackedB,
+}
+
+/// Activation buffers, grown to the largest shape seen and reused.
+#[derive(Default)]
+struct Workspace {
+    input: Vec<f32>,
+    current: Vec<f32>,
+    expanded: Vec<f32>,
+    filtered: Vec<f32>,
+    next: Vec<f32>,
+}
+
+fn slot(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// The fast Lite0 feature extractor (inference only).
+pub struct FastLite0 {
+    kernels: Kernels,
+    stem_rgb: PackedB,
+    stem_grey: PackedB,
+    stem_channels: usize,
+    blocks: Vec<Block>,
+    /// Buffers of each worker, reused across calls.
+    workspaces: Mutex<Vec<Workspace>>,
+}
+
+/// A feature map `[B, C, H, W]` (channels-first, as candle expects) from [`FastLite0::forward_taps`].
+pub struct FeatureMap {
+    pub data: Vec<f32>,
+    pub dims: [usize; 4],
+}
+
+impl FastLite0 {
+    /// `stem`: folded `[32, 3, 3, 3]` weight and its bias.
+    pub fn new(kernels: Kernels, stem: (&[f32], &[f32]), blocks: Vec<BlockWeights>) -> Self {
+        let (stem_w, stem_b) = stem;
+        let stem_channels = stem_b.len();
+        let grey: Vec<f32> = stem_w.chunks_exact(27).flat_map(sum_rgb).collect();
+        let blocks = blocks
+            .into_iter()
+            .map(|b| Block {
+                kernel: b.kernel,
+                stride: b.stride,
+                hidden: b.hidden,
+                out_c: b.out_c,
+                residual: b.stride == 1 && b.in_c == b.out_c,
+                expand: b
+                    .expand
+                    .map(|(w, bias)| PackedB::from_out_in(&w, b.hidden, b.in_c, &bias)),
+                dw_weight: pack_depthwise_weight(&b.depthwise.0, b.hidden, b.kernel),
+                dw_bias: b.depthwise.1,
+                project: PackedB::from_out_in(&b.project.0, b.out_c, b.hidden, &b.project.1),
+            })
+            .collect();
+        Self {
+            kernels,
+            stem_rgb: pack_conv_weight(stem_w, stem_channels, 3, 3, 3, stem_b),
+            stem_grey: pack_conv_weight(&grey, stem_channels, 1, 3, 3, stem_b),
+            stem_channels,
+            blocks,
+            workspaces: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn last_block(&self) -> usize {
+        self.blocks.len().saturating_sub(1)
+    }
+
+    /// `images` `[B, 1 | 3, H, W]` (values in 0..=1, row-major) → the maps after each block in
+    /// `taps`, in the order given.
+    pub fn forward_taps(
+        &self,
+        images: &[f32],
+        dims: [usize; 4],
+        taps: &[usize],
+    ) -> Result<Vec<FeatureMap>> {
+        let [batch, channels, height, width] = dims;
+        let stem = match channels {
+            1 => &self.stem_grey,
+            3 => &self.stem_rgb,
+            _ => {
+                return Err(Error::invalid(
+                    "backbone input",
+                    format!("shape {dims:?} is not [B, 1 or 3, H, W]"),
+                ))
+            }
+        };
+        if batch == 0 || height == 0 || width == 0 || images.len() != dims.iter().product::<usize>()
+        {
+            return Err(Error::invalid(
+                "backbone input",
+                format!("{} values for shape {dims:?}", images.len()),
+            ));
+        }
+        let deepest = *taps
+            .iter()
+            .max()
+            .ok_or_else(|| Error::invalid("backbone taps", "no block was requested"))?;
+        if deepest > self.last_block() {
+            return Err(Error::invalid(
+                "backbone taps",
+                format!(
+                    "block {deepest} requested but the network stops at block {}",
+                    self.last_block()
+                ),
+            ));
+        }
+        let mut outputs: Vec<FeatureMap> = self
+            .tap_dims(dims, taps)
+            .into_iter()
+            .map(|dims| FeatureMap {
+                data: vec![0.0; dims.iter().product()],
+                dims,
+            })
+            .collect();
+        let mut guard = self
+            .workspaces
+            .lock()
+            .map_err(|_| Error::invalid("backbone workspace", "poisoned by a panic"))?;
+        let threads = rayon::current_num_threads().max(1);
+        if batch == 1 {
+            // One image: every operation split over the threads.
+            if guard.is_empty() {
+                guard.push(Workspace::default());
+            }
+            let mut views: Vec<&mut [f32]> = outputs.iter_mut().map(|m| &mut m.data[..]).collect();
+            self.run(
+                self.kernels,
+                &mut guard[0],
+                images,
+                dims,
+                stem,
+                taps,
+                &mut views,
+            )?;
+        } else {
+            // Several images: whole images per thread, one at a time, with its own buffers, so
+            // that no operation waits for another thread and each working set stays one image.
+            let workers = threads.min(batch);
+            if guard.len() < workers {
+                guard.resize_with(workers, Workspace::default);
+            }
+            let per = batch.div_ceil(workers);
+            let image_len = images.len() / batch;
+            let map_lens: Vec<usize> = outputs.iter().map(|m| m.data.len() / batch).collect();
+            // Per worker: its images and its part of every output map.
+            let mut parts: Vec<Vec<&mut [f32]>> = (0..workers).map(|_| Vec::new()).collect();
+            for (map, &len) in outputs.iter_mut().zip(&map_lens) {
+                for (part, chunk) in parts.iter_mut().zip(map.data.chunks_mut(per * len)) {
+                    part.push(chunk);
+                }
+            }
+            let kernels = self.kernels.serial();
+            let workspaces: &mut [Workspace] = &mut guard[..];
+            let mut results: Vec<Result<()>> = (0..workers).map(|_| Ok(())).collect();
+            rayon::scope(|s| {
+                for (((worker, ws), part), result) in workspaces
+                    .iter_mut()
+                    .enumerate()
+                    .zip(parts.iter_mut())
+                    .zip(results.iter_mut())
+                {
+                    let map_lens = &map_lens;
+                    s.spawn(move |_| {
+                        let first = worker * per;
+                        let last = (first + per).min(batch);
+                        for image in first..last {
+                            let one = [1, channels, height, width];
+                            let src = &images[image * image_len..(image + 1) * image_len];
+                            let mut views: Vec<&mut [f32]> = part
+                                .iter_mut()
+                                .zip(map_lens)
+                                .map(|(chunk, &len)| {
+                                    &mut chunk[(image - first) * len..(image - first + 1) * len]
+                                })
+                                .collect();
+                            *result = self.run(kernels, ws, src, one, stem, taps, &mut views);
+                            if result.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            results.into_iter().collect::<Result<Vec<()>>>()?;
+        }
+        Ok(outputs)
+    }
+
+    /// Shapes `[B, C, H, W]` of the maps after each block in `taps`.
+    fn tap_dims(&self, [batch, _, height, width]: [usize; 4], taps: &[usize]) -> Vec<[usize; 4]> {
+        taps.iter()
+            .map(|&tap| {
+                let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
+                for block in &self.blocks[..=tap] {
+                    (h, w) = (h.div_ceil(block.stride), w.div_ceil(block.stride));
+                }
+                [batch, self.blocks[tap].out_c, h, w]
+            })
+            .collect()
+    }
+
+    /// Runs `images` through the network up to the deepest tap with `ws`'s buffers, writing the
+    /// taps (channels-first) into `outputs`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        k: Kernels,
+        ws: &mut Workspace,
+        images: &[f32],
+        dims: [usize; 4],
+        stem: &PackedB,
+        taps: &[usize],
+        outputs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let [batch, channels, height, width] = dims;
+        let deepest = taps.iter().copied().max().unwrap_or(0);
+        // Stem: (x − 0.5) / 0.5 while converting to channels-last; zero padding after that.
+        let input = slot(&mut ws.input, images.len());
+        nchw_to_nhwc(images, dims, input, |v| 2.0 * v - 1.0);
+        let pad = SamePad::new(height, width, 3, 2);
+        let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
+        let geom = ConvGeom {
+            batch,
+            height,
+            width,
+            in_c: channels,
+            kernel_h: 3,
+            kernel_w: 3,
+            stride: 2,
+            pad_top: pad.top,
+            pad_left: pad.left,
+            out_h: h,
+            out_w: w,
+        };
+        let mut c = self.stem_channels;
+        let relu6 = Epilogue {
+            activation: Activation::Relu6,
+            residual: None,
+        };
+        k.conv2d(
+            input,
+            geom,
+            stem,
+            relu6,
+            slot(&mut ws.current, batch * h * w * c),
+        )?;
+
+        for (index, block) in self.blocks[..=deepest].iter().enumerate() {
+            let pixels = batch * h * w;
+            let current = &ws.current[..pixels * c];
+            let hidden_in: &[f32] = match &block.expand {
+                Some(expand) => {
+                    let out = slot(&mut ws.expanded, pixels * block.hidden);
+                    k.gemm(
+                        ASource::Matrix {
+                            data: current,
+                            lda: c,
+                        },
+                        expand,
+                        relu6,
+                        out,
+                    )?;
+                    out
+                }
+                None => current,
+            };
+            let pad = SamePad::new(h, w, block.kernel, block.stride);
+            let (oh, ow) = (h.div_ceil(block.stride), w.div_ceil(block.stride));
+            let dw = DepthwiseGeom {
+                batch,
+                height: h,
+                width: w,
+                channels: block.hidden,
+                kernel: block.kernel,
+                stride: block.stride,
+                pad_top: pad.top,
+                pad_left: pad.left,
+                out_h: oh,
+                out_w: ow,
+            };
+            let filtered = slot(&mut ws.filtered, batch * oh * ow * block.hidden);
+            k.depthwise(
+                &dw,
+                hidden_in,
+                &block.dw_weight,
+                &block.dw_bias,
+                Activation::Relu6,
+                filtered,
+            )?;
+            let next = slot(&mut ws.next, batch * oh * ow * block.out_c);
+            let project = Epilogue {
+                activation: Activation::Identity,
+                residual: block.residual.then_some(current),
+            };
+            k.gemm(
+                ASource::Matrix {
+                    data: filtered,
+                    lda: block.hidden,
+                },
+                &block.project,
+                project,
+                next,
+            )?;
+            std::mem::swap(&mut ws.current, &mut ws.next);
+            (h, w, c) = (oh, ow, block.out_c);
+            for (out, _) in outputs.iter_mut().zip(taps).filter(|(_, &t)| t == index) {
+                nhwc_to_nchw(&ws.current[..batch * h * w * c], [batch, c, h, w], out);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `[3, 3, 3]` RGB stem filter summed over its input channels (a grey image replicated to RGB).
+fn sum_rgb(filter: &[f32]) -> Vec<f32> {
+    (0..9)
+        .map(|t| filter[t] + filter[9 + t] + filter[18 + t])
+        .collect()
+}
+
+impl std::fmt::Debug for FastLite0 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastLite0")
+            .field("isa", &self.kernels.isa())
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}

@@ -1,0 +1,294 @@
+//! Fast CPU inference kernels on channels-last (`[B, H, W, C]`) `f32` data: a packed GEMM with a
+//! fused bias/activation/residual epilogue (1×1 convolutions and, through an implicit im2col, dense
+//! k×k convolutions of any stride and padding), and a depthwise convolution with fused bias and
+//! activation. AVX2+FMA micro-kernels are chosen at run time; the portable versions build and run
+//! everywhere else (aarch64 included). Work is split over rayon's threads by output rows.
+//!
+//! These serve frozen weights and inference only: they build no autograd graph. Training keeps
+//! candle's differentiable ops, and on CUDA candle's ops stay in use.
+pub mod depthwise;
+pub mod gemm;
+pub mod heads;
+pub mod lite0;
+
+use std::ops::Range;
+
+pub use depthwise::DepthwiseGeom;
+pub use gemm::{ASource, ConvGeom, Epilogue, PackedB};
+
+use crate::error::{Error, Result};
+
+/// Instruction set of the micro-kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX2 and FMA, detected at run time.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    /// Plain Rust the compiler vectorises for the target (SSE2, NEON, ...).
+    Portable,
+}
+
+/// Element-wise activation fused into a kernel's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    Relu6,
+}
+
+impl Activation {
+    /// The clamp interval this activation is.
+    pub fn bounds(self) -> (f32, f32) {
+        match self {
+            Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Relu6 => (0.0, 6.0),
+        }
+    }
+
+    #[inline(always)]
+    pub fn apply(self, v: f32) -> f32 {
+        let (lo, hi) = self.bounds();
+        v.max(lo).min(hi)
+    }
+}
+
+/// Below this many multiply-adds an operation runs on the calling thread (splitting it would cost
+/// more than it saves).
+const PARALLEL_MACS: usize = 1 << 16;
+
+/// Entry point of the kernels, bound to one instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    isa: Isa,
+    /// Whether one operation may be split over rayon's threads.
+    parallel: bool,
+}
+
+impl Kernels {
+    /// The fastest instruction set this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Self {
+                isa: Isa::Avx2Fma,
+                parallel: true,
+            };
+        }
+        Self::portable()
+    }
+
+    /// The portable kernels, whatever the CPU (for tests and comparisons).
+    pub fn portable() -> Self {
+        Self {
+            isa: Isa::Portable,
+            parallel: true,
+        }
+    }
+
+    /// The same kernels, each operation on the calling thread only (for callers that split the
+    /// work over threads themselves, e.g. one image per thread).
+    pub fn serial(self) -> Self {
+        Self {
+            parallel: false,
+            ..self
+        }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `out[M, N] = epilogue(A · B + bias)`, with `M = out.len() / B.n()`.
+    pub fn gemm(&self, a: ASource, b: &PackedB, epilogue: Epilogue, out: &mut [f32]) -> Result<()> {
+        let m = out.len() / b.n().max(1);
+        check_len("gemm output", out.len(), m * b.n())?;
+        match a {
+            ASource::Matrix { data, lda } => {
+                if lda < b.k() || (m > 0 && data.len() < (m - 1) * lda + b.k()) {
+                    return Err(Error::invalid(
+                        "gemm input",
+                        format!(
+                            "{} values with row stride {lda} cannot hold {m}x{} rows",
+                            data.len(),
+                            b.k()
+                        ),
+                    ));
+                }
+            }
+            ASource::Im2col { image, geom } => {
+                check_len(
+                    "convolution input",
+                    image.len(),
+                    geom.batch * geom.height * geom.width * geom.in_c,
+                )?;
+                check_len("convolution output rows", m, geom.rows())?;
+                check_len("convolution weight depth", b.k(), geom.depth())?;
+            }
+        }
+        if let Some(res) = epilogue.residual {
+            check_len("gemm residual", res.len(), out.len())?;
+        }
+        let isa = self.isa;
+        let macs = if self.parallel { m * b.n() * b.k() } else { 0 };
+        par_rows(m, b.n(), gemm::MR, macs, out, |rows, chunk| {
+            gemm::gemm_rows(isa, a, b, rows, epilogue, chunk)
+        });
+        Ok(())
+    }
+
+    /// Dense convolution of a channels-last image with weights packed as `[(ky, kx, c), out]`
+    /// (see [`pack_conv_weight`]); `out` is `[B, OH, OW, out]`.
+    pub fn conv2d(
+        &self,
+        image: &[f32],
+        geom: ConvGeom,
+        weight: &PackedB,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) -> Result<()> {
+        check_len("convolution output", out.len(), geom.rows() * weight.n())?;
+        self.gemm(ASource::Im2col { image, geom }, weight, epilogue, out)
+    }
+
+    /// Depthwise convolution; `weights` `[k·k, C]`, `bias` `[C]`, `out` `[B, OH, OW, C]`.
+    pub fn depthwise(
+        &self,
+        geom: &DepthwiseGeom,
+        input: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        activation: Activation,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = geom.channels;
+        check_len(
+            "depthwise input",
+            input.len(),
+            geom.batch * geom.height * geom.width * c,
+        )?;
+        check_len(
+            "depthwise weights",
+            weights.len(),
+            geom.kernel * geom.kernel * c,
+        )?;
+        check_len("depthwise bias", bias.len(), c)?;
+        let rows = geom.batch * geom.out_h;
+        check_len("depthwise output", out.len(), rows * geom.out_w * c)?;
+        if geom.stride == 0 || geom.kernel == 0 {
+            return Err(Error::invalid(
+                "depthwise geometry",
+                "kernel and stride must be >= 1",
+            ));
+        }
+        let isa = self.isa;
+        let macs = if self.parallel {
+            rows * geom.out_w * c * geom.kernel * geom.kernel
+        } else {
+            0
+        };
+        par_rows(rows, geom.out_w * c, 1, macs, out, |range, chunk| {
+            depthwise::depthwise_rows(isa, geom, input, weights, bias, activation, range, chunk)
+        });
+        Ok(())
+    }
+}
+
+fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::invalid(
+            what,
+            format!("{got} values, expected {expected}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits `rows` output rows of `row_len` values (chunks a multiple of `granule` rows) over
+/// rayon's threads when the work is worth it, and runs `f(rows, out_chunk)` on each part.
+fn par_rows(
+    rows: usize,
+    row_len: usize,
+    granule: usize,
+    macs: usize,
+    out: &mut [f32],
+    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || macs < PARALLEL_MACS || rows <= granule {
+        f(0..rows, out);
+        return;
+    }
+    let per = rows.div_ceil(threads).div_ceil(granule) * granule;
+    rayon::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            let start = i * per;
+            let end = (start + per).min(rows);
+            s.spawn(move |_| f(start..end, chunk));
+        }
+    });
+}
+
+/// Packs a PyTorch-layout convolution weight `[out, in, kh, kw]` (row-major) for [`Kernels::conv2d`]
+/// and [`Kernels::gemm`] (1×1): depth ordered `(ky, kx, in)` as the implicit im2col reads it.
+pub fn pack_conv_weight(
+    weight: &[f32],
+    out_c: usize,
+    in_c: usize,
+    kh: usize,
+    kw: usize,
+    bias: &[f32],
+) -> PackedB {
+    PackedB::new(
+        kh * kw * in_c,
+        out_c,
+        |k, n| {
+            let (tap, c) = (k / in_c, k % in_c);
+            weight[((n * in_c + c) * kh + tap / kw) * kw + tap % kw]
+        },
+        bias,
+    )
+}
+
+/// Depthwise weights `[C, 1, k, k]` (row-major) → `[k·k, C]`.
+pub fn pack_depthwise_weight(weight: &[f32], channels: usize, kernel: usize) -> Vec<f32> {
+    let taps = kernel * kernel;
+    let mut out = vec![0.0; taps * channels];
+    for c in 0..channels {
+        for t in 0..taps {
+            out[t * channels + c] = weight[c * taps + t];
+        }
+    }
+    out
+}
+
+/// `[B, C, H, W]` → `[B, H, W, C]`, each value mapped through `f`.
+pub fn nchw_to_nhwc(src: &[f32], dims: [usize; 4], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    let [b, c, h, w] = dims;
+    let plane = h * w;
+    for bi in 0..b {
+        let src = &src[bi * c * plane..(bi + 1) * c * plane];
+        let dst = &mut dst[bi * c * plane..(bi + 1) * c * plane];
+        for ci in 0..c {
+            for (p, &v) in src[ci * plane..(ci + 1) * plane].iter().enumerate() {
+                dst[p * c + ci] = f(v);
+            }
+        }
+    }
+}
+
+/// `[B, H, W, C]` → `[B, C, H, W]`.
+pub fn nhwc_to_nchw(src: &[f32], dims: [usize; 4], dst: &mut [f32]) {
+    let [b, c, h, w] = dims;
+    let plane = h * w;
+    for bi in 0..b {
+        let src = &src[bi * c * plane..(bi + 1) * c * plane];
+        let dst = &mut dst[bi * c * plane..(bi + 1) * c * plane];
+        for (p, pixel) in src.chunks_exact(c).enumerate() {
+            for (ci, &v) in pixel.iter().enumerate() {
+                dst[ci * plane + p] = v;
+            }
+        }
+    }
+}
