@@ -564,3 +564,62 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("status: fps"));
 }
+
+/// GPIO outputs that record each change with its time.
+struct RecordingGpio(Arc<std::sync::Mutex<Vec<(Instant, vigil::station::gpio::OutputLine, bool)>>>);
+
+impl vigil::station::gpio::GpioOutputs for RecordingGpio {
+    fn set(&mut self, line: vigil::station::gpio::OutputLine, high: bool) -> Result<()> {
+        self.0.lock().unwrap().push((Instant::now(), line, high));
+        Ok(())
+    }
+}
+
+#[test]
+fn rejected_parts_pulse_the_reject_line_and_land_in_the_audit_folder() {
+    use vigil::station::gpio::OutputLine;
+    let f = fixture();
+    let parts: Vec<PathBuf> = f.defect.iter().chain(&f.good[..2]).cloned().collect();
+    let dir = line_folder("gpio-audit", &parts);
+    let json = dir.join("results.jsonl");
+    let cfg = config(
+        &dir,
+        &format!(
+            "{}[json]\npath = {:?}\n[gpio]\nreject_line = 1\nready_line = 2\nfault_line = 3\ndelay_ms = 150\npulse_ms = 20\n[audit]\ndir = {:?}\nmax_parts = 2\n",
+            folder_source(&dir, false, 10.0),
+            json.display().to_string(),
+            dir.join("audit").display().to_string()
+        ),
+    );
+    let changes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hooks = Hooks {
+        gpio: Some(Box::new(RecordingGpio(changes.clone()))),
+        ..Hooks::default()
+    };
+    let start = Instant::now();
+    let summary = station::run(&cfg, &Controls::default(), hooks).unwrap();
+    let results = json_lines(&json);
+    assert_eq!(results.len(), parts.len());
+    let rejected = results.iter().filter(|r| r["verdict"] != "OK").count();
+    assert!(rejected >= 2, "{results:?}");
+    let changes = changes.lock().unwrap();
+    let rises: Vec<Duration> = changes
+        .iter()
+        .filter(|c| c.1 == OutputLine::Reject && c.2)
+        .map(|c| c.0 - start)
+        .collect();
+    assert_eq!(rises.len(), rejected, "{changes:?}");
+    assert!(rises.iter().all(|t| *t >= Duration::from_millis(150)), "{rises:?}");
+    let falls = changes
+        .iter()
+        .filter(|c| c.1 == OutputLine::Reject && !c.2)
+        .count();
+    assert_eq!(falls, rejected);
+    assert!(changes
+        .iter()
+        .any(|c| c.1 == OutputLine::Ready && c.2));
+    // Bounded to two parts, three files each.
+    let stored = std::fs::read_dir(dir.join("audit")).unwrap().count();
+    assert_eq!(stored, 6);
+    assert_eq!(summary.ng + summary.err, rejected as u64);
+}

@@ -158,22 +158,28 @@ impl Stats {
 /// last check. Capture is not watched (a source waiting for a trigger is not a stall).
 pub struct StallCheck {
     last: [u64; 5],
+    waiting: [bool; 5],
 }
 
 impl StallCheck {
     pub fn new() -> StallCheck {
-        StallCheck { last: [0; 5] }
+        StallCheck {
+            last: [0; 5],
+            waiting: [false; 5],
+        }
     }
 
-    /// The first stalled stage, if any.
+    /// The first stage that had parts waiting at this check and the last one and handed none on
+    /// in between.
     pub fn stalled(&mut self, stats: &Stats) -> Option<&'static str> {
         let now: [u64; 5] = std::array::from_fn(|i| stats.through[i].load(Ordering::Relaxed));
         let mut stalled = None;
         for stage in 1..5 {
             let waiting = now[stage - 1] > now[stage];
-            if waiting && now[stage] == self.last[stage] && stalled.is_none() {
+            if waiting && self.waiting[stage] && now[stage] == self.last[stage] && stalled.is_none() {
                 stalled = Some(STAGES[stage]);
             }
+            self.waiting[stage] = waiting;
         }
         self.last = now;
         stalled
