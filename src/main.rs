@@ -159,7 +159,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Parts per second on the line (0 = as fast as the station goes).
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 5.0)]
         rate: f64,
     },
 }
@@ -439,7 +439,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Capture { config, out, count } => {
-            let files = commands::station::capture(&config, &out, count).context("capture failed")?;
+            let files =
+                commands::station::capture(&config, &out, count).context("capture failed")?;
             println!("stored {} parts in {}", files.len(), out.display());
         }
         Command::Demo {
@@ -461,8 +462,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("demo failed")?;
             let s = &d.station;
             println!(
-                "{} parts: OK {} NG {} ERR {}; {} of {} verdicts match the ground truth; deadline misses {}, drops {}",
-                s.captured, s.ok, s.ng, s.err, d.correct, d.parts, s.deadline_misses, s.drops
+                "{} parts: OK {} NG {} ERR {}; {} of {} scored verdicts match the ground truth; deadline misses {}, drops {}",
+                s.captured, s.ok, s.ng, s.err, d.correct, d.scored, s.deadline_misses, s.drops
             );
             println!("status: {}", s.status);
             println!(

@@ -225,7 +225,10 @@ fn pty_end_to_end_matches_vigil_score_line_for_line() {
 #[test]
 fn corrupt_image_gets_the_fail_safe_verdict_and_the_line_goes_on() {
     let f = fixture();
-    let dir = line_folder("corrupt", &[f.good[0].clone(), f.good[1].clone(), f.good[2].clone()]);
+    let dir = line_folder(
+        "corrupt",
+        &[f.good[0].clone(), f.good[1].clone(), f.good[2].clone()],
+    );
     std::fs::write(dir.join("line/001.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
     let json = dir.join("results.jsonl");
     let cfg = config(
@@ -289,9 +292,16 @@ fn serial_port_lost_and_back_loses_no_result_and_keeps_the_order() {
         read_all(&mut reader, done, &mut lines);
         lines
     });
-    let ids: Vec<u64> = lines.iter().filter_map(|l| res_fields(l)).map(|r| r.0).collect();
+    let ids: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| res_fields(l))
+        .map(|r| r.0)
+        .collect();
     assert_eq!(ids, (0..12).collect::<Vec<u64>>(), "lines: {lines:?}");
-    assert!(lines.iter().any(|l| l.starts_with("FAULT serial")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("FAULT serial")),
+        "{lines:?}"
+    );
     assert_eq!(summary.serial_dropped, 0);
     assert_eq!(summary.captured, 12);
 }
@@ -323,7 +333,11 @@ fn inference_past_the_deadline_gives_a_counted_fail_safe_ng() {
     assert_eq!(ids, vec![0, 1, 2, 3]);
     assert_eq!(results[1]["verdict"], "NG");
     assert_eq!(results[1]["reason"], "deadline");
-    assert!(results[1]["latency_ms"].as_f64().unwrap() < 600.0, "{:?}", results[1]);
+    assert!(
+        results[1]["latency_ms"].as_f64().unwrap() < 600.0,
+        "{:?}",
+        results[1]
+    );
     for i in [0, 2, 3] {
         assert!(results[i]["score"].is_number(), "{:?}", results[i]);
     }
@@ -356,7 +370,10 @@ fn invalid_calibration_reload_is_refused_and_the_old_one_stays() {
         let mut expect = |reader: &mut LineReader, prefix: &str| -> String {
             let start = Instant::now();
             loop {
-                assert!(start.elapsed() < Duration::from_secs(20), "no {prefix}: {log:?}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "no {prefix}: {log:?}"
+                );
                 if let Some(line) = reader.read_line(Duration::from_millis(100)) {
                     log.push(line.clone());
                     if line.starts_with(prefix) {
@@ -395,9 +412,18 @@ fn invalid_calibration_reload_is_refused_and_the_old_one_stays() {
         reader.send("TRIG").unwrap();
         let after_valid = expect(&mut reader, "RES 3 ");
         stop.store(true, Ordering::Relaxed);
-        (before, refused, after_garbage, wrong_model, after_wrong_model, accepted, after_valid)
+        (
+            before,
+            refused,
+            after_garbage,
+            wrong_model,
+            after_wrong_model,
+            accepted,
+            after_valid,
+        )
     });
-    let (before, refused, after_garbage, wrong_model, after_wrong_model, accepted, after_valid) = log;
+    let (before, refused, after_garbage, wrong_model, after_wrong_model, accepted, after_valid) =
+        log;
     let verdict_score = |l: &str| {
         let r = res_fields(l).unwrap();
         (r.1, r.2)
@@ -482,7 +508,10 @@ impl FrameSource for DroppingCamera {
             ..SynthConfig::default()
         };
         let (image, _) = synth::product(&cfg, &mut self.rng.fork(self.frames), None);
-        Ok(Some((format!("frame{}", self.frames), Frame::Pixels(image))))
+        Ok(Some((
+            format!("frame{}", self.frames),
+            Frame::Pixels(image),
+        )))
     }
 }
 
@@ -508,13 +537,18 @@ fn dropped_camera_reports_fault_and_reconnects_with_back_off() {
     let start = Instant::now();
     let summary = station::run(&cfg, &Controls::default(), hooks).unwrap();
     let seen: Vec<Event> = events.try_iter().collect();
-    let faults: Vec<&Event> = seen.iter().filter(|e| matches!(e, Event::Fault(_))).collect();
+    let faults: Vec<&Event> = seen
+        .iter()
+        .filter(|e| matches!(e, Event::Fault(_)))
+        .collect();
     assert!(
         matches!(faults.first(), Some(Event::Fault(r)) if r.contains("unplugged")),
         "{seen:?}"
     );
     assert!(
-        faults.iter().any(|e| matches!(e, Event::Fault(r) if r.contains("no such device"))),
+        faults
+            .iter()
+            .any(|e| matches!(e, Event::Fault(r) if r.contains("no such device"))),
         "{seen:?}"
     );
     assert_eq!(seen.last(), Some(&Event::Ready), "{seen:?}");
@@ -609,15 +643,16 @@ fn rejected_parts_pulse_the_reject_line_and_land_in_the_audit_folder() {
         .map(|c| c.0 - start)
         .collect();
     assert_eq!(rises.len(), rejected, "{changes:?}");
-    assert!(rises.iter().all(|t| *t >= Duration::from_millis(150)), "{rises:?}");
+    assert!(
+        rises.iter().all(|t| *t >= Duration::from_millis(150)),
+        "{rises:?}"
+    );
     let falls = changes
         .iter()
         .filter(|c| c.1 == OutputLine::Reject && !c.2)
         .count();
     assert_eq!(falls, rejected);
-    assert!(changes
-        .iter()
-        .any(|c| c.1 == OutputLine::Ready && c.2));
+    assert!(changes.iter().any(|c| c.1 == OutputLine::Ready && c.2));
     // Bounded to two parts, three files each.
     let stored = std::fs::read_dir(dir.join("audit")).unwrap().count();
     assert_eq!(stored, 6);

@@ -218,3 +218,17 @@ fn a_stage_with_parts_waiting_and_no_progress_is_stalled() {
     assert_eq!(check.stalled(&stats), None);
     assert_eq!(check.stalled(&stats), None);
 }
+
+#[test]
+fn encoder_count_at_a_past_instant_leaves_out_later_edges() {
+    let encoder = vigil::station::gpio::Encoder::default();
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    for ms in [1, 2, 3, 10, 11] {
+        encoder.edge(at(ms));
+    }
+    assert_eq!(encoder.count(), 5);
+    assert_eq!(encoder.count_at(at(5)), 3);
+    assert_eq!(encoder.count_at(at(0)), 0);
+    assert_eq!(encoder.count_at(at(20)), 5);
+}

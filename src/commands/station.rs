@@ -34,7 +34,8 @@ pub fn capture(config: &Path, out: &Path, count: usize) -> Result<Vec<PathBuf>> 
     let mut source = source::from_config(&cfg.source)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     source.open()?;
-    let period = (source.rate_hz() > 0.0).then(|| std::time::Duration::from_secs_f64(1.0 / source.rate_hz()));
+    let period = (source.rate_hz() > 0.0)
+        .then(|| std::time::Duration::from_secs_f64(1.0 / source.rate_hz()));
     let mut written = Vec::with_capacity(count);
     while written.len() < count {
         let start = Instant::now();
@@ -82,8 +83,10 @@ pub struct DemoSummary {
     pub station: Summary,
     /// The lines the "PLC" read from the pseudo-terminal.
     pub lines: Vec<String>,
-    /// Parts whose verdict matched their ground truth (good → OK, defect → NG).
+    /// Scored parts whose verdict matched their ground truth (good → OK, defect → NG).
     pub correct: usize,
+    /// Parts that got a score (not a fail-safe verdict).
+    pub scored: usize,
     pub parts: usize,
 }
 
@@ -112,8 +115,9 @@ pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummar
         out: model.clone(),
         config: Some(args.method_config.clone()),
         set: Vec::new(),
-        height: None,
-        width: None,
+        // The synthetic product's own size: a model at 128² keeps up with the demo's line rate.
+        height: Some(synth_cfg.height),
+        width: Some(synth_cfg.width),
         validation_fraction: 0.1,
         seed: args.seed,
         backbone: args.backbone.clone(),
@@ -202,11 +206,13 @@ pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummar
         on_line(&line);
         lines.push(line);
     }
-    let mut correct = 0;
+    let (mut correct, mut scored) = (0, 0);
     for line in &lines {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if let ["RES", id, verdict, ..] = fields.as_slice() {
-            if let Some(&defect) = id.parse::<usize>().ok().and_then(|i| truth.get(i)) {
+        if let ["RES", id, verdict, score, ..] = fields.as_slice() {
+            let defect = id.parse::<usize>().ok().and_then(|i| truth.get(i));
+            if let (Some(&defect), true) = (defect, *score != "-") {
+                scored += 1;
                 correct += usize::from((*verdict == "NG") == defect);
             }
         }
@@ -215,6 +221,7 @@ pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummar
         station: summary,
         lines,
         correct,
+        scored,
         parts: truth.len(),
     })
 }

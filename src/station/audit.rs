@@ -29,7 +29,12 @@ fn prefix_of(file_name: &str) -> Option<&str> {
 
 impl Audit {
     /// Opens (creating) the folder and takes stock of what earlier runs left there.
-    pub fn open(dir: &Path, max_parts: usize, max_bytes: u64, map_range: (f32, f32)) -> Result<Audit> {
+    pub fn open(
+        dir: &Path,
+        max_parts: usize,
+        max_bytes: u64,
+        map_range: (f32, f32),
+    ) -> Result<Audit> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut found: std::collections::BTreeMap<String, u64> = Default::default();
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -80,8 +85,8 @@ impl Audit {
 
     /// Stores one rejected part; `json` is its result line.
     pub fn store(&mut self, part: &Decided, json: &str) -> Result<()> {
-        let stamp = chrono::DateTime::<chrono::Utc>::from(part.captured_wall)
-            .format("%Y%m%dT%H%M%S%.3fZ");
+        let stamp =
+            chrono::DateTime::<chrono::Utc>::from(part.captured_wall).format("%Y%m%dT%H%M%S%.3fZ");
         let prefix = format!("{stamp}-{:08}", part.id);
         let mut written = Vec::with_capacity(3);
         let json_path = self.dir.join(format!("{prefix}.json"));

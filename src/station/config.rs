@@ -184,7 +184,7 @@ impl Default for PipelineConfig {
 }
 
 fn default_queue() -> usize {
-    4
+    2
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -354,9 +354,12 @@ impl StationConfig {
     }
 
     pub fn device_choice(&self) -> Result<DeviceChoice> {
-        self.device
-            .parse()
-            .map_err(|_| bad("device", format!("`{}` is not one of cpu, cuda", self.device)))
+        self.device.parse().map_err(|_| {
+            bad(
+                "device",
+                format!("`{}` is not one of cpu, cuda", self.device),
+            )
+        })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -373,7 +376,10 @@ impl StationConfig {
             } => {
                 positive_rate("source.rate_hz", *rate_hz)?;
                 if !matches!(channels, 1 | 3) {
-                    return Err(bad("source.channels", format!("{channels} (must be 1 or 3)")));
+                    return Err(bad(
+                        "source.channels",
+                        format!("{channels} (must be 1 or 3)"),
+                    ));
                 }
                 let min = crate::data::synth::SynthConfig::MIN_SIDE;
                 if *height < min || *width < min {
@@ -456,7 +462,10 @@ impl StationConfig {
             match (g.delay_ms, g.delay_counts, g.encoder_line) {
                 (Some(_), None, _) | (None, Some(_), Some(_)) => {}
                 (None, Some(_), None) => {
-                    return Err(bad("gpio.encoder_line", "delay_counts needs an encoder line"))
+                    return Err(bad(
+                        "gpio.encoder_line",
+                        "delay_counts needs an encoder line",
+                    ))
                 }
                 _ => {
                     return Err(bad(

@@ -33,7 +33,10 @@ pub struct InFlight {
 
 impl InFlight {
     pub fn register(&self, pending: Pending) {
-        self.parts.lock().expect("in-flight lock").push_back(pending);
+        self.parts
+            .lock()
+            .expect("in-flight lock")
+            .push_back(pending);
     }
 
     pub fn mark_dropped(&self, id: u64) {
@@ -178,12 +181,7 @@ impl Decider {
                     } else {
                         Verdict::Ok
                     };
-                    (
-                        verdict,
-                        Some(s),
-                        Some(self.calibration.normalized(s)),
-                        None,
-                    )
+                    (verdict, Some(s), Some(self.calibration.normalized(s)), None)
                 } else {
                     (
                         self.failure_verdict(),

@@ -5,7 +5,8 @@
 //! [`GpioOutputs`], so it is tested with a recording double; the Linux character-device backend
 //! (`--features gpio`) is in [`cdev`].
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 
@@ -80,6 +81,11 @@ impl RejectTimer {
         Ok(())
     }
 
+    /// Pulses scheduled and not yet started.
+    pub fn pending(&self) -> usize {
+        self.due.len()
+    }
+
     /// Time until the output must next change in time mode (None: nothing scheduled).
     pub fn next_change_us(&self, now_us: u64, time_mode: bool) -> Option<u64> {
         let end = self.high_until.map(|u| u.saturating_sub(now_us));
@@ -99,6 +105,37 @@ impl RejectTimer {
 pub fn set_state(out: &mut dyn GpioOutputs, ready: bool) -> Result<()> {
     out.set(OutputLine::Ready, ready)?;
     out.set(OutputLine::Fault, !ready)
+}
+
+/// Belt position from an encoder: edges counted with their arrival times, so the count at a
+/// past instant (a part's capture) is known.
+#[derive(Default)]
+pub struct Encoder {
+    edges: Mutex<(u64, VecDeque<Instant>)>,
+}
+
+/// Edge times kept: far more than fit between a capture and its verdict.
+const ENCODER_HISTORY: usize = 8192;
+
+impl Encoder {
+    pub fn edge(&self, at: Instant) {
+        let mut e = self.edges.lock().expect("encoder lock");
+        e.0 += 1;
+        if e.1.len() == ENCODER_HISTORY {
+            e.1.pop_front();
+        }
+        e.1.push_back(at);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.edges.lock().expect("encoder lock").0
+    }
+
+    /// The count at instant `t` (edges after `t` not included).
+    pub fn count_at(&self, t: Instant) -> u64 {
+        let e = self.edges.lock().expect("encoder lock");
+        e.0 - e.1.iter().rev().take_while(|&&at| at > t).count() as u64
+    }
 }
 
 #[cfg(feature = "gpio")]

@@ -8,12 +8,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{
+    bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError,
+};
 
 use super::audit::Audit;
 use super::config::{StationConfig, TriggerConfig};
 use super::decision::{Decider, InFlight, Pending};
-use super::gpio::{self, GpioOutputs, RejectTimer};
+use super::gpio::{self, Encoder, GpioOutputs, RejectTimer};
 use super::ops::Notifier;
 use super::protocol::{self, Command};
 use super::source::{self, FrameSource, BACKOFF_MAX, BACKOFF_MIN};
@@ -60,6 +62,8 @@ pub struct Summary {
     pub serial_dropped: u64,
     pub late_rejects: u64,
     pub seconds: f64,
+    /// Capture-to-signal p50 and p99 (milliseconds) over the last 1,024 parts.
+    pub latency_ms: Option<(f64, f64)>,
     /// The last status line.
     pub status: String,
 }
@@ -128,7 +132,8 @@ impl Health {
             faults.insert(origin, reason.clone());
             self.stats.fault.store(true, Ordering::Relaxed);
             drop(faults);
-            self.outputs.event(&Event::Fault(format!("{origin}: {reason}")));
+            self.outputs
+                .event(&Event::Fault(format!("{origin}: {reason}")));
         }
     }
 
@@ -443,7 +448,9 @@ impl DecisionStage {
         let mut next_poll = Instant::now();
         loop {
             let reload_asked = self.reload.swap(false, Ordering::Relaxed);
-            let poll_due = self.reload_poll.is_some_and(|_| Instant::now() >= next_poll);
+            let poll_due = self
+                .reload_poll
+                .is_some_and(|_| Instant::now() >= next_poll);
             if poll_due {
                 next_poll = Instant::now() + self.reload_poll.expect("poll set");
             }
@@ -568,46 +575,57 @@ fn audit_stage(rx: Receiver<(Decided, String)>, mut audit: Audit) {
     }
 }
 
-fn gpio_stage(rx: Receiver<GpioMsg>, mut out: Box<dyn GpioOutputs>, timer: RejectTimer, stats: Arc<Stats>) -> u64 {
-    let mut timer = timer;
+fn gpio_stage(
+    rx: Receiver<GpioMsg>,
+    mut out: Box<dyn GpioOutputs>,
+    mut timer: RejectTimer,
+    encoder: Option<Arc<Encoder>>,
+    stats: Arc<Stats>,
+) -> u64 {
     let origin = Instant::now();
     let us = |t: Instant| t.saturating_duration_since(origin).as_micros() as u64;
-    loop {
+    let position = |t: Instant| encoder.as_ref().map_or_else(|| us(t), |e| e.count_at(t));
+    let next_wait = |timer: &RejectTimer| {
         let now = us(Instant::now());
-        let wait = timer
-            .next_change_us(now, true)
-            .map_or(Duration::from_millis(100), Duration::from_micros);
-        match rx.recv_timeout(wait) {
-            Ok(GpioMsg::Reject(captured)) => {
-                if !timer.reject(us(captured), us(Instant::now())) {
-                    log::error!("reject verdict arrived after its part passed the ejector");
-                    stats.fault.store(true, Ordering::Relaxed);
-                }
+        match timer.next_change_us(now, encoder.is_none()) {
+            // Encoder counts cannot be predicted: look again every millisecond.
+            _ if encoder.is_some() && timer.pending() > 0 => Duration::from_millis(1),
+            Some(w) => Duration::from_micros(w),
+            None => Duration::from_millis(100),
+        }
+    };
+    let mut closed = false;
+    loop {
+        if closed {
+            if timer.pending() == 0 && timer.next_change_us(us(Instant::now()), true).is_none() {
+                break;
             }
-            Ok(GpioMsg::State(ready)) => {
-                if let Err(e) = gpio::set_state(out.as_mut(), ready) {
-                    log::warn!("GPIO state: {e}");
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                // Finish pulses still due, then leave the outputs low.
-                while let Some(w) = timer.next_change_us(us(Instant::now()), true) {
-                    std::thread::sleep(Duration::from_micros(w));
-                    let now = us(Instant::now());
-                    if timer.poll(now, now, out.as_mut()).is_err() {
-                        break;
+            std::thread::sleep(next_wait(&timer));
+        } else {
+            match rx.recv_timeout(next_wait(&timer)) {
+                Ok(GpioMsg::Reject(captured)) => {
+                    if !timer.reject(position(captured), position(Instant::now())) {
+                        log::error!("reject verdict arrived after its part passed the ejector");
+                        stats.fault.store(true, Ordering::Relaxed);
                     }
                 }
-                let _ = gpio::set_state(out.as_mut(), false);
-                return timer.late;
+                Ok(GpioMsg::State(ready)) => {
+                    if let Err(e) = gpio::set_state(out.as_mut(), ready) {
+                        log::warn!("GPIO state: {e}");
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // Finish the pulses still due, then leave the outputs in FAULT.
+                Err(RecvTimeoutError::Disconnected) => closed = true,
             }
         }
-        let now = us(Instant::now());
-        if let Err(e) = timer.poll(now, now, out.as_mut()) {
+        let now = Instant::now();
+        if let Err(e) = timer.poll(position(now), us(now), out.as_mut()) {
             log::warn!("GPIO reject output: {e}");
         }
     }
+    let _ = gpio::set_state(out.as_mut(), false);
+    timer.late
 }
 
 fn open_json(path: &Path) -> Result<Box<dyn Write + Send>> {
@@ -622,30 +640,59 @@ fn open_json(path: &Path) -> Result<Box<dyn Write + Send>> {
     Ok(Box::new(std::io::LineWriter::new(file)))
 }
 
-fn gpio_outputs(cfg: &StationConfig, hooks: &mut Hooks) -> Result<Option<(Box<dyn GpioOutputs>, RejectTimer)>> {
+/// Counts encoder edges on `line`.
+#[cfg(feature = "gpio")]
+fn encoder(chip: &Path, line: u32, stop: &Arc<AtomicBool>) -> Result<Arc<Encoder>> {
+    let encoder = Arc::new(Encoder::default());
+    gpio::cdev::spawn_encoder(chip, line, encoder.clone(), stop.clone())?;
+    Ok(encoder)
+}
+
+#[cfg(not(feature = "gpio"))]
+fn encoder(_: &Path, _: u32, _: &Arc<AtomicBool>) -> Result<Arc<Encoder>> {
+    Err(Error::config(
+        "gpio.delay_counts",
+        "counting encoder edges needs a vigil built with `--features gpio`",
+    ))
+}
+
+type GpioParts = (Box<dyn GpioOutputs>, RejectTimer, Option<Arc<Encoder>>);
+
+fn gpio_outputs(
+    cfg: &StationConfig,
+    hooks: &mut Hooks,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<GpioParts>> {
     let Some(g) = &cfg.gpio else {
         return Ok(None);
     };
     let width = Duration::from_millis(g.pulse_ms);
-    let timer = match (g.delay_ms, g.delay_counts) {
-        (Some(ms), _) => RejectTimer::new(ms * 1000, width),
+    let (timer, encoder) = match (g.delay_ms, g.delay_counts, g.encoder_line) {
+        (Some(ms), _, _) => (RejectTimer::new(ms * 1000, width), None),
+        (None, Some(counts), Some(line)) => (
+            RejectTimer::new(counts, width),
+            Some(encoder(&g.chip, line, stop)?),
+        ),
         _ => {
             return Err(Error::config(
-                "gpio.delay_counts",
-                "encoder-count delays need the GPIO character device driver (not in this build)",
+                "gpio.delay_ms",
+                "give delay_ms, or delay_counts and encoder_line",
             ))
         }
     };
     if let Some(double) = hooks.gpio.take() {
-        return Ok(Some((double, timer)));
+        return Ok(Some((double, timer, encoder)));
     }
     #[cfg(feature = "gpio")]
     {
-        let lines = super::gpio::cdev::Outputs::open(&g.chip, g.reject_line, g.ready_line, g.fault_line)?;
-        Ok(Some((Box::new(lines), timer)))
+        let lines = gpio::cdev::Outputs::open(&g.chip, g.reject_line, g.ready_line, g.fault_line)?;
+        Ok(Some((Box::new(lines), timer, encoder)))
     }
     #[cfg(not(feature = "gpio"))]
-    Err(Error::config("gpio", "needs a vigil built with `--features gpio`"))
+    Err(Error::config(
+        "gpio",
+        "needs a vigil built with `--features gpio`",
+    ))
 }
 
 /// Runs the station until the source ends or `controls.stop` is set; every captured part has
@@ -681,17 +728,25 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
         None => source::from_config(&cfg.source)?,
     };
     let audit = match &cfg.audit {
-        Some(a) => Some(Audit::open(&a.dir, a.max_parts, a.max_bytes, heatmap_range(&meta))?),
+        Some(a) => Some(Audit::open(
+            &a.dir,
+            a.max_parts,
+            a.max_bytes,
+            heatmap_range(&meta),
+        )?),
         None => None,
     };
     let json = match &cfg.json {
         Some(j) => Some(Mutex::new(open_json(&j.path)?)),
         None => None,
     };
-    let gpio = gpio_outputs(cfg, &mut hooks)?;
+    let gpio = gpio_outputs(cfg, &mut hooks, &controls.stop)?;
     #[cfg(not(feature = "gpio"))]
     if matches!(cfg.trigger, TriggerConfig::Gpio { .. }) {
-        return Err(Error::config("trigger.kind", "`gpio` needs a vigil built with `--features gpio`"));
+        return Err(Error::config(
+            "trigger.kind",
+            "`gpio` needs a vigil built with `--features gpio`",
+        ));
     }
 
     let stats = Arc::new(Stats::new());
@@ -713,20 +768,32 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
     });
     stats.fault.store(true, Ordering::Relaxed);
 
-    let gpio_handle = gpio.map(|(out, timer)| {
+    let gpio_handle = gpio.map(|(out, timer, encoder)| {
         let stats = stats.clone();
-        spawn("signal-gpio", move || gpio_stage(gpio_rx, out, timer, stats))
+        spawn("signal-gpio", move || {
+            gpio_stage(gpio_rx, out, timer, encoder, stats)
+        })
     });
 
     let (trigger_tx, trigger_rx) = bounded::<()>(16);
     let triggered = (cfg.trigger != TriggerConfig::FreeRun).then_some(trigger_rx);
     #[cfg(feature = "gpio")]
     if let TriggerConfig::Gpio { chip, line, edge } = &cfg.trigger {
-        super::gpio::cdev::spawn_trigger(chip, *line, edge == "rising", trigger_tx.clone(), controls.stop.clone())?;
+        super::gpio::cdev::spawn_trigger(
+            chip,
+            *line,
+            edge == "rising",
+            trigger_tx.clone(),
+            controls.stop.clone(),
+        )?;
     }
     let serial_handle = cfg.serial.clone().map(|scfg| {
         // Weak: the writer ends when the last strong `Outputs` (its line sender) is dropped.
-        let (stats_c, outputs_w, reload) = (stats.clone(), Arc::downgrade(&outputs), controls.reload.clone());
+        let (stats_c, outputs_w, reload) = (
+            stats.clone(),
+            Arc::downgrade(&outputs),
+            controls.reload.clone(),
+        );
         let trigger = trigger_tx.clone();
         let commands: serial::CommandSink = Arc::new(move |cmd: Command| {
             let Some(outputs_c) = outputs_w.upgrade() else {
@@ -793,11 +860,15 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
     let spec = meta.input;
     let pre_handle = {
         let stats = stats.clone();
-        spawn("preprocess", move || preprocess_stage(pre_rx, pre_tx, spec, stats))
+        spawn("preprocess", move || {
+            preprocess_stage(pre_rx, pre_tx, spec, stats)
+        })
     };
     let inf_handle = {
         let (stats, hook) = (stats.clone(), hooks.before_inference.take());
-        spawn("inference", move || inference_stage(inf_rx, inf_tx, method, device, hook, stats))
+        spawn("inference", move || {
+            inference_stage(inf_rx, inf_tx, method, device, hook, stats)
+        })
     };
     let dec_handle = {
         let stage = DecisionStage {
@@ -829,7 +900,8 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
     drop(audit_tx);
 
     // Status lines and the systemd watchdog, until the signal stage is done.
-    let status_every = (cfg.status.interval_s > 0.0).then(|| Duration::from_secs_f64(cfg.status.interval_s));
+    let status_every =
+        (cfg.status.interval_s > 0.0).then(|| Duration::from_secs_f64(cfg.status.interval_s));
     let mut next_status = Instant::now() + status_every.unwrap_or(Duration::MAX / 4);
     let mut next_watchdog = Instant::now();
     let mut stall = StallCheck::new();
@@ -889,6 +961,7 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
         serial_dropped: load(&stats.serial_dropped),
         late_rejects,
         seconds: started.elapsed().as_secs_f64(),
+        latency_ms: stats.percentiles_ms(5),
         status: stats.status_line(&mut since),
     })
 }

@@ -169,7 +169,10 @@ fn writer(
         } else {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if conn.as_ref().is_some_and(|c| !c.alive.load(Ordering::Relaxed)) {
+        if conn
+            .as_ref()
+            .is_some_and(|c| !c.alive.load(Ordering::Relaxed))
+        {
             conn = None;
             next_attempt = Instant::now();
         }

@@ -258,9 +258,7 @@ pub mod camera {
                 .as_mut()
                 .ok_or_else(|| camera_error("not open"))?;
             let buffer = camera.frame().map_err(camera_error)?;
-            let rgb = buffer
-                .decode_image::<RgbFormat>()
-                .map_err(camera_error)?;
+            let rgb = buffer.decode_image::<RgbFormat>().map_err(camera_error)?;
             let (w, h) = (rgb.width() as usize, rgb.height() as usize);
             let mut image = Image::zeros(3, h, w);
             let n = h * w;

@@ -176,7 +176,8 @@ impl StallCheck {
         let mut stalled = None;
         for stage in 1..5 {
             let waiting = now[stage - 1] > now[stage];
-            if waiting && self.waiting[stage] && now[stage] == self.last[stage] && stalled.is_none() {
+            if waiting && self.waiting[stage] && now[stage] == self.last[stage] && stalled.is_none()
+            {
                 stalled = Some(STAGES[stage]);
             }
             self.waiting[stage] = waiting;
