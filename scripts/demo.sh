@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 models/get-weights.sh
 cargo build --release --quiet
 target/release/vigil demo --out runs/demo --method-config configs/nf-bmr-demo.toml --seed 1 "$@"
+# The model's evaluation report on the same data (ROC, histogram, worst-case overlays).
+target/release/vigil eval --model runs/demo/model.safetensors --data runs/demo/data --out runs/demo/report --quiet
+echo "report: runs/demo/report/summary.md; station results: runs/demo/results.jsonl; rejected parts: runs/demo/audit"
