@@ -2,6 +2,7 @@
 //! and 90% of that rate, and memory after 1,000 vs 10,000 parts.
 //!
 //! `cargo bench --bench station_throughput -- MODEL CALIBRATION [parts] [memory_parts]`
+//! (`memory_parts` 0 skips the memory run)
 //! (the demo's `runs/demo/model.safetensors` and `runs/demo/calibration.toml` by default).
 //! Frames come from memory at the model's input size, so the numbers are the pipeline's own
 //! (no PNG decoding); a folder-source row shows what decoding adds.
@@ -185,6 +186,9 @@ fn main() -> Result<()> {
         folder.captured as f64 / folder.seconds
     );
 
+    if memory_parts <= 1_000 {
+        return Ok(());
+    }
     // Memory: resident set after 1,000 parts and after `memory_parts`.
     let at_1000 = Arc::new(AtomicU64::new(0));
     let at_end = Arc::new(AtomicU64::new(0));

@@ -159,7 +159,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Parts per second on the line (0 = as fast as the station goes).
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 2.0)]
         rate: f64,
     },
 }

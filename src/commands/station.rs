@@ -93,8 +93,9 @@ pub struct DemoSummary {
 /// synth → train → calibrate → the station on a folder of test parts, its serial signal on a
 /// pseudo-terminal pair; `on_line` sees every line the PLC side reads.
 pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummary> {
-    let out = &args.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    // The station file takes relative paths from its own folder: write absolute ones.
+    let out = &std::path::absolute(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let data = out.join("data");
     let synth_cfg = SynthConfig {
         seed: args.seed,
