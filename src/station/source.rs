@@ -191,7 +191,12 @@ impl FrameSource for SyntheticSource {
 
 #[cfg(feature = "camera")]
 pub mod camera {
-    //! A camera through nokhwa (V4L2 on Linux).
+    //! A camera through nokhwa (V4L2 on Linux). The camera lives in a thread of its own that
+    //! streams frames into a one-slot channel: the source never depends on nokhwa's types being
+    //! `Send`, and a camera that stops delivering is noticed by a timeout, not a hang.
+    use std::time::Duration;
+
+    use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
     use nokhwa::pixel_format::RgbFormat;
     use nokhwa::utils::{
         CameraFormat, CameraIndex, FrameFormat, RequestedFormat, RequestedFormatType, Resolution,
@@ -203,15 +208,14 @@ pub mod camera {
     use crate::error::{Error, Result};
     use crate::station::Frame;
 
+    /// A frame not arriving within this time counts as a dropped camera.
+    const FRAME_TIMEOUT: Duration = Duration::from_secs(2);
+
     pub struct CameraSource {
         index: u32,
         format: CameraFormat,
-        camera: Option<Camera>,
-        frames: u64,
-    }
-
-    fn camera_error(e: impl std::fmt::Display) -> Error {
-        Error::Device(format!("camera: {e}"))
+        frames: Option<Receiver<std::result::Result<Image, String>>>,
+        count: u64,
     }
 
     impl CameraSource {
@@ -234,42 +238,110 @@ pub mod camera {
             Ok(CameraSource {
                 index: *device,
                 format: CameraFormat::new(Resolution::new(*width, *height), frame_format, *fps),
-                camera: None,
-                frames: 0,
+                frames: None,
+                count: 0,
             })
+        }
+    }
+
+    fn to_image(rgb: &[u8], width: usize, height: usize) -> Image {
+        let mut image = Image::zeros(3, height, width);
+        let n = height * width;
+        for (i, px) in rgb.chunks_exact(3).enumerate().take(n) {
+            for (c, &v) in px.iter().enumerate() {
+                image.data[c * n + i] = v as f32 / 255.0;
+            }
+        }
+        image
+    }
+
+    /// Opens the camera and streams frames until it fails or the receiver is gone.
+    fn stream(
+        index: u32,
+        format: CameraFormat,
+        opened: crossbeam_channel::Sender<std::result::Result<(), String>>,
+        frames: crossbeam_channel::Sender<std::result::Result<Image, String>>,
+    ) {
+        let requested = RequestedFormat::new::<RgbFormat>(RequestedFormatType::Exact(format));
+        let mut camera = match Camera::new(CameraIndex::Index(index), requested)
+            .and_then(|mut c| c.open_stream().map(|_| c))
+        {
+            Ok(c) => {
+                let _ = opened.send(Ok(()));
+                c
+            }
+            Err(e) => {
+                let _ = opened.send(Err(e.to_string()));
+                return;
+            }
+        };
+        loop {
+            let frame = camera
+                .frame()
+                .map_err(|e| e.to_string())
+                .and_then(|buffer| {
+                    let rgb = buffer
+                        .decode_image::<RgbFormat>()
+                        .map_err(|e| e.to_string())?;
+                    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+                    Ok(to_image(rgb.as_raw(), w, h))
+                });
+            let failed = frame.is_err();
+            if frames.send(frame).is_err() || failed {
+                return;
+            }
         }
     }
 
     impl FrameSource for CameraSource {
         fn open(&mut self) -> Result<()> {
-            self.camera = None;
-            let requested =
-                RequestedFormat::new::<RgbFormat>(RequestedFormatType::Exact(self.format));
-            let mut camera =
-                Camera::new(CameraIndex::Index(self.index), requested).map_err(camera_error)?;
-            camera.open_stream().map_err(camera_error)?;
-            self.camera = Some(camera);
-            Ok(())
+            self.frames = None;
+            let (opened_tx, opened_rx) = bounded(1);
+            let (frames_tx, frames_rx) = bounded(1);
+            let (index, format) = (self.index, self.format);
+            std::thread::Builder::new()
+                .name(format!("camera{index}"))
+                .spawn(move || stream(index, format, opened_tx, frames_tx))
+                .map_err(|e| Error::Device(format!("camera {index}: cannot start thread: {e}")))?;
+            match opened_rx.recv_timeout(FRAME_TIMEOUT * 5) {
+                Ok(Ok(())) => {
+                    self.frames = Some(frames_rx);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(Error::Device(format!("camera {index}: {e}"))),
+                Err(_) => Err(Error::Device(format!("camera {index}: does not open"))),
+            }
         }
 
         fn grab(&mut self) -> Result<Option<(String, Frame)>> {
-            let camera = self
-                .camera
-                .as_mut()
-                .ok_or_else(|| camera_error("not open"))?;
-            let buffer = camera.frame().map_err(camera_error)?;
-            let rgb = buffer.decode_image::<RgbFormat>().map_err(camera_error)?;
-            let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-            let mut image = Image::zeros(3, h, w);
-            let n = h * w;
-            for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
-                for (c, &v) in px.iter().enumerate() {
-                    image.data[c * n + i] = v as f32 / 255.0;
+            let index = self.index;
+            let frames = self
+                .frames
+                .as_ref()
+                .ok_or_else(|| Error::Device(format!("camera {index}: not open")))?;
+            // A frame already waiting was taken before this grab (before the trigger): the
+            // part is the next one.
+            while let Ok(stale) = frames.try_recv() {
+                if let Err(e) = stale {
+                    return Err(Error::Device(format!("camera {index}: {e}")));
                 }
             }
-            self.frames += 1;
+            let image = match frames.recv_timeout(FRAME_TIMEOUT) {
+                Ok(Ok(image)) => image,
+                Ok(Err(e)) => return Err(Error::Device(format!("camera {index}: {e}"))),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Device(format!(
+                        "camera {index}: no frame for {} s",
+                        FRAME_TIMEOUT.as_secs()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Device(format!("camera {index}: stream ended")))
+                }
+            };
+            self.count += 1;
             Ok(Some((
-                format!("camera{}-{}", self.index, self.frames),
+                format!("camera{index}-{}", self.count),
                 Frame::Pixels(image),
             )))
         }
