@@ -571,9 +571,15 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
             json.display().to_string()
         ),
     );
+    // systemd's side of sd_notify.
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_nonblocking(true).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["run", "--config"])
         .arg(dir.join("station.toml"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -597,6 +603,19 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
         ids.len()
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("status: fps"));
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = notify.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let position = |m: &str| messages.iter().position(|x| x == m);
+    assert!(position("READY=1").is_some(), "{messages:?}");
+    assert!(position("WATCHDOG=1").is_some(), "{messages:?}");
+    assert_eq!(
+        messages.last().map(String::as_str),
+        Some("STOPPING=1"),
+        "{messages:?}"
+    );
 }
 
 /// GPIO outputs that record each change with its time.
