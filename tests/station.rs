@@ -677,3 +677,35 @@ fn rejected_parts_pulse_the_reject_line_and_land_in_the_audit_folder() {
     assert_eq!(stored, 6);
     assert_eq!(summary.ng + summary.err, rejected as u64);
 }
+
+#[test]
+fn teach_mode_stores_parts_from_the_station_source() {
+    let f = fixture();
+    let dir = line_folder("capture", &f.good[..4]);
+    config(&dir, &folder_source(&dir, true, 0.0));
+    let out = dir.join("taught");
+    let stored = commands::station::capture(&dir.join("station.toml"), &out, 6).unwrap();
+    assert_eq!(stored.len(), 6);
+    // Looped: the fifth stored part is the first file again, byte for byte.
+    assert_eq!(
+        std::fs::read(&stored[4]).unwrap(),
+        std::fs::read(dir.join("line/000.png")).unwrap()
+    );
+    let synthetic = dir.join("synthetic.toml");
+    std::fs::write(
+        &synthetic,
+        "model = \"m\"\ncalibration = \"c\"\n[source]\nkind = \"synthetic\"\nheight = 32\nwidth = 32\n",
+    )
+    .unwrap();
+    let frames = commands::station::capture(&synthetic, &dir.join("synth"), 2).unwrap();
+    let img = vigil::data::image::load_image(
+        &frames[1],
+        &vigil::data::InputSpec {
+            height: 32,
+            width: 32,
+            channels: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(img.data.len(), 32 * 32);
+}
