@@ -159,11 +159,20 @@ fn with_station<T>(
     hooks: Hooks,
     plc: impl FnOnce(&dyn Fn() -> bool) -> T,
 ) -> (station::Summary, T) {
+    let stop = controls.stop.clone();
     std::thread::scope(|scope| {
         let handle = scope.spawn(|| station::run(&cfg, &controls, hooks));
         let finished = || handle.is_finished();
-        let seen = plc(&finished);
-        (handle.join().unwrap().unwrap(), seen)
+        let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plc(&finished)));
+        // A failed check must fail the test, not leave a triggered station waiting forever.
+        if seen.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let summary = handle.join().unwrap().unwrap();
+        (
+            summary,
+            seen.unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        )
     })
 }
 
