@@ -672,7 +672,13 @@ fn rejected_parts_pulse_the_reject_line_and_land_in_the_audit_folder() {
         .filter(|c| c.1 == OutputLine::Reject && c.2)
         .map(|c| c.0 - start)
         .collect();
-    assert_eq!(rises.len(), rejected, "{changes:?}");
+    // A verdict later than the ejector delay fires no pulse (it would hit the next part) and is
+    // counted instead: on a fast machine none is late, under emulation all may be.
+    assert_eq!(
+        rises.len() as u64 + summary.late_rejects,
+        rejected as u64,
+        "{changes:?}"
+    );
     assert!(
         rises.iter().all(|t| *t >= Duration::from_millis(150)),
         "{rises:?}"
@@ -681,7 +687,7 @@ fn rejected_parts_pulse_the_reject_line_and_land_in_the_audit_folder() {
         .iter()
         .filter(|c| c.1 == OutputLine::Reject && !c.2)
         .count();
-    assert_eq!(falls, rejected);
+    assert_eq!(falls, rises.len());
     assert!(changes.iter().any(|c| c.1 == OutputLine::Ready && c.2));
     // Bounded to two parts, three files each.
     let stored = std::fs::read_dir(dir.join("audit")).unwrap().count();
