@@ -138,6 +138,36 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
     },
+    /// Run the inspection station (capture → infer → verdict → PLC) until SIGTERM.
+    Run {
+        /// Station file (see systemd/station.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Teach mode: store parts from the station's source as training images.
+    Capture {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        count: usize,
+    },
+    /// The demo: synthetic product → train → calibrate → station with its serial signal on a
+    /// pseudo-terminal pair, printing each line the PLC receives.
+    Demo {
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        #[arg(long, default_value = "configs/nf-bmr-demo.toml")]
+        method_config: PathBuf,
+        #[arg(long, default_value = commands::DEFAULT_BACKBONE)]
+        backbone: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Parts per second on the line (0 = as fast as the station goes).
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -409,6 +439,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = vigil::bench::run(&model, &batch, iterations, device)
                 .context("benchmark failed")?;
             print!("{report}");
+        }
+        Command::Run { config } => {
+            let s = commands::station::run(&config)
+                .with_context(|| format!("station {}", config.display()))?;
+            println!(
+                "stopped: {} parts captured, OK {} NG {} ERR {} (deadline misses {}, failures {}, drops {}) in {:.1} s",
+                s.captured, s.ok, s.ng, s.err, s.deadline_misses, s.failures, s.drops, s.seconds
+            );
+        }
+        Command::Capture { config, out, count } => {
+            let files =
+                commands::station::capture(&config, &out, count).context("capture failed")?;
+            println!("stored {} parts in {}", files.len(), out.display());
+        }
+        Command::Demo {
+            out,
+            method_config,
+            backbone,
+            seed,
+            rate,
+        } => {
+            let args = commands::station::DemoArgs {
+                out,
+                method_config,
+                backbone,
+                seed,
+                rate_hz: rate,
+            };
+            println!("PLC side of the serial line:");
+            let d = commands::station::demo(&args, |line| println!("  {line}"))
+                .context("demo failed")?;
+            let s = &d.station;
+            println!(
+                "{} parts: OK {} NG {} ERR {}; {} of {} scored verdicts match the ground truth; deadline misses {}, drops {}",
+                s.captured, s.ok, s.ng, s.err, d.correct, d.scored, s.deadline_misses, s.drops
+            );
+            println!("status: {}", s.status);
+            println!(
+                "results: {0}/results.jsonl, rejected parts: {0}/audit, station file: {0}/station.toml",
+                args.out.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,8 @@ use crate::methods::{self, Method};
 use crate::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
 use crate::train::{self, progress_bar, TrainOptions};
 
+pub mod station;
+
 /// Where the backbone weights are installed by `models/get-weights.sh`.
 pub const DEFAULT_BACKBONE: &str = "models/efficientnet-lite0.safetensors";
 

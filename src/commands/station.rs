@@ -1,0 +1,243 @@
+//! `vigil run`, `vigil capture` (teach mode) and `vigil demo` as library functions.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{calibrate, train, CalibrateArgs, RunOptions, TrainArgs};
+use crate::data::dataset::DataSource;
+use crate::data::synth::{self, SynthConfig};
+use crate::device::DeviceChoice;
+use crate::error::{Error, Result};
+use crate::station::config::StationConfig;
+use crate::station::source;
+use crate::station::{pty, Controls, Frame, Hooks, Summary};
+
+/// Runs the station of `config` until its source ends or SIGTERM/SIGINT; SIGHUP reloads the
+/// calibration.
+pub fn run(config: &Path) -> Result<Summary> {
+    let cfg = StationConfig::load(config)?;
+    let controls = Controls::default();
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, controls.stop.clone())
+            .map_err(|e| Error::Device(format!("cannot handle signal {signal}: {e}")))?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, controls.reload.clone())
+        .map_err(|e| Error::Device(format!("cannot handle SIGHUP: {e}")))?;
+    crate::station::run(&cfg, &controls, Hooks::default())
+}
+
+/// Teach mode: stores `count` parts from the configured source in `out` as training images
+/// (files are copied as they are; frames in memory are written as PNG).
+pub fn capture(config: &Path, out: &Path, count: usize) -> Result<Vec<PathBuf>> {
+    let cfg = StationConfig::load(config)?;
+    let mut source = source::from_config(&cfg.source)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    source.open()?;
+    let period = (source.rate_hz() > 0.0)
+        .then(|| std::time::Duration::from_secs_f64(1.0 / source.rate_hz()));
+    let mut written = Vec::with_capacity(count);
+    while written.len() < count {
+        let start = Instant::now();
+        let Some((name, frame)) = source.grab()? else {
+            break;
+        };
+        let index = written.len();
+        let path = match frame {
+            Frame::File(src) => {
+                let ext = src
+                    .extension()
+                    .map_or("png".into(), |e| e.to_string_lossy().into_owned());
+                let dst = out.join(format!("{index:05}.{ext}"));
+                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                dst
+            }
+            Frame::Pixels(image) => {
+                let dst = out.join(format!("{index:05}.png"));
+                crate::data::image::save_png(&image, &dst)?;
+                dst
+            }
+        };
+        log::info!("captured {name} -> {}", path.display());
+        written.push(path);
+        if let Some(p) = period {
+            std::thread::sleep(p.saturating_sub(start.elapsed()));
+        }
+    }
+    Ok(written)
+}
+
+#[derive(Clone, Debug)]
+pub struct DemoArgs {
+    pub out: PathBuf,
+    /// NF-BMR hyper-parameters (configs/nf-bmr-demo.toml).
+    pub method_config: PathBuf,
+    pub backbone: PathBuf,
+    pub seed: u64,
+    /// Parts per second on the line; 0 = as fast as the station goes.
+    pub rate_hz: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct DemoSummary {
+    pub station: Summary,
+    /// The lines the "PLC" read from the pseudo-terminal.
+    pub lines: Vec<String>,
+    /// Scored parts whose verdict matched their ground truth (good → OK, defect → NG).
+    pub correct: usize,
+    /// Parts that got a score (not a fail-safe verdict).
+    pub scored: usize,
+    pub parts: usize,
+}
+
+/// synth → train → calibrate → the station on a folder of test parts, its serial signal on a
+/// pseudo-terminal pair; `on_line` sees every line the PLC side reads.
+pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummary> {
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    // The station file takes relative paths from its own folder: write absolute ones.
+    let out = &std::path::absolute(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let data = out.join("data");
+    let synth_cfg = SynthConfig {
+        seed: args.seed,
+        ..SynthConfig::default()
+    };
+    synth::generate(&data, &synth_cfg)?;
+    let run_opts = RunOptions {
+        device: DeviceChoice::Cpu,
+        batch_size: 8,
+        skip_bad: false,
+        progress: false,
+    };
+    let model = out.join("model.safetensors");
+    log::info!("demo: training NF-BMR on {}", data.display());
+    train(&TrainArgs {
+        method: "nf-bmr".into(),
+        data: DataSource::Mvtec { root: data.clone() },
+        out: model.clone(),
+        config: Some(args.method_config.clone()),
+        set: Vec::new(),
+        // The synthetic product's own size: a model at 128² keeps up with the demo's line rate.
+        height: Some(synth_cfg.height),
+        width: Some(synth_cfg.width),
+        validation_fraction: 0.1,
+        seed: args.seed,
+        backbone: args.backbone.clone(),
+        checkpoint: None,
+        resume: false,
+        run: run_opts.clone(),
+    })?;
+    let calibration = out.join("calibration.toml");
+    calibrate(&CalibrateArgs {
+        model: model.clone(),
+        good: data.join("test/good"),
+        defect: Some(data.join("test/crack")),
+        target_frr: 0.05,
+        out: Some(calibration.clone()),
+        run: run_opts,
+    })?;
+
+    // The line: test parts interleaved, named so that name order is the order on the belt.
+    let line_dir = out.join("line");
+    let _ = std::fs::remove_dir_all(&line_dir);
+    std::fs::create_dir_all(&line_dir).map_err(|e| Error::io(&line_dir, e))?;
+    let mut truth = Vec::new();
+    let kinds = ["good", "scratch", "spot", "crack"];
+    let lists: Vec<Vec<PathBuf>> = kinds
+        .iter()
+        .map(|k| source::image_files(&data.join("test").join(k)))
+        .collect::<Result<_>>()?;
+    let longest = lists.iter().map(Vec::len).max().unwrap_or(0);
+    for i in 0..longest {
+        for (kind, files) in kinds.iter().zip(&lists) {
+            if let Some(src) = files.get(i) {
+                let dst = line_dir.join(format!("{:03}-{kind}.png", truth.len()));
+                std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
+                truth.push(*kind != "good");
+            }
+        }
+    }
+
+    let pair = pty::open()?;
+    let config_text = format!(
+        "# Written by `vigil demo`.\nmodel = {model:?}\ncalibration = {calibration:?}\n\n\
+         [source]\nkind = \"folder\"\npath = {line:?}\nrate_hz = {rate}\n\n\
+         [decision]\ndeadline_ms = 2000\n\n\
+         [serial]\nport = {port:?}\nheartbeat_s = 0\n\n\
+         [json]\npath = {json:?}\n\n\
+         [audit]\ndir = {audit:?}\nmax_parts = 100\n\n\
+         [status]\ninterval_s = 5\n",
+        model = model.display().to_string(),
+        calibration = calibration.display().to_string(),
+        line = line_dir.display().to_string(),
+        rate = args.rate_hz,
+        port = pair.port.display().to_string(),
+        json = out.join("results.jsonl").display().to_string(),
+        audit = out.join("audit").display().to_string(),
+    );
+    let config_path = out.join("station.toml");
+    std::fs::write(&config_path, &config_text).map_err(|e| Error::io(&config_path, e))?;
+    let cfg = StationConfig::load(&config_path)?;
+
+    // The PLC side: read lines from the master until the station is done.
+    let (line_tx, line_rx) = crossbeam_channel::unbounded::<String>();
+    let master = pair.master;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader_done = done.clone();
+    let reader = std::thread::spawn(move || plc_reader(master, line_tx, reader_done));
+    let station = {
+        let controls = Controls::default();
+        let result = std::thread::scope(|scope| {
+            let h = scope.spawn(|| crate::station::run(&cfg, &controls, Hooks::default()));
+            let mut lines = Vec::new();
+            while !h.is_finished() || !line_rx.is_empty() {
+                if let Ok(line) = line_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                    on_line(&line);
+                    lines.push(line);
+                }
+            }
+            (h.join(), lines)
+        });
+        result
+    };
+    let (joined, mut lines) = station;
+    let summary = joined.map_err(|_| Error::Device("station thread panicked".into()))??;
+    // Lines still in the terminal after the station returned.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    done.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    for line in line_rx.try_iter() {
+        on_line(&line);
+        lines.push(line);
+    }
+    let (mut correct, mut scored) = (0, 0);
+    for line in &lines {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let ["RES", id, verdict, score, ..] = fields.as_slice() {
+            let defect = id.parse::<usize>().ok().and_then(|i| truth.get(i));
+            if let (Some(&defect), true) = (defect, *score != "-") {
+                scored += 1;
+                correct += usize::from((*verdict == "NG") == defect);
+            }
+        }
+    }
+    Ok(DemoSummary {
+        station: summary,
+        lines,
+        correct,
+        scored,
+        parts: truth.len(),
+    })
+}
+
+fn plc_reader(
+    master: std::fs::File,
+    lines: crossbeam_channel::Sender<String>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut reader = pty::LineReader::new(master);
+    while !done.load(Ordering::Relaxed) {
+        if let Some(line) = reader.read_line(std::time::Duration::from_millis(50)) {
+            let _ = lines.send(line);
+        }
+    }
+}

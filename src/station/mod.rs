@@ -1,0 +1,128 @@
+//! The inspection station: capture → preprocess → infer → decide → signal, one thread per stage,
+//! joined by bounded channels (a slow stage holds the source back instead of growing a queue).
+//!
+//! Every captured part gets exactly one verdict, in capture order: the decision stage keeps a
+//! register of the parts in flight, and a part that is not decided within its deadline, whose
+//! processing failed, or that the source had to drop, gets the fail-safe verdict (NG, or ERR if
+//! configured) — never a silent pass.
+pub mod audit;
+pub mod config;
+pub mod decision;
+pub mod gpio;
+pub mod ops;
+pub mod pipeline;
+pub mod protocol;
+pub mod pty;
+pub mod serial;
+pub mod source;
+pub mod status;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::data::Image;
+
+pub use config::StationConfig;
+pub use pipeline::{run, Controls, Hooks, Summary};
+
+/// The stages whose time each part records.
+pub const STAGES: [&str; 5] = ["capture", "preprocess", "inference", "decision", "signal"];
+
+/// What the source delivers: a file to decode, or pixels already in memory.
+#[derive(Clone, Debug)]
+pub enum Frame {
+    File(PathBuf),
+    Pixels(Image),
+}
+
+/// A part on its way through the pipeline.
+#[derive(Debug)]
+pub struct Part {
+    /// Consecutive from 0 in capture order.
+    pub id: u64,
+    pub captured: Instant,
+    pub captured_wall: SystemTime,
+    /// The file name, or the source's name for the frame.
+    pub name: String,
+    /// Time spent in each of [`STAGES`] (waiting in queues not included).
+    pub timings: [Duration; 5],
+    pub frame: Option<Frame>,
+    /// The preprocessed image at the model's input size.
+    pub image: Option<Image>,
+    /// Score and anomaly map once inferred.
+    pub scored: Option<(f32, Vec<f32>)>,
+    /// Why the part could not be processed.
+    pub failure: Option<String>,
+}
+
+impl Part {
+    pub fn new(id: u64, name: String, frame: Frame, captured: Instant) -> Part {
+        Part {
+            id,
+            captured,
+            captured_wall: SystemTime::now(),
+            name,
+            timings: [Duration::ZERO; 5],
+            frame: Some(frame),
+            image: None,
+            scored: None,
+            failure: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Ok,
+    Ng,
+    Err,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "OK",
+            Verdict::Ng => "NG",
+            Verdict::Err => "ERR",
+        }
+    }
+}
+
+/// A part's verdict, as every signal sees it.
+#[derive(Clone, Debug)]
+pub struct Decided {
+    pub id: u64,
+    pub name: String,
+    pub verdict: Verdict,
+    /// None when the part could not be scored.
+    pub score: Option<f32>,
+    /// On the calibration's 0..1 scale (0.5 = threshold).
+    pub normalized: Option<f32>,
+    /// Why the fail-safe verdict was given (`deadline`, `dropped`, or the processing error).
+    pub reason: Option<String>,
+    pub captured: Instant,
+    pub captured_wall: SystemTime,
+    pub timings: [Duration; 5],
+    /// Image and anomaly map, kept only for rejected parts when auditing.
+    pub evidence: Option<(Image, Vec<f32>)>,
+}
+
+impl Decided {
+    /// Capture to now.
+    pub fn latency(&self) -> Duration {
+        self.captured.elapsed()
+    }
+}
+
+/// Station-level events sent to the PLC and the log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Model loaded, source delivering, nothing at fault.
+    Ready,
+    /// Something stops the station from inspecting (source lost, empty folder, ...).
+    Fault(String),
+    /// Answer to a reload request: the new threshold, or why the old one stays.
+    Reloaded(std::result::Result<f32, String>),
+    /// Answer to a status request.
+    Status(String),
+}

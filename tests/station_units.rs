@@ -1,0 +1,234 @@
+//! Station pieces that need no model: config validation, the line protocol, reject-pulse timing,
+//! the audit folder's bounds, the stall check.
+use std::time::{Duration, Instant, SystemTime};
+
+use vigil::error::Result;
+use vigil::station::audit::Audit;
+use vigil::station::gpio::{GpioOutputs, OutputLine, RejectTimer};
+use vigil::station::protocol::{self, Command};
+use vigil::station::status::{StallCheck, Stats};
+use vigil::station::{Decided, Event, StationConfig, Verdict};
+
+const MINIMAL: &str = "model = \"m.safetensors\"\ncalibration = \"c.toml\"\n[source]\nkind = \"folder\"\npath = \"parts\"\n";
+
+fn config_error(extra: &str) -> String {
+    StationConfig::parse(&format!("{MINIMAL}{extra}"), "station.toml")
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    assert!(StationConfig::parse(MINIMAL, "station.toml").is_ok());
+    let e = config_error("[decision]\ndeadline_ms = 0\n");
+    assert!(e.contains("decision.deadline_ms"), "{e}");
+    let e = config_error("[serial]\nport = \"/dev/ttyS0\"\nparity = \"mark\"\n");
+    assert!(e.contains("serial.parity") && e.contains("mark"), "{e}");
+    let e = config_error("[trigger]\nkind = \"serial\"\n");
+    assert!(e.contains("trigger.kind"), "{e}");
+    let e = config_error("[gpio]\nreject_line = 3\ndelay_counts = 10\n");
+    assert!(e.contains("gpio.encoder_line"), "{e}");
+    let e = config_error("[decision]\ndeadline = 5\n");
+    assert!(e.contains("deadline"), "unknown key must be named: {e}");
+    let e = StationConfig::parse(
+        "model = \"m\"\ncalibration = \"c\"\n[source]\nkind = \"synthetic\"\nchannels = 2\n",
+        "x.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("source.channels"), "{e}");
+    let e = StationConfig::parse("model = \"m\"\n", "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("calibration"), "{e}");
+    let ok = StationConfig::parse(
+        &format!("{MINIMAL}[decision]\non_failure = \"err\"\n"),
+        "x.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        ok.decision.on_failure,
+        vigil::station::config::OnFailure::Err
+    );
+}
+
+#[test]
+fn the_examples_shipped_in_systemd_parse() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/station.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    StationConfig::parse(&text, "systemd/station.toml").unwrap();
+    let cal = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/example.toml");
+    vigil::calibration::Calibration::load(&cal).unwrap();
+}
+
+fn decided(id: u64, verdict: Verdict, score: Option<f32>, reason: Option<&str>) -> Decided {
+    Decided {
+        id,
+        name: format!("{id:03}.png"),
+        verdict,
+        score,
+        normalized: score.map(|_| 0.25),
+        reason: reason.map(String::from),
+        captured: Instant::now(),
+        captured_wall: SystemTime::now(),
+        timings: [Duration::ZERO; 5],
+        evidence: None,
+    }
+}
+
+#[test]
+fn protocol_lines_are_single_ascii_lines() {
+    let mut line = String::new();
+    protocol::result_line(&decided(7, Verdict::Ok, Some(0.5), None), &mut line);
+    assert!(line.starts_with("RES 7 OK 0.500000 "), "{line}");
+    assert!(line.ends_with("\r\n"));
+    protocol::result_line(
+        &decided(8, Verdict::Ng, None, Some("cannot decode\né\nx")),
+        &mut line,
+    );
+    assert!(line.starts_with("RES 8 NG - "), "{line}");
+    assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+    assert!(line.is_ascii());
+    assert_eq!(
+        protocol::heartbeat_line(3, true, [1, 2, 3]),
+        "HB 3 READY 1 2 3\r\n"
+    );
+    assert_eq!(
+        protocol::event_line(&Event::Fault("source: gone".into())),
+        "FAULT source: gone\r\n"
+    );
+    assert_eq!(protocol::parse_command(" trig\r"), Some(Command::Trigger));
+    assert_eq!(protocol::parse_command("RELOAD"), Some(Command::Reload));
+    assert_eq!(protocol::parse_command(""), None);
+    assert_eq!(
+        protocol::parse_command("EJECT"),
+        Some(Command::Unknown("EJECT".into()))
+    );
+}
+
+/// Records every output change with the time (or position) it happened at.
+#[derive(Default)]
+struct Recorder {
+    now: u64,
+    changes: Vec<(u64, OutputLine, bool)>,
+}
+
+impl GpioOutputs for Recorder {
+    fn set(&mut self, line: OutputLine, high: bool) -> Result<()> {
+        self.changes.push((self.now, line, high));
+        Ok(())
+    }
+}
+
+fn drive(timer: &mut RejectTimer, out: &mut Recorder, until: u64, pos_of: impl Fn(u64) -> u64) {
+    while out.now <= until {
+        let now = out.now;
+        timer.poll(pos_of(now), now, out).unwrap();
+        out.now += 100;
+    }
+}
+
+#[test]
+fn reject_pulse_follows_the_time_delay_and_width() {
+    // Delay 20 ms, width 5 ms; parts captured at 0 and 1 ms (overlapping pulses merge).
+    let mut timer = RejectTimer::new(20_000, Duration::from_millis(5));
+    let mut out = Recorder::default();
+    assert!(timer.reject(0, 2_000));
+    assert!(timer.reject(1_000, 2_000));
+    drive(&mut timer, &mut out, 40_000, |t| t);
+    assert_eq!(
+        out.changes,
+        vec![
+            (20_000, OutputLine::Reject, true),
+            (26_000, OutputLine::Reject, false)
+        ]
+    );
+    // A verdict after its part passed the ejector fires nothing and is counted.
+    assert!(!timer.reject(0, 30_000));
+    assert_eq!(timer.late, 1);
+}
+
+#[test]
+fn reject_pulse_follows_encoder_counts_whatever_the_belt_speed() {
+    // Delay 50 counts; the belt runs 1 count per ms, then stops, then runs 2 counts per ms.
+    let belt = |t_us: u64| -> u64 {
+        let ms = t_us / 1000;
+        match ms {
+            0..=29 => ms,
+            30..=59 => 30,
+            _ => 30 + 2 * (ms - 60),
+        }
+    };
+    let mut timer = RejectTimer::new(50, Duration::from_millis(3));
+    let mut out = Recorder::default();
+    assert!(timer.reject(10, belt(12_000)));
+    drive(&mut timer, &mut out, 120_000, belt);
+    // Count 60 is reached at 75 ms (30 + 2 * 15).
+    assert_eq!(
+        out.changes,
+        vec![
+            (75_000, OutputLine::Reject, true),
+            (78_000, OutputLine::Reject, false)
+        ]
+    );
+    assert_eq!(timer.next_change_us(out.now, false), None);
+}
+
+#[test]
+fn audit_folder_keeps_the_newest_parts_within_its_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = vigil::data::Image::zeros(1, 16, 16);
+    let mut audit = Audit::open(dir.path(), 3, 1 << 30, (0.0, 1.0)).unwrap();
+    for id in 0..5 {
+        let mut d = decided(id, Verdict::Ng, Some(1.0), None);
+        d.captured_wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + id);
+        d.evidence = Some((image.clone(), vec![0.5; 256]));
+        audit.store(&d, "{}").unwrap();
+    }
+    assert_eq!(audit.parts(), 3);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert!(names[0].ends_with("-00000002-heatmap.png"), "{names:?}");
+    // Reopened with a byte bound below what is there: the oldest go until it fits.
+    let total = audit.bytes();
+    drop(audit);
+    let audit = Audit::open(dir.path(), 10, total - 1, (0.0, 1.0)).unwrap();
+    assert_eq!(audit.parts(), 2);
+    assert!(!dir.path().join(&names[0]).exists());
+}
+
+#[test]
+fn a_stage_with_parts_waiting_and_no_progress_is_stalled() {
+    let stats = Stats::new();
+    let mut check = StallCheck::new();
+    assert_eq!(check.stalled(&stats), None);
+    stats.passed(0);
+    stats.passed(1);
+    // Preprocessing handed a part on: inference may be working on it...
+    assert_eq!(check.stalled(&stats), None);
+    // ... but not for a whole interval.
+    assert_eq!(check.stalled(&stats), Some("inference"));
+    stats.passed(2);
+    stats.passed(3);
+    stats.passed(4);
+    assert_eq!(check.stalled(&stats), None);
+    assert_eq!(check.stalled(&stats), None);
+}
+
+#[test]
+fn encoder_count_at_a_past_instant_leaves_out_later_edges() {
+    let encoder = vigil::station::gpio::Encoder::default();
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    for ms in [1, 2, 3, 10, 11] {
+        encoder.edge(at(ms));
+    }
+    assert_eq!(encoder.count(), 5);
+    assert_eq!(encoder.count_at(at(5)), 3);
+    assert_eq!(encoder.count_at(at(0)), 0);
+    assert_eq!(encoder.count_at(at(20)), 5);
+}
