@@ -31,8 +31,9 @@ pub struct Inference {
 pub struct PhaseSpec {
     pub name: &'static str,
     pub epochs: usize,
-    /// Keep the epoch whose validation scores spread least instead of the last one (for training
-    /// that oscillates, such as a GAN's). Uses defect-free validation images only.
+    /// Keep the epoch that best separates synthetic anomalies of the validation images from the
+    /// validation images themselves, instead of the last one (for training that oscillates, such
+    /// as a GAN's). Uses no test image.
     pub select_best: bool,
 }
 

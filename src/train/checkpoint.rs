@@ -54,7 +54,7 @@ pub struct Saved {
     /// The phase being trained and how many of its epochs are done.
     pub phase: usize,
     pub epochs_done: usize,
-    /// `(epoch, validation spread, training state)` of the phase's best epoch so far.
+    /// `(epoch, validation separation, training state)` of the phase's best epoch so far.
     pub best: Option<(usize, f32, HashMap<String, Tensor>)>,
     pub report: TrainReport,
     pub state: HashMap<String, Tensor>,

@@ -8,10 +8,14 @@ use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::data::anomaly::{
+    AnomalyGenerator, AnomalySynth, CutPasteParams, CutPasteVariant, WeightedGenerator,
+};
 use crate::data::{batch_tensor, Image};
 use crate::error::{Error, Result};
 use crate::eval::score_images;
 use crate::methods::Method;
+use crate::metrics::auroc;
 use crate::rng::Rng;
 
 pub mod checkpoint;
@@ -65,8 +69,9 @@ pub struct PhaseReport {
 pub struct EpochReport {
     /// The mean of each named loss over the epoch.
     pub losses: Vec<(String, f32)>,
-    /// Coefficient of variation of the validation scores, for phases that select an epoch.
-    pub validation_spread: Option<f32>,
+    /// Image AUROC of synthetic anomalies against the validation images, for phases that select
+    /// an epoch.
+    pub validation_separation: Option<f32>,
 }
 
 pub fn progress_bar(len: u64, prefix: &str, enabled: bool) -> ProgressBar {
@@ -108,42 +113,63 @@ pub fn encode_all(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// The best epoch of a phase so far: its 1-based number, spread and training state.
+/// The best epoch of a phase so far: its 1-based number, separation and training state.
 struct Best {
     epoch: usize,
-    spread: f32,
+    separation: f32,
     state: HashMap<String, Tensor>,
 }
 
-/// Coefficient of variation (std / |mean|) of the validation scores: how tightly the detector
-/// scores defect-free parts, independent of the scores' scale (which changes while training).
-fn validation_spread(
+/// Synthetic anomalies (CutPaste scar, cutout, Perlin-masked blend) of every validation image,
+/// drawn once from the training seed: the label-free yardstick for choosing an epoch.
+fn forge_validation(validation: &[Image], seed: u64) -> Result<Vec<Image>> {
+    let synth = AnomalySynth::new(&[
+        WeightedGenerator {
+            weight: 1.0,
+            generator: AnomalyGenerator::CutPaste(CutPasteParams {
+                variant: CutPasteVariant::Scar,
+                ..Default::default()
+            }),
+        },
+        WeightedGenerator {
+            weight: 1.0,
+            generator: AnomalyGenerator::Cutout(Default::default()),
+        },
+        WeightedGenerator {
+            weight: 1.0,
+            generator: AnomalyGenerator::PerlinBlend(Default::default()),
+        },
+    ])?;
+    let mut rng = Rng::new(seed).fork(0x5e1ec7);
+    validation
+        .iter()
+        .map(|image| Ok(synth.apply(image, &mut rng)?.0))
+        .collect()
+}
+
+/// Image AUROC of the synthetic anomalies against the defect-free validation images: how well
+/// the detector separates them now. No test image is involved.
+fn validation_separation(
     method: &dyn Method,
     validation: &[Image],
+    forged: &[Image],
     opts: &TrainOptions,
     device: &Device,
 ) -> Result<f32> {
-    let refs: Vec<&Image> = validation.iter().collect();
+    let refs: Vec<&Image> = validation.iter().chain(forged).collect();
     let scores = score_images(method, &refs, opts.batch_size, device, false)?.scores;
-    let n = scores.len() as f64;
-    let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
-    let var = scores
-        .iter()
-        .map(|&s| (s as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n;
-    let spread = (var.sqrt() / mean.abs().max(1e-12)) as f32;
-    if !spread.is_finite() {
-        return Err(Error::invalid(
+    let labels: Vec<bool> = (0..refs.len()).map(|i| i >= validation.len()).collect();
+    match auroc(&scores, &labels) {
+        Some(a) if a.is_finite() => Ok(a as f32),
+        _ => Err(Error::invalid(
             "training",
             format!("{} gives non-finite validation scores", method.name()),
-        ));
+        )),
     }
-    Ok(spread)
 }
 
 /// Trains `method` on defect-free `images` through all its phases. `validation` (defect-free,
-/// kept out of training) chooses the epoch of phases that select one.
+/// kept out of training) and synthetic anomalies of it choose the epoch of phases that select one.
 pub fn fit(
     method: &mut dyn Method,
     images: &[Image],
@@ -169,9 +195,9 @@ pub fn fit(
         let saved = checkpoint::load(path, &identity, device)?;
         method.restore_training_state(&saved.state)?;
         (first_phase, first_epoch) = (saved.phase, saved.epochs_done);
-        best = saved.best.map(|(epoch, spread, state)| Best {
+        best = saved.best.map(|(epoch, separation, state)| Best {
             epoch,
-            spread,
+            separation,
             state,
         });
         report = saved.report;
@@ -191,6 +217,11 @@ pub fn fit(
     }
     let encoded = encode_all(method, images, opts.batch_size, device, opts.progress)?;
     let phases = method.phases();
+    let forged = if phases.iter().any(|p| p.select_best) {
+        forge_validation(validation, opts.seed)?
+    } else {
+        Vec::new()
+    };
     for (phase, spec) in phases.iter().enumerate().skip(first_phase) {
         let select = spec.select_best && !validation.is_empty();
         if spec.select_best && validation.is_empty() {
@@ -252,16 +283,20 @@ pub fn fit(
                 .into_iter()
                 .map(|(n, s)| (n, s / images.len() as f32))
                 .collect();
-            let spread = if select {
-                let spread = validation_spread(method, validation, opts, device)?;
-                if best.as_ref().is_none_or(|b: &Best| spread < b.spread) {
+            let separation = if select {
+                let separation = validation_separation(method, validation, &forged, opts, device)?;
+                // Ties go to the later epoch, which has trained longer.
+                if best
+                    .as_ref()
+                    .is_none_or(|b: &Best| separation >= b.separation)
+                {
                     best = Some(Best {
                         epoch: epoch + 1,
-                        spread,
+                        separation,
                         state: method.training_state()?,
                     });
                 }
-                Some(spread)
+                Some(separation)
             } else {
                 None
             };
@@ -270,17 +305,19 @@ pub fn fit(
                 method.name(),
                 spec.name,
                 format_losses(epoch + 1, &means),
-                spread.map_or(String::new(), |s| format!(", validation spread {s:.4}"))
+                separation.map_or(String::new(), |s| format!(", validation separation {s:.4}"))
             );
             report.phases[phase].epochs.push(EpochReport {
                 losses: means.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
-                validation_spread: spread,
+                validation_separation: separation,
             });
             if let Some(path) = &opts.checkpoint {
                 let saved = checkpoint::Saved {
                     phase,
                     epochs_done: epoch + 1,
-                    best: best.as_ref().map(|b| (b.epoch, b.spread, b.state.clone())),
+                    best: best
+                        .as_ref()
+                        .map(|b| (b.epoch, b.separation, b.state.clone())),
                     report: report.clone(),
                     state: method.training_state()?,
                 };
@@ -290,11 +327,11 @@ pub fn fit(
         bar.finish_and_clear();
         if let Some(b) = best.take() {
             log::info!(
-                "{} {}: keeping epoch {} (validation spread {:.4})",
+                "{} {}: keeping epoch {} (validation separation {:.4})",
                 method.name(),
                 spec.name,
                 b.epoch,
-                b.spread
+                b.separation
             );
             method.restore_training_state(&b.state)?;
             report.phases[phase].kept_epoch = Some(b.epoch);
