@@ -19,6 +19,23 @@ pub struct InputSpec {
     pub channels: usize,
 }
 
+impl InputSpec {
+    /// Errors unless `images` is a `[B, C, H, W]` batch of this size, naming both sizes.
+    pub fn check_batch(&self, images: &Tensor) -> Result<()> {
+        let (_, c, h, w) = images.dims4()?;
+        if (c, h, w) != (self.channels, self.height, self.width) {
+            return Err(Error::invalid(
+                "images",
+                format!(
+                    "{c}x{h}x{w}, the model takes {}x{}x{}",
+                    self.channels, self.height, self.width
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A CHW image with values in 0..=1.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Image {

@@ -387,16 +387,7 @@ impl NfBmr {
         images: &Tensor,
         mut lap: impl FnMut(&'static str) -> Result<()>,
     ) -> Result<Inference> {
-        let (_, c, h, w) = images.dims4()?;
-        if (c, h, w) != (self.input.channels, self.input.height, self.input.width) {
-            return Err(Error::invalid(
-                "images",
-                format!(
-                    "{c}x{h}x{w}, the model takes {}x{}x{}",
-                    self.input.channels, self.input.height, self.input.width
-                ),
-            ));
-        }
+        self.input.check_batch(images)?;
         let features = self.extractor.extract(images)?;
         lap("backbone")?;
         self.check_features(&features)?;

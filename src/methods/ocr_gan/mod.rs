@@ -222,20 +222,6 @@ impl OcrGan {
         self.fd.split(&to_signed(images)?)
     }
 
-    fn check_input(&self, images: &Tensor) -> Result<()> {
-        let (_, c, h, w) = images.dims4()?;
-        if (c, h, w) != (self.input.channels, self.input.height, self.input.width) {
-            return Err(Error::invalid(
-                "images",
-                format!(
-                    "{c}x{h}x{w}, the model takes {}x{}x{}",
-                    self.input.channels, self.input.height, self.input.width
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// CutPaste and/or cutout versions of every image of the batch, `[B·k, C, H, W]` in 0..1.
     fn forge(&self, images: &Tensor, rng: &mut Rng) -> Result<Option<Tensor>> {
         if self.forgers.is_empty() {
@@ -264,7 +250,7 @@ impl OcrGan {
     /// before either network steps, as Skip-GANomaly does: the discriminator judges the
     /// reconstructions made before the generators' update.
     pub fn losses(&self, images: &Tensor, rng: &mut Rng) -> Result<Losses> {
-        self.check_input(images)?;
+        self.input.check_batch(images)?;
         let cfg = &self.cfg;
         let x = to_signed(images)?;
         let bands = self.fd.split(&x)?;
@@ -296,7 +282,7 @@ impl OcrGan {
 
     /// Raw `A = λ·L_con + (1 − λ)·L_lat` and the smoothed heatmap `[B, H, W]`.
     fn raw_scores(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.check_input(images)?;
+        self.input.check_batch(images)?;
         let x = to_signed(images)?;
         let bands = self.fd.split(&x)?;
         let recon = sum(&self.eval.generator.forward(&bands, false)?)?;
