@@ -1,6 +1,6 @@
 //! Times OCR-GAN's `train_step` and `infer` (ms per image) for a generator width and input size.
-//! `cargo bench --bench ocr_gan -- [width height width_px batch levels disc_width disc_levels]`
-//! (defaults: the light 4-channel generator at 256², batch 8).
+//! `cargo bench --bench ocr_gan -- [width height width_px batch levels disc_width disc_levels train_steps]`
+//! (defaults: the light 4-channel generator at 256², batch 8, 3 timed training steps; 0 skips them).
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -32,18 +32,22 @@ fn main() -> vigil::Result<()> {
     let device = Device::Cpu;
     let mut model = OcrGan::new(cfg.clone(), input, None, &device)?;
     let images = Tensor::rand(0f32, 1.0, (b, 3, h, w), &device)?;
-    let mut rng = Rng::new(0);
-    model.train_step(0, &images, &mut rng)?;
-    let steps = 3;
-    let start = Instant::now();
-    for _ in 0..steps {
-        model.train_step(0, &images, &mut rng)?;
-    }
-    let train_ms = start.elapsed().as_secs_f64() * 1e3 / (steps * b) as f64;
     println!(
-        "ocr-gan width {} levels {} disc {}x{} at {h}x{w}, batch {b}: train_step {train_ms:.1} ms/image",
+        "ocr-gan width {} levels {} disc {}x{} at 3x{h}x{w}:",
         cfg.width, cfg.levels, cfg.disc_width, cfg.disc_levels
     );
+    let train_steps = arg(&args, 8, 3);
+    if train_steps > 0 {
+        let mut rng = Rng::new(0);
+        model.train_step(0, &images, &mut rng)?;
+        let start = Instant::now();
+        for _ in 0..train_steps {
+            model.train_step(0, &images, &mut rng)?;
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / (train_steps * b) as f64;
+        println!("  train_step batch {b}: {ms:.1} ms/image");
+    }
+    let steps = 3;
     for batch in [1, b] {
         let x = images.narrow(0, 0, batch)?;
         model.infer(&x)?;
