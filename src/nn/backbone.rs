@@ -342,6 +342,21 @@ pub struct EfficientNetLite0 {
     fast: Option<Arc<FastLite0>>,
 }
 
+/// The deepest of `taps`, checked against the network's last block.
+pub(crate) fn deepest_tap(taps: &[usize], last_block: usize) -> Result<usize> {
+    let deepest = *taps
+        .iter()
+        .max()
+        .ok_or_else(|| Error::invalid("backbone taps", "no block was requested"))?;
+    if deepest > last_block {
+        return Err(Error::invalid(
+            "backbone taps",
+            format!("block {deepest} requested but the network stops at block {last_block}"),
+        ));
+    }
+    Ok(deepest)
+}
+
 impl EfficientNetLite0 {
     /// Builds the network from PyTorch-named weights (`_conv_stem.weight`, `_blocks.N....`).
     /// `with_head` needs `last_block == 15` and the `_conv_head`, `_bn1` and `_fc` tensors.
@@ -474,19 +489,7 @@ impl EfficientNetLite0 {
 
     /// [`EfficientNetLite0::forward_taps`] on candle's ops (the reference, and the CUDA path).
     pub fn forward_taps_candle(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
-        let deepest = *taps
-            .iter()
-            .max()
-            .ok_or_else(|| Error::invalid("backbone taps", "no block was requested"))?;
-        if deepest > self.last_block() {
-            return Err(Error::invalid(
-                "backbone taps",
-                format!(
-                    "block {deepest} requested but the network stops at block {}",
-                    self.last_block()
-                ),
-            ));
-        }
+        let deepest = deepest_tap(taps, self.last_block())?;
         let mut x = self.stem(x)?;
         let mut outputs: Vec<Option<Tensor>> = vec![None; taps.len()];
         for (index, block) in self.blocks[..=deepest].iter().enumerate() {

@@ -319,7 +319,11 @@ pub fn fit(
                         .as_ref()
                         .map(|b| (b.epoch, b.separation, b.state.clone())),
                     report: report.clone(),
-                    state: method.training_state()?,
+                    // An epoch that just became the best already copied its state.
+                    state: match &best {
+                        Some(b) if b.epoch == epoch + 1 => b.state.clone(),
+                        _ => method.training_state()?,
+                    },
                 };
                 checkpoint::save(path, &identity, &saved)?;
             }

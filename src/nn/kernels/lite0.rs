@@ -132,19 +132,7 @@ impl FastLite0 {
                 format!("{} values for shape {dims:?}", images.len()),
             ));
         }
-        let deepest = *taps
-            .iter()
-            .max()
-            .ok_or_else(|| Error::invalid("backbone taps", "no block was requested"))?;
-        if deepest > self.last_block() {
-            return Err(Error::invalid(
-                "backbone taps",
-                format!(
-                    "block {deepest} requested but the network stops at block {}",
-                    self.last_block()
-                ),
-            ));
-        }
+        crate::nn::backbone::deepest_tap(taps, self.last_block())?;
         let mut outputs: Vec<FeatureMap> = self
             .tap_dims(dims, taps)
             .into_iter()
