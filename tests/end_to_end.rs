@@ -79,7 +79,13 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
     let auroc = report.metrics.image_auroc.unwrap();
     assert!(auroc >= 0.9, "image AUROC {auroc}");
     assert!(report.metrics.pixel_auroc.unwrap() > 0.5 && report.metrics.aupro.is_some());
-    for f in ["metrics.json", "summary.md", "roc.png", "histogram.png"] {
+    for f in [
+        "metrics.json",
+        "summary.md",
+        "scores.csv",
+        "roc.png",
+        "histogram.png",
+    ] {
         assert!(report_dir.join(f).exists(), "{f} missing");
     }
     let json: serde_json::Value =
@@ -96,6 +102,15 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
     }
     assert_eq!(json["per_type"].as_object().unwrap().len(), 3);
     assert!(std::fs::read_dir(report_dir.join("worst")).unwrap().count() > 0);
+    let csv = std::fs::read_to_string(report_dir.join("scores.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "path,defect_type,score");
+    assert_eq!(rows.len() - 1, json["images"].as_u64().unwrap() as usize);
+    let good_rows = rows.iter().filter(|r| r.contains(",good,")).count();
+    assert_eq!(good_rows, json["good"].as_u64().unwrap() as usize);
+    assert!(rows[1..]
+        .iter()
+        .all(|r| r.rsplit(',').next().unwrap().parse::<f32>().is_ok()));
 
     let cal_path = dir.path().join("cal.toml");
     let (_, cal) = commands::calibrate(&CalibrateArgs {

@@ -92,7 +92,7 @@ pub struct EvalReport {
 /// How many of the most confusing parts get a heatmap overlay in the report.
 const WORST_CASES: usize = 8;
 
-/// Scores the loaded test set and writes `metrics.json`, `summary.md`, `roc.png`,
+/// Scores the loaded test set and writes `metrics.json`, `summary.md`, `scores.csv`, `roc.png`,
 /// `histogram.png` and overlays of the worst-scored parts under `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
@@ -144,6 +144,10 @@ pub fn evaluate(
         &out.join("summary.md"),
         summary_markdown(&report).as_bytes(),
     )?;
+    write_atomic(
+        &out.join("scores.csv"),
+        scores_csv(test, &scored.scores).as_bytes(),
+    )?;
 
     let labels: Vec<bool> = test.iter().map(|l| l.sample.is_defective()).collect();
     if let Some(roc) = metrics::roc(&scored.scores, &labels) {
@@ -173,6 +177,23 @@ pub fn evaluate(
     )?;
     write_worst_cases(test, &scored, meta, &out.join("worst"))?;
     Ok(report)
+}
+
+/// One line per part (`path,defect_type,score`), in test-set order: what a technician sorts or
+/// plots to see which parts, lots or capture settings score high.
+fn scores_csv(test: &[Loaded], scores: &[f32]) -> String {
+    let mut csv = String::from("path,defect_type,score\n");
+    for (loaded, score) in test.iter().zip(scores) {
+        let path = loaded.sample.path.display().to_string();
+        // Quote a path that holds a comma or a quote, doubling its quotes (RFC 4180).
+        let path = if path.contains([',', '"', '\n']) {
+            format!("\"{}\"", path.replace('"', "\"\""))
+        } else {
+            path
+        };
+        csv.push_str(&format!("{path},{},{score}\n", loaded.sample.defect_type));
+    }
+    csv
 }
 
 /// Overlays for the defect-free parts scored highest and the defective parts scored lowest:
@@ -273,6 +294,6 @@ fn summary_markdown(r: &EvalReport) -> String {
             s.push_str(&format!("- {line}\n"));
         }
     }
-    s.push_str("\nPictures: `roc.png`, `histogram.png`, `worst/` (highest-scored good and lowest-scored defective parts).\n");
+    s.push_str("\nEvery part's score: `scores.csv`. Pictures: `roc.png`, `histogram.png`, `worst/` (highest-scored good and lowest-scored defective parts).\n");
     s
 }

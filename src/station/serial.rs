@@ -22,13 +22,17 @@ use crate::error::{Error, Result};
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const READ_POLL: Duration = Duration::from_millis(100);
 
+/// Opens and configures the port. serialport sets the line through the `termios2` ioctls; where
+/// the kernel or an emulator lacks them (qemu-user before 10.2, gVisor, WSL1: "Function not
+/// implemented"), the port is configured through the classic termios calls instead, which cover
+/// the standard baud rates.
 pub fn open_port(cfg: &SerialConfig) -> Result<Box<dyn SerialPort>> {
     let parity = match cfg.parity.as_str() {
         "even" => serialport::Parity::Even,
         "odd" => serialport::Parity::Odd,
         _ => serialport::Parity::None,
     };
-    serialport::new(cfg.port.to_string_lossy(), cfg.baud)
+    let opened = serialport::new(cfg.port.to_string_lossy(), cfg.baud)
         .data_bits(if cfg.data_bits == 7 {
             serialport::DataBits::Seven
         } else {
@@ -41,8 +45,96 @@ pub fn open_port(cfg: &SerialConfig) -> Result<Box<dyn SerialPort>> {
             serialport::StopBits::One
         })
         .timeout(READ_POLL)
-        .open()
-        .map_err(|e| Error::Device(format!("serial port {}: {e}", cfg.port.display())))
+        .open();
+    match opened {
+        Ok(port) => Ok(port),
+        Err(e) => match open_classic_termios(cfg) {
+            Ok(port) => {
+                log::warn!(
+                    "serial port {}: {e}; configured with classic termios instead",
+                    cfg.port.display()
+                );
+                Ok(port)
+            }
+            Err(_) => Err(Error::Device(format!(
+                "serial port {}: {e}",
+                cfg.port.display()
+            ))),
+        },
+    }
+}
+
+/// The same raw 8N1/7E1-style line as serialport's, set with `tcsetattr` (`TCSETS`).
+fn open_classic_termios(cfg: &SerialConfig) -> std::io::Result<Box<dyn SerialPort>> {
+    use std::ffi::CString;
+    use std::io::{Error as IoError, ErrorKind};
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let speed = match cfg.baud {
+        1200 => libc::B1200,
+        2400 => libc::B2400,
+        4800 => libc::B4800,
+        9600 => libc::B9600,
+        19200 => libc::B19200,
+        38400 => libc::B38400,
+        57600 => libc::B57600,
+        115200 => libc::B115200,
+        230400 => libc::B230400,
+        460800 => libc::B460800,
+        921600 => libc::B921600,
+        other => {
+            return Err(IoError::new(
+                ErrorKind::Unsupported,
+                format!("baud {other} is not a standard rate"),
+            ))
+        }
+    };
+    let path = CString::new(cfg.port.as_os_str().as_bytes())
+        .map_err(|_| IoError::new(ErrorKind::InvalidInput, "NUL in the port path"))?;
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(IoError::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: plain libc calls on a descriptor this function owns (closed by `OwnedFd` on error)
+    // and on a termios struct it initialises with `tcgetattr` before use.
+    unsafe {
+        let fd = check(libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        ))?;
+        let fd = OwnedFd::from_raw_fd(fd);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let mut t: libc::termios = std::mem::zeroed();
+        check(libc::tcgetattr(raw, &mut t))?;
+        libc::cfmakeraw(&mut t);
+        t.c_cflag |= libc::CREAD | libc::CLOCAL;
+        t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::PARODD | libc::CSTOPB | libc::CRTSCTS);
+        t.c_cflag |= if cfg.data_bits == 7 {
+            libc::CS7
+        } else {
+            libc::CS8
+        };
+        match cfg.parity.as_str() {
+            "even" => t.c_cflag |= libc::PARENB,
+            "odd" => t.c_cflag |= libc::PARENB | libc::PARODD,
+            _ => {}
+        }
+        if cfg.stop_bits == 2 {
+            t.c_cflag |= libc::CSTOPB;
+        }
+        check(libc::cfsetispeed(&mut t, speed))?;
+        check(libc::cfsetospeed(&mut t, speed))?;
+        check(libc::tcsetattr(raw, libc::TCSANOW, &t))?;
+        // Blocking I/O from here on; serialport polls with its timeout before each read/write.
+        check(libc::fcntl(raw, libc::F_SETFL, 0))?;
+        let mut port = serialport::TTYPort::from_raw_fd(fd.into_raw_fd());
+        port.set_timeout(READ_POLL)?;
+        Ok(Box::new(port))
+    }
 }
 
 /// Receives the PLC's commands (called from the reader thread).
@@ -238,5 +330,59 @@ fn writer(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::station::pty::{self, LineReader};
+
+    fn config(port: &std::path::Path, extra: &str) -> SerialConfig {
+        toml::from_str(&format!("port = {:?}\n{extra}", port.display().to_string())).unwrap()
+    }
+
+    #[test]
+    fn classic_termios_sets_the_line_and_carries_lines() {
+        let pair = pty::open().unwrap();
+        let cfg = config(&pair.port, "baud = 9600\nstop_bits = 2");
+        let mut port = open_classic_termios(&cfg).unwrap();
+        // A pty master reports its slave's settings: the port's line as configured (a pty
+        // forces 8 data bits without parity, so those two cannot be checked here).
+        // SAFETY: termios is plain data, filled by tcgetattr before it is read.
+        let t = unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(pair.master.as_raw_fd(), &mut t), 0);
+            t
+        };
+        assert_ne!(t.c_cflag & libc::CSTOPB, 0);
+        // SAFETY: reads a field of the struct above.
+        assert_eq!(unsafe { libc::cfgetospeed(&t) }, libc::B9600);
+        assert_eq!(t.c_lflag & (libc::ICANON | libc::ECHO), 0, "raw mode");
+
+        port.write_all(b"RES 7 OK 0.125 3.0\r\n").unwrap();
+        port.flush().unwrap();
+        let mut reader = LineReader::new(pair.master);
+        assert_eq!(
+            reader.read_line(Duration::from_secs(5)).as_deref(),
+            Some("RES 7 OK 0.125 3.0")
+        );
+    }
+
+    #[test]
+    fn classic_termios_refuses_a_nonstandard_baud_and_a_missing_port() {
+        let pair = pty::open().unwrap();
+        let err = open_classic_termios(&config(&pair.port, "baud = 12345"))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("12345"), "{err}");
+        let missing = config(std::path::Path::new("/dev/vigil-no-such-port"), "");
+        assert!(open_classic_termios(&missing).is_err());
+        let err = open_port(&missing).err().unwrap().to_string();
+        assert!(err.contains("/dev/vigil-no-such-port"), "{err}");
     }
 }
