@@ -20,6 +20,8 @@ rustup target list --installed | grep -qx "$target" || rustup target add "$targe
 [ -f models/efficientnet-lite0.safetensors ] || VIGIL="cargo run --quiet --" models/get-weights.sh
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+# Tests that start the vigil binary themselves run it under the same emulator.
+export VIGIL_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 cargo test --target "$target" --no-run "$@"
 file "${CARGO_TARGET_DIR:-target}/$target/debug/vigil" 2>/dev/null || true
 cargo test --target "$target" "$@"

@@ -288,12 +288,17 @@ fn serial_port_lost_and_back_loses_no_result_and_keeps_the_order() {
         let mut lines = Vec::new();
         let mut reader = LineReader::new(first.master);
         let start = Instant::now();
-        // Pull the plug right after result 3.
+        // Pull the plug right after result 3 (and whatever came with it).
         while !lines.iter().any(|l: &String| l.starts_with("RES 3 ")) {
             assert!(start.elapsed() < Duration::from_secs(30), "{lines:?}");
             if let Some(line) = reader.read_line(Duration::from_millis(100)) {
                 lines.push(line);
             }
+        }
+        // What had already reached the PLC's side when the plug is pulled was read; bytes still
+        // in the line when it goes are lost with it (docs/protocol.md), so pull between lines.
+        while let Some(line) = reader.read_line(Duration::from_millis(20)) {
+            lines.push(line);
         }
         drop(reader);
         std::fs::remove_file(&link).unwrap();
@@ -304,11 +309,17 @@ fn serial_port_lost_and_back_loses_no_result_and_keeps_the_order() {
         read_all(&mut reader, done, &mut lines);
         lines
     });
-    let ids: Vec<u64> = lines
+    // A line whose sending failed part-way (written, then the drain failed as the port went) is
+    // sent again once the port is back (docs/protocol.md): at most that one line, identical.
+    let res: Vec<&String> = lines.iter().filter(|l| res_fields(l).is_some()).collect();
+    let repeats = res.windows(2).filter(|w| w[0] == w[1]).count();
+    assert!(repeats <= 1, "lines: {lines:?}");
+    let mut ids: Vec<u64> = res
         .iter()
         .filter_map(|l| res_fields(l))
         .map(|r| r.0)
         .collect();
+    ids.dedup();
     assert_eq!(ids, (0..12).collect::<Vec<u64>>(), "lines: {lines:?}");
     assert!(
         lines.iter().any(|l| l.starts_with("FAULT serial")),
@@ -571,6 +582,23 @@ fn dropped_camera_reports_fault_and_reconnects_with_back_off() {
     assert!(start.elapsed() >= Duration::from_millis(300));
 }
 
+/// The `vigil` binary as a command. Under user-mode emulation (`scripts/cross-test.sh`) it is a
+/// foreign executable that the host kernel cannot start without binfmt_misc, so the script names
+/// the emulator in `VIGIL_TEST_RUNNER` and the binary runs under it.
+fn vigil_command() -> std::process::Command {
+    let binary = env!("CARGO_BIN_EXE_vigil");
+    let runner = std::env::var("VIGIL_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(emulator) => {
+            let mut command = std::process::Command::new(emulator);
+            command.args(words).arg(binary);
+            command
+        }
+        None => std::process::Command::new(binary),
+    }
+}
+
 #[test]
 fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
     let f = fixture();
@@ -584,11 +612,30 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
             json.display().to_string()
         ),
     );
-    // systemd's side of sd_notify.
+    // systemd's side of sd_notify, reading as systemd does while the service runs.
     let notify_path = dir.join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_nonblocking(true).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+    notify
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let child_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let systemd = {
+        let child_done = child_done.clone();
+        std::thread::spawn(move || {
+            let mut messages = Vec::new();
+            let mut buf = [0u8; 512];
+            loop {
+                match notify.recv(&mut buf) {
+                    Ok(n) => messages.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                    Err(_) if child_done.load(std::sync::atomic::Ordering::Relaxed) => {
+                        return messages
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let mut child = vigil_command()
         .args(["run", "--config"])
         .arg(dir.join("station.toml"))
         .env("NOTIFY_SOCKET", &notify_path)
@@ -599,12 +646,22 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
         .unwrap();
     let start = Instant::now();
     while json_lines(&json).len() < 6 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no results");
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no results within 60 s; vigil run said: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().unwrap();
+    child_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let messages = systemd.join().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     let results = json_lines(&json);
@@ -616,11 +673,6 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
         ids.len()
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("status: fps"));
-    let mut messages = Vec::new();
-    let mut buf = [0u8; 512];
-    while let Ok(n) = notify.recv(&mut buf) {
-        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
     let position = |m: &str| messages.iter().position(|x| x == m);
     assert!(position("READY=1").is_some(), "{messages:?}");
     assert!(position("WATCHDOG=1").is_some(), "{messages:?}");

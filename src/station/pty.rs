@@ -1,7 +1,8 @@
 //! Pseudo-terminal pairs: the demo and the tests put the serial signal on one, the way a PLC
 //! would see it on a real port.
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
@@ -12,44 +13,51 @@ pub struct PtyPair {
     pub port: PathBuf,
 }
 
-/// Opens a pair in raw mode (no echo, no line editing, no CR/LF translation).
+/// Opens a pair in raw mode (no echo, no line editing, no CR/LF translation). The master is
+/// close-on-exec from the start: a process started meanwhile must not inherit it, or closing
+/// ours would no longer hang up the serial side (a "pulled cable" would go unnoticed).
 pub fn open() -> Result<PtyPair> {
-    let mut master: libc::c_int = -1;
-    let mut slave: libc::c_int = -1;
+    let fail = |what: &str| Error::Device(format!("{what}: {}", std::io::Error::last_os_error()));
+    // SAFETY: posix_openpt returns a new descriptor or -1; we own it from here on.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if master < 0 {
+        return Err(fail("posix_openpt"));
+    }
+    // SAFETY: `master` is an open descriptor nobody else owns.
+    let master = unsafe { File::from_raw_fd(master) };
+    let fd = master.as_raw_fd();
     let mut name = [0 as libc::c_char; 128];
-    // SAFETY: openpty writes two descriptors and a NUL-terminated name of at most 128 bytes
-    // (glibc uses a fixed buffer for the name; ours is as large as the longest /dev/pts path).
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            name.as_mut_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Device(format!(
-            "openpty: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: `slave` is an open terminal descriptor; termios is plain data.
+    // SAFETY: plain calls on our master; ptsname_r writes a NUL-terminated name of at most
+    // `name.len()` bytes.
     unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(slave, &mut t) == 0 {
-            libc::cfmakeraw(&mut t);
-            libc::tcsetattr(slave, libc::TCSANOW, &t);
+        if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 {
+            return Err(fail("grantpt/unlockpt"));
         }
-        libc::close(slave);
+        if libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) != 0 {
+            return Err(fail("ptsname_r"));
+        }
     }
-    // SAFETY: the name is NUL-terminated by openpty.
+    // SAFETY: NUL-terminated by ptsname_r.
     let port = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
         .to_string_lossy()
         .into_owned();
+    // Raw mode is a property of the terminal: set it through a short-lived serial-side descriptor.
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&port)
+        .map_err(|e| Error::Device(format!("{port}: {e}")))?;
+    // SAFETY: `slave` is an open terminal descriptor; termios is plain data filled by tcgetattr.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
     Ok(PtyPair {
-        // SAFETY: `master` is an open descriptor we own from here on.
-        master: unsafe { File::from_raw_fd(master) },
+        master,
         port: PathBuf::from(port),
     })
 }
