@@ -11,24 +11,13 @@ use vigil::rng::Rng;
 use vigil::weights::import_legacy_pth;
 use vigil::Error;
 
+mod common;
+use common::max_abs_diff;
+
 fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
     let n = dims.iter().product();
     let values: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Candle's grouped convolution with the same asymmetric padding, as the reference.

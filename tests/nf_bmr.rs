@@ -14,6 +14,9 @@ use vigil::nn::FeatureExtractor;
 use vigil::rng::Rng;
 use vigil::Result;
 
+mod common;
+use common::max_abs_diff;
+
 const FEATURES: usize = 6;
 
 /// A frozen random 3×3 stride-2 convolution with tanh, standing in for the backbone.
@@ -98,21 +101,6 @@ fn abs_sum(t: &Tensor) -> f64 {
         .sum_all()
         .unwrap()
         .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .max(0)
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()

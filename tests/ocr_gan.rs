@@ -18,6 +18,9 @@ use vigil::rng::Rng;
 use vigil::train::{self, TrainOptions};
 use vigil::Result;
 
+mod common;
+use common::max_abs_diff;
+
 /// A small but complete OCR-GAN: two bands with CS, 3-stage U-Nets, both forgeries.
 fn tiny_config() -> OcrGanConfig {
     OcrGanConfig {
@@ -42,19 +45,6 @@ fn images(n: usize, channels: usize, side: usize, seed: u64) -> Tensor {
     let mut rng = Rng::new(seed);
     let data: Vec<f32> = (0..n * channels * side * side).map(|_| rng.f32()).collect();
     Tensor::from_vec(data, (n, channels, side, side), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
