@@ -22,6 +22,9 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 # Tests that start the vigil binary themselves run it under the same emulator.
 export VIGIL_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
+# One test at a time: the station's real-time tests (deadlines, ejector delays) need the cores to
+# themselves when every instruction is emulated.
+export RUST_TEST_THREADS=1
 cargo test --target "$target" --no-run "$@"
 file "${CARGO_TARGET_DIR:-target}/$target/debug/vigil" 2>/dev/null || true
 cargo test --target "$target" "$@"

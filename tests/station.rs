@@ -196,10 +196,12 @@ fn pty_end_to_end_matches_vigil_score_line_for_line() {
     let parts: Vec<PathBuf> = f.good.iter().chain(&f.defect).cloned().collect();
     let dir = line_folder("e2e", &parts);
     let pair = pty::open().unwrap();
+    // Every part must be scored, however slow the machine (under qemu-aarch64 a queued part
+    // can wait past the default 1 s deadline); deadlines have their own test.
     let cfg = config(
         &dir,
         &format!(
-            "{}[serial]\nport = {:?}\nheartbeat_s = 0\n",
+            "{}[serial]\nport = {:?}\nheartbeat_s = 0\n[decision]\ndeadline_ms = 60000\n",
             folder_source(&dir, false, 0.0),
             pair.port.display().to_string()
         ),
