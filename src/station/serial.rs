@@ -48,7 +48,7 @@ pub fn open_port(cfg: &SerialConfig) -> Result<Box<dyn SerialPort>> {
         .open();
     match opened {
         Ok(port) => Ok(port),
-        Err(e) => match open_classic_termios(cfg) {
+        Err(e) if lacks_termios2(&e) => match open_classic_termios(cfg) {
             Ok(port) => {
                 log::warn!(
                     "serial port {}: {e}; configured with classic termios instead",
@@ -61,7 +61,21 @@ pub fn open_port(cfg: &SerialConfig) -> Result<Box<dyn SerialPort>> {
                 cfg.port.display()
             ))),
         },
+        Err(e) => Err(Error::Device(format!(
+            "serial port {}: {e}",
+            cfg.port.display()
+        ))),
     }
+}
+
+/// Whether serialport failed for want of the `termios2` ioctls (`ENOSYS`, `ENOTTY`; it reports
+/// both as `Unknown` with the errno's text). Any other failure (busy, absent, no permission)
+/// must not be retried another way: a port locked by another process stays locked.
+fn lacks_termios2(e: &serialport::Error) -> bool {
+    e.kind() == serialport::ErrorKind::Unknown
+        && ["Function not implemented", "Inappropriate ioctl for device"]
+            .iter()
+            .any(|text| e.description.contains(text))
 }
 
 /// The same raw 8N1/7E1-style line as serialport's, set with `tcsetattr` (`TCSETS`).
@@ -371,6 +385,22 @@ mod tests {
             reader.read_line(Duration::from_secs(5)).as_deref(),
             Some("RES 7 OK 0.125 3.0")
         );
+    }
+
+    #[test]
+    fn only_a_missing_termios2_falls_back() {
+        use serialport::{Error as PortError, ErrorKind};
+        let missing = PortError::new(ErrorKind::Unknown, "Function not implemented");
+        assert!(lacks_termios2(&missing));
+        let not_a_tty = PortError::new(ErrorKind::Unknown, "Inappropriate ioctl for device");
+        assert!(lacks_termios2(&not_a_tty));
+        // Held by another process: must stay an error, never be opened a second way.
+        assert!(!lacks_termios2(&PortError::new(
+            ErrorKind::NoDevice,
+            "Device or resource busy"
+        )));
+        let absent = PortError::new(ErrorKind::Io(std::io::ErrorKind::NotFound), "No such file");
+        assert!(!lacks_termios2(&absent));
     }
 
     #[test]
