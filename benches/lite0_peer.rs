@@ -8,19 +8,17 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use vigil::bench::BenchArgs;
 use vigil::nn::backbone::{load_tensors, EfficientNetLite0};
 
 fn main() -> vigil::Result<()> {
     vigil::runtime::tune_allocator();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args = BenchArgs::from_env();
     let usage = || vigil::Error::invalid("arguments", "weights tap size batch iterations [in out]");
     let number = |i: usize| -> vigil::Result<usize> {
         args.get(i).and_then(|a| a.parse().ok()).ok_or_else(usage)
     };
-    let weights = args.first().ok_or_else(usage)?;
+    let weights = args.get(0).ok_or_else(usage)?;
     let (tap, size, batch, iterations) = (number(1)?, number(2)?, number(3)?, number(4)?);
     let device = Device::Cpu;
     let tensors = load_tensors(weights.as_ref(), tap, &device)?;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use vigil::bench::{fma_peak_gflops, resident_bytes};
+use vigil::bench::{fma_peak_gflops, resident_bytes, BenchArgs};
 use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::{NfBmr, NfBmrConfig};
 use vigil::methods::Method;
@@ -39,20 +39,15 @@ fn images(batch: usize, size: usize) -> vigil::Result<Tensor> {
 
 fn main() -> vigil::Result<()> {
     vigil::runtime::tune_allocator();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args = BenchArgs::from_env();
     let weights = args
-        .first()
+        .get(0)
         .ok_or_else(|| vigil::Error::invalid("arguments", "the weights file is missing"))?;
-    let number =
-        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let (size, iterations, memory_calls, memory_size) = (
-        number(1, 256),
-        number(2, 20),
-        number(3, 10_000),
-        number(4, 128),
+        args.number(1, 256),
+        args.number(2, 20),
+        args.number(3, 10_000),
+        args.number(4, 128),
     );
     let threads = rayon::current_num_threads();
     let peak = fma_peak_gflops(threads, 1.0);

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use vigil::bench::BenchArgs;
 use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::{NfBmr, NfBmrConfig};
 use vigil::methods::Method;
@@ -31,24 +32,19 @@ impl FeatureExtractor for PoolExtractor {
     }
 }
 
-fn arg(args: &[String], i: usize, default: usize) -> usize {
-    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
-}
-
 fn main() -> vigil::Result<()> {
     vigil::runtime::tune_allocator();
-    // `cargo bench` passes `--bench`; positional numbers follow the program name.
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
+    let args = BenchArgs::from_env();
     let (c, h, w, b) = (
-        arg(&args, 1, 40),
-        arg(&args, 2, 32),
-        arg(&args, 3, 80),
-        arg(&args, 4, 8),
+        args.number(0, 40),
+        args.number(1, 32),
+        args.number(2, 80),
+        args.number(3, 8),
     );
     let cfg = NfBmrConfig {
-        flow_hidden: arg(&args, 5, 1024),
-        flow_kernel: arg(&args, 6, 3),
-        bmr_width: arg(&args, 7, 256),
+        flow_hidden: args.number(4, 1024),
+        flow_kernel: args.number(5, 3),
+        bmr_width: args.number(6, 256),
         ..Default::default()
     };
     let stride = 8;

@@ -4,26 +4,23 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use vigil::bench::BenchArgs;
 use vigil::data::InputSpec;
 use vigil::methods::ocr_gan::{OcrGan, OcrGanConfig};
 use vigil::methods::Method;
 use vigil::rng::Rng;
 
-fn arg(args: &[String], i: usize, default: usize) -> usize {
-    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
-}
-
 fn main() -> vigil::Result<()> {
     vigil::runtime::tune_allocator();
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
+    let args = BenchArgs::from_env();
     let cfg = OcrGanConfig {
-        width: arg(&args, 1, 4),
-        levels: arg(&args, 5, 5),
-        disc_width: arg(&args, 6, 16),
-        disc_levels: arg(&args, 7, 4),
+        width: args.number(0, 4),
+        levels: args.number(4, 5),
+        disc_width: args.number(5, 16),
+        disc_levels: args.number(6, 4),
         ..Default::default()
     };
-    let (h, w, b) = (arg(&args, 2, 256), arg(&args, 3, 256), arg(&args, 4, 8));
+    let (h, w, b) = (args.number(1, 256), args.number(2, 256), args.number(3, 8));
     let input = InputSpec {
         height: h,
         width: w,
@@ -36,7 +33,7 @@ fn main() -> vigil::Result<()> {
         "ocr-gan width {} levels {} disc {}x{} at 3x{h}x{w}:",
         cfg.width, cfg.levels, cfg.disc_width, cfg.disc_levels
     );
-    let train_steps = arg(&args, 8, 3);
+    let train_steps = args.number(7, 3);
     if train_steps > 0 {
         let mut rng = Rng::new(0);
         model.train_step(0, &images, &mut rng)?;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use vigil::bench::BenchArgs;
 use vigil::data::synth::{self, SynthConfig};
 use vigil::data::Image;
 use vigil::error::Result;
@@ -62,15 +63,12 @@ fn main() -> Result<()> {
     // As `vigil run` does: without it the main thread's allocator page-faults every tensor buffer
     // in again and "inference alone" on the main thread is 2x slower than inside the pipeline.
     vigil::runtime::tune_allocator();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = BenchArgs::from_env();
     let absolute = |p: &str| std::path::absolute(p).map_err(|e| vigil::Error::io(p, e));
-    let model = absolute(args.first().map_or("runs/demo/model.safetensors", |s| s))?;
-    let calibration = absolute(args.get(1).map_or("runs/demo/calibration.toml", |s| s))?;
-    let parts: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(300);
-    let memory_parts: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let model = absolute(args.get(0).unwrap_or("runs/demo/model.safetensors"))?;
+    let calibration = absolute(args.get(1).unwrap_or("runs/demo/calibration.toml"))?;
+    let parts = args.number(2, 300) as u64;
+    let memory_parts = args.number(3, 10_000) as u64;
     let dir = tempfile::tempdir().map_err(|e| vigil::Error::io("tempdir", e))?;
     let station_file = dir.path().join("station.toml");
     let write_config = |extra: &str| -> Result<StationConfig> {

@@ -140,6 +140,30 @@ impl fmt::Display for BenchReport {
     }
 }
 
+/// The positional arguments of a benchmark binary (`cargo bench --bench NAME -- ARGS`): the
+/// program name and the `--bench` flag cargo adds are left out.
+pub struct BenchArgs(Vec<String>);
+
+impl BenchArgs {
+    pub fn from_env() -> BenchArgs {
+        BenchArgs(
+            std::env::args()
+                .skip(1)
+                .filter(|a| !a.starts_with("--"))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.0.get(i).map(String::as_str)
+    }
+
+    /// Argument `i` as a number; `default` when it is absent or not a number.
+    pub fn number(&self, i: usize, default: usize) -> usize {
+        self.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+    }
+}
+
 /// Measured fp32 peak of this CPU in GFLOP/s on `threads` threads: independent FMA chains
 /// (enough to cover the FMA latency), 8-wide with AVX2+FMA where the CPU has it, for about
 /// `seconds`.
