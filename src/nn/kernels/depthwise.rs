@@ -213,47 +213,55 @@ mod x86 {
         let mut ch = 0;
         // Four vectors (32 channels) at a time share the tap loop overhead.
         while ch + 32 <= vectors {
-            let mut acc = [
-                _mm256_loadu_ps(bias.as_ptr().add(ch)),
-                _mm256_loadu_ps(bias.as_ptr().add(ch + 8)),
-                _mm256_loadu_ps(bias.as_ptr().add(ch + 16)),
-                _mm256_loadu_ps(bias.as_ptr().add(ch + 24)),
-            ];
-            for ky in w.ky.clone() {
-                for kx in w.kx.clone() {
-                    let src = plane.as_ptr().add(w.pixel(ky, kx) * c + ch);
-                    let tap = weights.as_ptr().add((ky * w.kernel + kx) * c + ch);
-                    for (v, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(src.add(8 * v)),
-                            _mm256_loadu_ps(tap.add(8 * v)),
-                            *a,
-                        );
-                    }
-                }
-            }
-            for (v, a) in acc.iter().enumerate() {
-                let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(ch + 8 * v), y);
-            }
+            vectors_at::<4>(plane, weights, bias, w, (lo, hi), dst, ch);
             ch += 32;
         }
         while ch < vectors {
-            let mut acc = _mm256_loadu_ps(bias.as_ptr().add(ch));
-            for ky in w.ky.clone() {
-                for kx in w.kx.clone() {
-                    let src = plane.as_ptr().add(w.pixel(ky, kx) * c + ch);
-                    let tap = weights.as_ptr().add((ky * w.kernel + kx) * c + ch);
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(tap), acc);
-                }
-            }
-            let y = _mm256_min_ps(_mm256_max_ps(acc, lo), hi);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(ch), y);
+            vectors_at::<1>(plane, weights, bias, w, (lo, hi), dst, ch);
             ch += 8;
         }
         if ch < c {
             // The last channels (fewer than 8): the portable loop on a narrowed view.
             pixel_tail(plane, weights, bias, w, activation, dst, ch);
+        }
+    }
+
+    /// `N` vectors (8·N channels) of one pixel from channel `ch`: bias, every tap, clamp.
+    ///
+    /// # Safety
+    /// As [`pixel`], with `ch + 8·N ≤ dst.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn vectors_at<const N: usize>(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        (lo, hi): (__m256, __m256),
+        dst: &mut [f32],
+        ch: usize,
+    ) {
+        let c = dst.len();
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(bias.as_ptr().add(ch + 8 * v));
+        }
+        for ky in w.ky.clone() {
+            for kx in w.kx.clone() {
+                let src = plane.as_ptr().add(w.pixel(ky, kx) * c + ch);
+                let tap = weights.as_ptr().add((ky * w.kernel + kx) * c + ch);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(src.add(8 * v)),
+                        _mm256_loadu_ps(tap.add(8 * v)),
+                        *a,
+                    );
+                }
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(ch + 8 * v), y);
         }
     }
 
