@@ -6,28 +6,12 @@ use candle_core::{Device, Tensor};
 use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::{Mapping, NfBmr, NfBmrConfig};
 use vigil::methods::Method;
-use vigil::nn::FeatureExtractor;
 use vigil::rng::Rng;
-use vigil::Result;
+
+mod tiny_extractor;
+use tiny_extractor::TinyExtractor;
 
 const FEATURES: usize = 7;
-
-/// A frozen random 3×3 stride-2 convolution with tanh, standing in for the backbone.
-struct TinyExtractor {
-    weight: Tensor,
-}
-
-impl FeatureExtractor for TinyExtractor {
-    fn extract(&self, images: &Tensor) -> Result<Tensor> {
-        Ok((((images - 0.5)?.conv2d(&self.weight, 1, 2, 1, 1)? * 3.0)?).tanh()?)
-    }
-    fn out_channels(&self) -> usize {
-        FEATURES
-    }
-    fn stride(&self) -> usize {
-        2
-    }
-}
 
 const INPUT: InputSpec = InputSpec {
     height: 20,
@@ -71,7 +55,7 @@ fn fast_head_equals_the_candle_path() {
             let mut model = NfBmr::new(
                 cfg,
                 INPUT,
-                Box::new(TinyExtractor { weight }),
+                Box::new(TinyExtractor { weight, gain: 3.0 }),
                 HashMap::new(),
                 &Device::Cpu,
             )

@@ -10,44 +10,27 @@ use vigil::methods::nf_bmr::{Mapping, NfBmr, NfBmrConfig};
 use vigil::methods::Method;
 use vigil::nn::flow::{nll_loss, FlowSpec, RealNvp};
 use vigil::nn::init::seeded_var_builder;
-use vigil::nn::FeatureExtractor;
 use vigil::rng::Rng;
-use vigil::Result;
 
 mod common;
+mod tiny_extractor;
 use common::max_abs_diff;
+use tiny_extractor::TinyExtractor;
 
 const FEATURES: usize = 6;
 
-/// A frozen random 3×3 stride-2 convolution with tanh, standing in for the backbone.
-struct TinyExtractor {
-    weight: Tensor,
-}
-
+/// This file's extractor: seeded weights, and its frozen tensors as a model file stores them.
 impl TinyExtractor {
     fn new(in_channels: usize) -> Self {
         let mut rng = Rng::new(99);
         let n = FEATURES * in_channels * 9;
         let values: Vec<f32> = (0..n).map(|_| rng.normal() / 3.0).collect();
         let weight = Tensor::from_vec(values, (FEATURES, in_channels, 3, 3), &Device::Cpu).unwrap();
-        TinyExtractor { weight }
+        TinyExtractor { weight, gain: 4.0 }
     }
 
     fn frozen(&self) -> HashMap<String, Tensor> {
         HashMap::from([("tiny.weight".to_string(), self.weight.clone())])
-    }
-}
-
-impl FeatureExtractor for TinyExtractor {
-    fn extract(&self, images: &Tensor) -> Result<Tensor> {
-        let centred = (images - 0.5)?;
-        Ok((centred.conv2d(&self.weight, 1, 2, 1, 1)? * 4.0)?.tanh()?)
-    }
-    fn out_channels(&self) -> usize {
-        FEATURES
-    }
-    fn stride(&self) -> usize {
-        2
     }
 }
 
