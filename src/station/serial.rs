@@ -46,26 +46,23 @@ pub fn open_port(cfg: &SerialConfig) -> Result<Box<dyn SerialPort>> {
         })
         .timeout(READ_POLL)
         .open();
-    match opened {
-        Ok(port) => Ok(port),
-        Err(e) if lacks_termios2(&e) => match open_classic_termios(cfg) {
-            Ok(port) => {
-                log::warn!(
-                    "serial port {}: {e}; configured with classic termios instead",
-                    cfg.port.display()
-                );
-                Ok(port)
-            }
-            Err(_) => Err(Error::Device(format!(
-                "serial port {}: {e}",
+    let e = match opened {
+        Ok(port) => return Ok(port),
+        Err(e) => e,
+    };
+    if lacks_termios2(&e) {
+        if let Ok(port) = open_classic_termios(cfg) {
+            log::warn!(
+                "serial port {}: {e}; configured with classic termios instead",
                 cfg.port.display()
-            ))),
-        },
-        Err(e) => Err(Error::Device(format!(
-            "serial port {}: {e}",
-            cfg.port.display()
-        ))),
+            );
+            return Ok(port);
+        }
     }
+    Err(Error::Device(format!(
+        "serial port {}: {e}",
+        cfg.port.display()
+    )))
 }
 
 /// Whether serialport failed for want of the `termios2` ioctls (`ENOSYS`, `ENOTTY`; it reports
