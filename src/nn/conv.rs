@@ -1,14 +1,13 @@
-//! Trainable strided convolutions for generators and discriminators, written as a gather (im2col,
-//! one `index_select`) and a matrix product, because candle's CPU conv2d backward goes through a
-//! naive `conv_transpose2d` (see [`crate::nn::residual::MatmulConv`] for the same-padded case).
+//! Trainable strided convolutions for generators and discriminators. On CPU they are a gather
+//! (im2col) and a matrix product, because candle's CPU conv2d backward goes through a naive
+//! `conv_transpose2d` (see [`crate::nn::residual::MatmulConv`] for the same-padded case); on other
+//! devices they are candle's own conv2d and conv_transpose2d.
 //!
 //! [`UpConv`] is an exact `ConvTranspose2d(kernel 4, stride 2, padding 1)`: each of the four output
 //! phases of a stride-2 transposed convolution is a 2×2 convolution of the input, so the layer
 //! assembles those kernels into one 3×3 convolution with four times the output channels (a fixed
 //! gather of its PyTorch-layout weight, so gradients flow to that weight) and interleaves the
-//! phases ("pixel shuffle"). Candle's own `conv_transpose2d` has no fast CPU backward.
-use std::sync::Mutex;
-
+//! phases ("pixel shuffle") on CPU, where candle's own `conv_transpose2d` has no fast backward.
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -28,31 +27,6 @@ fn out_len(n: usize, kernel: usize, stride: usize, pad: usize) -> Option<usize> 
         .map(|span| span / stride + 1)
 }
 
-/// The gather indices of one input size, cached: a layer sees one size in training and inference.
-#[derive(Default)]
-struct GatherCache(Mutex<Option<(usize, usize, Tensor)>>);
-
-impl GatherCache {
-    fn get(
-        &self,
-        shape: (usize, usize),
-        make: impl FnOnce() -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let mut cache = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("convolution index cache poisoned".into()))?;
-        if let Some((h, w, ids)) = cache.as_ref() {
-            if (*h, *w) == shape {
-                return Ok(ids.clone());
-            }
-        }
-        let ids = make()?;
-        *cache = Some((shape.0, shape.1, ids.clone()));
-        Ok(ids)
-    }
-}
-
 /// Geometry of a convolution: square kernel, stride and zero padding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -61,88 +35,48 @@ pub struct ConvGeometry {
     pub padding: usize,
 }
 
-impl ConvGeometry {
-    /// For each tap (outer) and output position (inner), the flat input index it reads, or `h·w`
-    /// (an appended zero) in the padding.
-    fn indices(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize, Vec<u32>)> {
-        let (k, s, p) = (self.kernel, self.stride, self.padding as isize);
-        let (Some(ho), Some(wo)) = (
-            out_len(h, k, s, self.padding),
-            out_len(w, k, s, self.padding),
-        ) else {
-            candle_core::bail!("a {k}x{k} kernel does not fit a {h}x{w} input")
-        };
-        let zero = (h * w) as u32;
-        let mut ids = Vec::with_capacity(k * k * ho * wo);
-        for ky in 0..k {
-            for kx in 0..k {
-                for oy in 0..ho {
-                    let y = (oy * s + ky) as isize - p;
-                    for ox in 0..wo {
-                        let x = (ox * s + kx) as isize - p;
-                        let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&x);
-                        ids.push(if inside {
-                            (y as usize * w + x as usize) as u32
-                        } else {
-                            zero
-                        });
-                    }
-                }
-            }
-        }
-        Ok((ho, wo, ids))
-    }
-}
-
-/// `[B, C, N]` → `[B, C, N + 1]` with a zero last element, the target of padding taps.
-fn append_zero(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, c, _) = x.dims3()?;
-    Tensor::cat(&[x, &Tensor::zeros((b, c, 1), x.dtype(), x.device())?], 2)
-}
-
-/// The columns `[B, C·k², Ho·Wo]` of `x` for `geometry`: a CPU custom op, or on other devices a
-/// candle `index_select` (standard ops on CUDA).
-fn columns(x: &Tensor, geometry: ConvGeometry, cache: &GatherCache) -> candle_core::Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    if x.device().is_cpu() {
-        let (Some(_), Some(_)) = (
-            out_len(h, geometry.kernel, geometry.stride, geometry.padding),
-            out_len(w, geometry.kernel, geometry.stride, geometry.padding),
-        ) else {
-            candle_core::bail!(
-                "a {0}x{0} kernel does not fit a {h}x{w} input",
-                geometry.kernel
-            )
-        };
-        return x.contiguous()?.apply_op1(Im2Col {
-            kernel: geometry.kernel,
-            stride: geometry.stride,
-            padding: geometry.padding,
-            height: h,
-            width: w,
-        });
-    }
-    let taps = geometry.kernel * geometry.kernel;
-    let (ho, wo, ids) = geometry.indices(h, w)?;
-    let index = cache.get((h, w), || Tensor::from_vec(ids, taps * ho * wo, x.device()))?;
-    append_zero(&x.reshape((b, c, h * w))?)?
-        .index_select(&index, 2)?
-        .reshape((b, c * taps, ho * wo))
-}
-
-/// im2col + matmul with a weight in PyTorch's flattened layout `[out, in·k·k]`.
-fn gather_conv(
-    x: &Tensor,
-    weight: &Tensor,
-    geometry: ConvGeometry,
-    cache: &GatherCache,
-) -> candle_core::Result<Tensor> {
+/// im2col (a CPU custom op) and one matrix product, with a weight in PyTorch's flattened layout
+/// `[out, in·k·k]`.
+fn gather_conv(x: &Tensor, weight: &Tensor, geometry: ConvGeometry) -> candle_core::Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
-    let ho = out_len(h, geometry.kernel, geometry.stride, geometry.padding).unwrap_or(0);
-    let wo = out_len(w, geometry.kernel, geometry.stride, geometry.padding).unwrap_or(0);
-    let cols = columns(x, geometry, cache)?;
-    let out = weight.dim(0)?;
-    weight.broadcast_matmul(&cols)?.reshape((b, out, ho, wo))
+    let (Some(ho), Some(wo)) = (
+        out_len(h, geometry.kernel, geometry.stride, geometry.padding),
+        out_len(w, geometry.kernel, geometry.stride, geometry.padding),
+    ) else {
+        candle_core::bail!(
+            "a {0}x{0} kernel does not fit a {h}x{w} input",
+            geometry.kernel
+        )
+    };
+    let cols = x.contiguous()?.apply_op1(Im2Col {
+        kernel: geometry.kernel,
+        stride: geometry.stride,
+        padding: geometry.padding,
+        height: h,
+        width: w,
+    })?;
+    weight
+        .broadcast_matmul(&cols)?
+        .reshape((b, weight.dim(0)?, ho, wo))
+}
+
+/// Candle's own conv2d with the flattened weight. On CUDA it is the faster op, and its backward
+/// keeps only the input: the columns of [`gather_conv`], 9–16 times the input, would stay in the
+/// autograd graph for every layer (OCR-GAN's paper setting ran out of 80 GB that way).
+fn native_conv(x: &Tensor, weight: &Tensor, geometry: ConvGeometry) -> candle_core::Result<Tensor> {
+    let (out, flat) = weight.dims2()?;
+    let k2 = geometry.kernel * geometry.kernel;
+    let kernel = weight.reshape((out, flat / k2, geometry.kernel, geometry.kernel))?;
+    x.conv2d(&kernel, geometry.padding, geometry.stride, 1, 1)
+}
+
+/// [`gather_conv`] on CPU, [`native_conv`] elsewhere (standard candle ops on CUDA).
+fn conv(x: &Tensor, weight: &Tensor, geometry: ConvGeometry) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        gather_conv(x, weight, geometry)
+    } else {
+        native_conv(x, weight, geometry)
+    }
 }
 
 /// A strided convolution (no bias: every use is followed by a normalisation, or it is the
@@ -150,7 +84,6 @@ fn gather_conv(
 pub struct Conv {
     weight: Tensor,
     geometry: ConvGeometry,
-    cache: GatherCache,
 }
 
 impl Conv {
@@ -163,17 +96,13 @@ impl Conv {
         }
         let k2 = geometry.kernel * geometry.kernel;
         let weight = vb.get_with_hints((out_c, in_c * k2), "weight", DCGAN_INIT)?;
-        Ok(Conv {
-            weight,
-            geometry,
-            cache: GatherCache::default(),
-        })
+        Ok(Conv { weight, geometry })
     }
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        gather_conv(x, &self.weight, self.geometry, &self.cache)
+        conv(x, &self.weight, self.geometry)
     }
 }
 
@@ -198,7 +127,6 @@ pub struct UpConv {
     /// Rows of the assembled `[4·out, in·9]` kernel, as indices into `weight`.
     assemble: Tensor,
     out_c: usize,
-    cache: GatherCache,
 }
 
 impl UpConv {
@@ -235,7 +163,6 @@ impl UpConv {
             bias,
             assemble: Tensor::from_vec(ids, n, vb.device())?,
             out_c,
-            cache: GatherCache::default(),
         })
     }
 
@@ -249,19 +176,29 @@ impl UpConv {
     }
 }
 
-impl Module for UpConv {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl UpConv {
+    /// The four output phases as one 3×3 convolution on CPU, interleaved.
+    fn phase_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let geometry = ConvGeometry {
             kernel: 3,
             stride: 1,
             padding: 1,
         };
-        let phases = gather_conv(x, &self.kernel()?, geometry, &self.cache)?;
-        let y = phases
+        gather_conv(x, &self.kernel()?, geometry)?
             .reshape((b, self.out_c, 2, 2, h, w))?
             .permute((0, 1, 4, 2, 5, 3))?
-            .reshape((b, self.out_c, 2 * h, 2 * w))?;
+            .reshape((b, self.out_c, 2 * h, 2 * w))
+    }
+}
+
+impl Module for UpConv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if x.device().is_cpu() {
+            self.phase_forward(x)?
+        } else {
+            x.conv_transpose2d(&self.weight, 1, 0, 2, 1)?
+        };
         match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, self.out_c, 1, 1))?),
             None => Ok(y),
@@ -309,10 +246,10 @@ mod tests {
         Ok(())
     }
 
-    /// The CPU custom op and the `index_select` path (used on CUDA) give the same columns and the
-    /// same input gradient.
+    /// The CPU path and candle's conv2d (the CUDA path) give the same output and the same
+    /// gradients for input and weight.
     #[test]
-    fn im2col_op_matches_the_index_gather_forward_and_backward() -> Result<()> {
+    fn gather_conv_matches_native_conv_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
         for (h, w, k, s, p) in [
             (8, 12, 4, 2, 1),
@@ -325,24 +262,24 @@ mod tests {
                 stride: s,
                 padding: p,
             };
-            let var = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?)?;
-            let x = var.as_tensor();
-            let op = columns(x, geometry, &GatherCache::default())?;
-            let (ho, wo, ids) = geometry.indices(h, w)?;
-            let index = Tensor::from_vec(ids, k * k * ho * wo, &dev)?;
-            let reference = append_zero(&x.reshape((2, 3, h * w))?)?
-                .index_select(&index, 2)?
-                .reshape((2, 3 * k * k, ho * wo))?;
-            assert_eq!(op.dims(), reference.dims());
-            assert!(max_diff(&op, &reference) < 1e-7);
-            let weights = Tensor::randn(0f32, 1.0, op.dims(), &dev)?;
-            let g_op = (op * &weights)?.sum_all()?.backward()?;
-            let g_ref = (reference * &weights)?.sum_all()?.backward()?;
-            assert!(max_diff(g_op.get(x).unwrap(), g_ref.get(x).unwrap()) < 1e-5);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?)?;
+            let weight = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3 * k * k), &dev)?)?;
+            let ours = gather_conv(&x, &weight, geometry)?;
+            let theirs = native_conv(&x, &weight, geometry)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(max_diff(&ours, &theirs) < 1e-4);
+            let target = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+            let g_ours = (ours * &target)?.sum_all()?.backward()?;
+            let g_theirs = (theirs * &target)?.sum_all()?.backward()?;
+            for var in [&x, &weight] {
+                let (a, b) = (g_ours.get(var).unwrap(), g_theirs.get(var).unwrap());
+                assert!(max_diff(a, b) < 1e-4, "{geometry:?}: {}", max_diff(a, b));
+            }
         }
         Ok(())
     }
 
+    /// The CPU phase path and candle's conv_transpose2d (the CUDA path) agree, gradients included.
     #[test]
     fn up_conv_matches_candle_conv_transpose2d() -> Result<()> {
         let dev = Device::Cpu;
@@ -354,13 +291,19 @@ mod tests {
         let bias: &Var = data.get("bias").unwrap();
         bias.set(&Tensor::new(&[0.1f32, -0.2, 0.3, 0.4], &dev)?)?;
         drop(data);
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 6), &dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 6), &dev)?)?;
         let ours = up.forward(&x)?;
         let theirs = x
             .conv_transpose2d(&up.weight, 1, 0, 2, 1)?
             .broadcast_add(&up.bias.as_ref().unwrap().reshape((1, 4, 1, 1))?)?;
         assert_eq!(ours.dims(), &[2, 4, 10, 12]);
         assert!(max_diff(&ours, &theirs) < 1e-5);
+        let target = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+        let g_ours = (ours * &target)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &target)?.sum_all()?.backward()?;
+        for t in [x.as_tensor(), &up.weight] {
+            assert!(max_diff(g_ours.get(t).unwrap(), g_theirs.get(t).unwrap()) < 1e-4);
+        }
         Ok(())
     }
 
