@@ -4,7 +4,7 @@
 //! smoothing (replicated borders, radius `round(4σ)`) is linear and separable, so each axis folds
 //! into one `[out, in]` matrix built once: the map is `rows · scores · colsᵀ`, two small matmuls
 //! per batch instead of a full-resolution upsample and two large convolutions.
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -101,5 +101,49 @@ impl MapResizer {
             .matmul(&self.cols_t)?
             .reshape((b, h, big_w))?;
         Ok(self.rows.broadcast_matmul(&widened)?)
+    }
+}
+
+/// Per image, the mean of the highest `fraction` of a `[B, H, W]` map's values (at least one
+/// value): between the maximum, which one noisy pixel decides, and the mean, in which a small
+/// defect vanishes. Selected on the host (linear time): candle's sort does not fit a whole map in
+/// one CUDA block.
+pub fn top_mean(maps: &Tensor, fraction: f64) -> Result<Tensor> {
+    let (b, h, w) = maps.dims3()?;
+    let n = h * w;
+    if n == 0 {
+        return Err(Error::invalid("anomaly map", "empty: no value to pool"));
+    }
+    let k = ((fraction * n as f64).ceil() as usize).clamp(1, n);
+    let mut values = maps.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let scores: Vec<f32> = values
+        .chunks_mut(n)
+        .map(|map| {
+            map.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            map[..k].iter().sum::<f32>() / k as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(scores, b, maps.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_mean_averages_the_highest_share_of_each_map() -> Result<()> {
+        // Two 2x5 maps holding 1..=10 in scrambled order, and 10..=1 scaled by 2.
+        let first = [3f32, 10., 1., 7., 9., 2., 8., 4., 6., 5.];
+        let second: Vec<f32> = (1..=10).rev().map(|v| 2.0 * v as f32).collect();
+        let data: Vec<f32> = first.iter().copied().chain(second).collect();
+        let maps = Tensor::from_vec(data, (2, 2, 5), &Device::Cpu)?;
+        // 20% of 10 values: the top two.
+        assert_eq!(top_mean(&maps, 0.2)?.to_vec1::<f32>()?, [9.5, 19.0]);
+        // 25% of 10 rounds up to three values.
+        assert_eq!(top_mean(&maps, 0.25)?.to_vec1::<f32>()?, [9.0, 18.0]);
+        // A share below one value keeps the maximum; the whole share is the mean.
+        assert_eq!(top_mean(&maps, 1e-6)?.to_vec1::<f32>()?, [10.0, 20.0]);
+        assert_eq!(top_mean(&maps, 1.0)?.to_vec1::<f32>()?, [5.5, 11.0]);
+        Ok(())
     }
 }

@@ -24,6 +24,9 @@ pub enum ContentPooling {
     Mean,
     /// Maximum of the smoothed heatmap: a small defect is not diluted by the image area.
     Max,
+    /// Mean of the highest `top_fraction` of the smoothed heatmap: as undiluted as the maximum,
+    /// but not decided by one noisy pixel.
+    Top,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -56,6 +59,8 @@ pub struct OcrGanConfig {
     pub score_lambda: f64,
     /// Pooling of L_con in the score (paper: mean).
     pub content_pooling: ContentPooling,
+    /// Share of the heatmap's pixels that `content_pooling = "top"` averages (not in the paper).
+    pub top_fraction: f64,
     /// Adam (paper: lr 0.002, β = (0.5, 0.999), weight decay 1e-4), for generators and discriminator.
     pub lr: f64,
     pub beta1: f64,
@@ -86,6 +91,7 @@ impl Default for OcrGanConfig {
             lambda_lat: 1.0,
             score_lambda: 0.9,
             content_pooling: ContentPooling::Mean,
+            top_fraction: 0.005,
             lr: 0.002,
             beta1: 0.5,
             beta2: 0.999,
@@ -148,6 +154,12 @@ impl OcrGanConfig {
             finite_in(field, value, 0.0, 1e6)?;
         }
         finite_in("score_lambda", self.score_lambda, 0.0, 1.0)?;
+        if !(self.top_fraction > 0.0 && self.top_fraction <= 1.0) {
+            return Err(Error::config(
+                "top_fraction",
+                format!("{} is outside (0, 1]", self.top_fraction),
+            ));
+        }
         finite_in("lr", self.lr, 1e-12, 10.0)?;
         finite_in("beta1", self.beta1, 0.0, 0.999_999)?;
         finite_in("beta2", self.beta2, 0.0, 0.999_999)?;

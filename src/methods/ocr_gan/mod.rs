@@ -29,7 +29,7 @@ use self::model::{Builders, Discriminator, Generator};
 use crate::data::anomaly::{AnomalyGenerator, AnomalySynth, CutPasteParams, CutoutParams};
 use crate::data::{batch_tensor, Image, InputSpec};
 use crate::error::{Error, Result};
-use crate::methods::anomaly_map::MapResizer;
+use crate::methods::anomaly_map::{top_mean, MapResizer};
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::init::{detached, load_vars, seeded_var_builder, snapshot};
 use crate::rng::Rng;
@@ -293,6 +293,7 @@ impl OcrGan {
         let content = match self.cfg.content_pooling {
             ContentPooling::Mean => content_error(&x, &recon)?,
             ContentPooling::Max => maps.flatten_from(1)?.max(1)?,
+            ContentPooling::Top => top_mean(&maps, self.cfg.top_fraction)?,
         };
         let lambda = self.cfg.score_lambda;
         let a = ((content * lambda)? + (latent_error(&f_x, &f_r)? * (1.0 - lambda))?)?;
