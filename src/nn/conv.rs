@@ -174,9 +174,7 @@ impl UpConv {
             .index_select(&self.assemble, 0)?
             .reshape((4 * self.out_c, in_c * 9))
     }
-}
 
-impl UpConv {
     /// The four output phases as one 3×3 convolution on CPU, interleaved.
     fn phase_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
