@@ -285,7 +285,75 @@ fn depthwise_matches_grouped_conv2d() {
             assert!(kernels
                 .depthwise(&geom, &x[1..], &packed, &bias, Activation::Relu6, &mut out)
                 .is_err());
+            if b == 1 {
+                ring_rows_match(kernels, &geom, &x, &packed, &bias, &out);
+            }
         }
+    }
+}
+
+/// The same convolution with its input rows fed through a ring two output rows at a time, as the
+/// fused Lite0 blocks do: each ring slot holds the input row it should, stale rows elsewhere.
+fn ring_rows_match(
+    kernels: Kernels,
+    geom: &DepthwiseGeom,
+    x: &[f32],
+    packed: &[f32],
+    bias: &[f32],
+    expected: &[f32],
+) {
+    let (step, row_len) = (2, geom.width * geom.channels);
+    let slots = (step - 1) * geom.stride + geom.kernel;
+    let mut ring = vec![f32::NAN; slots * row_len];
+    let out_row = geom.out_w * geom.channels;
+    let mut oy = 0;
+    while oy < geom.out_h {
+        let end = (oy + step).min(geom.out_h);
+        let first = (oy * geom.stride).saturating_sub(geom.pad_top);
+        let last = ((end - 1) * geom.stride + geom.kernel)
+            .saturating_sub(geom.pad_top)
+            .min(geom.height);
+        for iy in first..last {
+            let slot = iy % slots;
+            ring[slot * row_len..(slot + 1) * row_len]
+                .copy_from_slice(&x[iy * row_len..(iy + 1) * row_len]);
+        }
+        let mut out = vec![f32::NAN; (end - oy) * out_row];
+        kernels
+            .depthwise_ring_rows(
+                geom,
+                &ring,
+                slots,
+                oy..end,
+                packed,
+                bias,
+                Activation::Relu6,
+                &mut out,
+            )
+            .unwrap();
+        let d = max_diff(&out, &expected[oy * out_row..end * out_row]);
+        assert!(
+            d < TOLERANCE,
+            "{kernels:?} ring rows {oy}..{end} of {geom:?}: {d}"
+        );
+        oy = end;
+    }
+    // A ring too small for two rows' windows is refused.
+    if geom.height > geom.kernel {
+        let small = geom.kernel * row_len;
+        let mut out = vec![0.0; 2 * out_row];
+        assert!(kernels
+            .depthwise_ring_rows(
+                geom,
+                &ring[..small],
+                geom.kernel,
+                0..2,
+                packed,
+                bias,
+                Activation::Relu6,
+                &mut out,
+            )
+            .is_err());
     }
 }
 

@@ -108,66 +108,66 @@ pub enum ASource<'a> {
 }
 
 impl ASource<'_> {
-    /// Packs rows `row0..row0 + rows` (at most MR), depths `k0..k0 + kc` into `dst` as `[kc][MR]`,
-    /// zero-filling missing rows.
+    /// Packs rows `row0..row0 + rows` (at most MR), depths `k0..k0 + kc` into `dst` as `[MR][kc]`
+    /// (each row contiguous, so that every run of the source is one copy), zero-filling missing
+    /// rows.
     fn pack_panel(&self, row0: usize, rows: usize, k0: usize, kc: usize, dst: &mut [f32]) {
-        if rows < MR {
-            dst[..kc * MR].fill(0.0);
-        }
+        dst[rows * kc..MR * kc].fill(0.0);
         match *self {
             ASource::Matrix { data, lda } => {
-                for r in 0..rows {
-                    let src = &data[(row0 + r) * lda + k0..(row0 + r) * lda + k0 + kc];
-                    for (kk, &v) in src.iter().enumerate() {
-                        dst[kk * MR + r] = v;
-                    }
+                for (r, row) in dst.chunks_exact_mut(kc).take(rows).enumerate() {
+                    let at = (row0 + r) * lda + k0;
+                    row.copy_from_slice(&data[at..at + kc]);
                 }
             }
             ASource::Im2col { image, geom } => {
-                let c = geom.in_c;
-                // Output pixel of each panel row.
-                let mut pixels = [(0usize, 0usize, 0usize); MR];
-                for (r, p) in pixels.iter_mut().enumerate().take(rows) {
-                    let m = row0 + r;
-                    *p = (
-                        m / (geom.out_w * geom.out_h),
-                        (m / geom.out_w) % geom.out_h,
-                        m % geom.out_w,
-                    );
-                }
-                let zeros = [0f32; KC];
-                let tap = k0 / c;
-                let mut ci = k0 % c;
-                let (mut ky, mut kx) = (tap / geom.kernel_w, tap % geom.kernel_w);
-                let mut k = k0;
-                // One tap at a time: each row reads a contiguous run of channels (or zeros
-                // outside the image), and the panel is written `MR` values per depth.
-                while k < k0 + kc {
-                    let run = (c - ci).min(k0 + kc - k);
-                    let mut sources: [&[f32]; MR] = [&zeros[..run]; MR];
-                    for (source, &(b, oy, ox)) in sources.iter_mut().zip(&pixels).take(rows) {
+                let (c, kw) = (geom.in_c, geom.kernel_w);
+                // Divisions only once per panel: they would cost more than the copying.
+                let (tap0, ci0) = (k0 / c, k0 % c);
+                let (ky0, kx0) = (tap0 / kw, tap0 % kw);
+                let per_image = geom.out_h * geom.out_w;
+                let (mut b, mut oy, mut ox) = (
+                    row0 / per_image,
+                    (row0 / geom.out_w) % geom.out_h,
+                    row0 % geom.out_w,
+                );
+                for row in dst.chunks_exact_mut(kc).take(rows) {
+                    let x0 = (ox * geom.stride) as isize - geom.pad_left as isize;
+                    // Taps of a kernel row from `ix >= 0` up to (excluding) `kx_end` lie inside
+                    // the image, so their channels are one contiguous run.
+                    let kx_end = (geom.width as isize - x0).clamp(0, kw as isize) as usize;
+                    let (mut ky, mut kx, mut ci, mut k) = (ky0, kx0, ci0, 0);
+                    while k < kc {
                         let iy = (oy * geom.stride + ky) as isize - geom.pad_top as isize;
-                        let ix = (ox * geom.stride + kx) as isize - geom.pad_left as isize;
-                        if (0..geom.height as isize).contains(&iy)
-                            && (0..geom.width as isize).contains(&ix)
-                        {
+                        let ix = x0 + kx as isize;
+                        let (run, source, next_kx) = if !(0..geom.height as isize).contains(&iy) {
+                            ((kw - kx) * c - ci, None, kw)
+                        } else if ix < 0 || kx >= kx_end {
+                            (c - ci, None, kx + 1)
+                        } else {
                             let at = ((b * geom.height + iy as usize) * geom.width + ix as usize)
                                 * c
                                 + ci;
-                            *source = &image[at..at + run];
+                            ((kx_end - kx) * c - ci, Some(at), kx_end)
+                        };
+                        let run = run.min(kc - k);
+                        let part = &mut row[k..k + run];
+                        match source {
+                            Some(at) => part.copy_from_slice(&image[at..at + run]),
+                            None => part.fill(0.0),
+                        }
+                        k += run;
+                        (kx, ci) = (next_kx, 0);
+                        if kx == kw {
+                            (ky, kx) = (ky + 1, 0);
                         }
                     }
-                    let panel = &mut dst[(k - k0) * MR..(k - k0 + run) * MR];
-                    for (j, column) in panel.chunks_exact_mut(MR).enumerate() {
-                        for (value, source) in column.iter_mut().zip(&sources) {
-                            *value = source[j];
+                    ox += 1;
+                    if ox == geom.out_w {
+                        (ox, oy) = (0, oy + 1);
+                        if oy == geom.out_h {
+                            (oy, b) = (0, b + 1);
                         }
-                    }
-                    k += run;
-                    ci = 0;
-                    kx += 1;
-                    if kx == geom.kernel_w {
-                        (ky, kx) = (ky + 1, 0);
                     }
                 }
             }
@@ -246,8 +246,8 @@ pub(super) fn gemm_rows(
                             a.pack_panel(r0, rows_here, k0, kc, dst);
                             APanel {
                                 ptr: dst.as_ptr(),
-                                rs: 1,
-                                ks: MR,
+                                rs: kc,
+                                ks: 1,
                             }
                         }
                     };

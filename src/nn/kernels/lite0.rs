@@ -1,5 +1,6 @@
 //! EfficientNet-Lite0 on the fast kernels: channels-last from the stem to the taps, BN folded,
 //! every activation buffer owned by the engine and reused across calls.
+use std::ops::Range;
 use std::sync::Mutex;
 
 use super::{
@@ -36,6 +37,167 @@ struct Block {
     project: PackedB,
 }
 
+impl Block {
+    /// Output rows `rows` of this block for one channels-last image `input` (`[H, W, c]`, the
+    /// depthwise geometry `dw`), written to `out`: the expansion of each input row goes into a
+    /// ring of rows just before the depthwise convolution needs it, and the depthwise output of a
+    /// few rows straight into the projection, so that the expanded maps (up to 6 MB per image)
+    /// never pass through memory.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_rows(
+        &self,
+        k: Kernels,
+        dw: &DepthwiseGeom,
+        c: usize,
+        input: &[f32],
+        rows: Range<usize>,
+        out: &mut [f32],
+        scratch: &mut BandScratch,
+    ) -> Result<()> {
+        let (h, w, ow, hidden) = (dw.height, dw.width, dw.out_w, self.hidden);
+        let step = rows_per_step(ow);
+        let slots = (step - 1) * self.stride + self.kernel;
+        let first_row = |oy: usize| (oy * self.stride).saturating_sub(dw.pad_top);
+        let rows_end = |oy_end: usize| {
+            ((oy_end - 1) * self.stride + self.kernel)
+                .saturating_sub(dw.pad_top)
+                .min(h)
+        };
+        let ring = slot(&mut scratch.ring, slots * w * hidden);
+        let mut expanded_to = first_row(rows.start);
+        let mut oy = rows.start;
+        while oy < rows.end {
+            let oy_end = (oy + step).min(rows.end);
+            let filtered = slot(&mut scratch.filtered, (oy_end - oy) * ow * hidden);
+            // Without an expansion the whole input is the ring.
+            let (source, source_slots): (&[f32], usize) = match &self.expand {
+                Some(expand) => {
+                    // Expand the input rows these output rows need and the ring lacks, in runs
+                    // that do not wrap around the ring.
+                    let need = rows_end(oy_end);
+                    while expanded_to < need {
+                        let at = expanded_to % slots;
+                        let n = (need - expanded_to).min(slots - at);
+                        k.gemm(
+                            ASource::Matrix {
+                                data: &input[expanded_to * w * c..(expanded_to + n) * w * c],
+                                lda: c,
+                            },
+                            expand,
+                            RELU6,
+                            &mut ring[at * w * hidden..(at + n) * w * hidden],
+                        )?;
+                        expanded_to += n;
+                    }
+                    (ring, slots)
+                }
+                None => (input, h),
+            };
+            k.depthwise_ring_rows(
+                dw,
+                source,
+                source_slots,
+                oy..oy_end,
+                &self.dw_weight,
+                &self.dw_bias,
+                Activation::Relu6,
+                filtered,
+            )?;
+            let residual = self.residual.then(|| &input[oy * w * c..oy_end * w * c]);
+            k.gemm(
+                ASource::Matrix {
+                    data: filtered,
+                    lda: hidden,
+                },
+                &self.project,
+                Epilogue {
+                    activation: Activation::Identity,
+                    residual,
+                },
+                &mut out
+                    [(oy - rows.start) * ow * self.out_c..(oy_end - rows.start) * ow * self.out_c],
+            )?;
+            oy = oy_end;
+        }
+        Ok(())
+    }
+
+    /// The whole block one operation after another, each split over the threads by rows: for
+    /// small maps, where bands of rows would recompute too many shared input rows.
+    fn unfused(&self, k: Kernels, ws: &mut Workspace, dw: &DepthwiseGeom, c: usize) -> Result<()> {
+        let pixels = dw.batch * dw.height * dw.width;
+        let current = &ws.current[..pixels * c];
+        let hidden_in: &[f32] = match &self.expand {
+            Some(expand) => {
+                let out = slot(&mut ws.expanded, pixels * self.hidden);
+                k.gemm(
+                    ASource::Matrix {
+                        data: current,
+                        lda: c,
+                    },
+                    expand,
+                    RELU6,
+                    out,
+                )?;
+                out
+            }
+            None => current,
+        };
+        let filtered = slot(
+            &mut ws.filtered,
+            dw.batch * dw.out_h * dw.out_w * self.hidden,
+        );
+        k.depthwise(
+            dw,
+            hidden_in,
+            &self.dw_weight,
+            &self.dw_bias,
+            Activation::Relu6,
+            filtered,
+        )?;
+        let next = slot(&mut ws.next, dw.batch * dw.out_h * dw.out_w * self.out_c);
+        let project = Epilogue {
+            activation: Activation::Identity,
+            residual: self.residual.then_some(current),
+        };
+        k.gemm(
+            ASource::Matrix {
+                data: filtered,
+                lda: self.hidden,
+            },
+            &self.project,
+            project,
+            next,
+        )
+    }
+}
+
+/// Output rows per fused step for maps `ow` pixels wide.
+fn rows_per_step(ow: usize) -> usize {
+    FUSED_PIXELS.div_ceil(ow.max(1)).max(1)
+}
+
+/// Bands of output rows the fused path would run `block` in with `threads` threads, or 0 when
+/// it should run unfused: split over threads, each band recomputes the input rows it shares with
+/// the band above, which is not worth it unless the bands are tall.
+fn fused_bands(block: &Block, dw: &DepthwiseGeom, threads: usize) -> usize {
+    if threads <= 1 {
+        return 1;
+    }
+    let band_rows = dw.out_h.div_ceil(threads) * block.stride;
+    let shared = block.kernel.saturating_sub(block.stride);
+    if band_rows >= 8 * shared {
+        threads.min(dw.out_h)
+    } else {
+        0
+    }
+}
+
+const RELU6: Epilogue<'static> = Epilogue {
+    activation: Activation::Relu6,
+    residual: None,
+};
+
 /// Activation buffers, grown to the largest shape seen and reused.
 #[derive(Default)]
 struct Workspace {
@@ -44,7 +206,20 @@ struct Workspace {
     expanded: Vec<f32>,
     filtered: Vec<f32>,
     next: Vec<f32>,
+    /// One per band of rows that runs at the same time.
+    bands: Vec<BandScratch>,
 }
+
+/// Buffers of one band of a fused block: a ring of expanded input rows and the depthwise output
+/// of a few rows, both small enough to stay in L2.
+#[derive(Default)]
+struct BandScratch {
+    ring: Vec<f32>,
+    filtered: Vec<f32>,
+}
+
+/// Output pixels a fused step aims to handle at once, so that its GEMMs get enough rows.
+const FUSED_PIXELS: usize = 64;
 
 fn slot(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buffer.len() < len {
@@ -262,37 +437,20 @@ impl FastLite0 {
             out_w: w,
         };
         let mut c = self.stem_channels;
-        let relu6 = Epilogue {
-            activation: Activation::Relu6,
-            residual: None,
-        };
         k.conv2d(
             input,
             geom,
             stem,
-            relu6,
+            RELU6,
             slot(&mut ws.current, batch * h * w * c),
         )?;
 
+        let threads = if k.parallel {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
         for (index, block) in self.blocks[..=deepest].iter().enumerate() {
-            let pixels = batch * h * w;
-            let current = &ws.current[..pixels * c];
-            let hidden_in: &[f32] = match &block.expand {
-                Some(expand) => {
-                    let out = slot(&mut ws.expanded, pixels * block.hidden);
-                    k.gemm(
-                        ASource::Matrix {
-                            data: current,
-                            lda: c,
-                        },
-                        expand,
-                        relu6,
-                        out,
-                    )?;
-                    out
-                }
-                None => current,
-            };
             let pad = SamePad::new(h, w, block.kernel, block.stride);
             let (oh, ow) = (h.div_ceil(block.stride), w.div_ceil(block.stride));
             let dw = DepthwiseGeom {
@@ -307,29 +465,51 @@ impl FastLite0 {
                 out_h: oh,
                 out_w: ow,
             };
-            let filtered = slot(&mut ws.filtered, batch * oh * ow * block.hidden);
-            k.depthwise(
-                &dw,
-                hidden_in,
-                &block.dw_weight,
-                &block.dw_bias,
-                Activation::Relu6,
-                filtered,
-            )?;
-            let next = slot(&mut ws.next, batch * oh * ow * block.out_c);
-            let project = Epilogue {
-                activation: Activation::Identity,
-                residual: block.residual.then_some(current),
-            };
-            k.gemm(
-                ASource::Matrix {
-                    data: filtered,
-                    lda: block.hidden,
-                },
-                &block.project,
-                project,
-                next,
-            )?;
+            let bands = fused_bands(block, &dw, threads);
+            if bands > 0 {
+                let Workspace {
+                    current,
+                    next,
+                    bands: scratch,
+                    ..
+                } = &mut *ws;
+                if scratch.len() < bands {
+                    scratch.resize_with(bands, BandScratch::default);
+                }
+                let input = &current[..h * w * c];
+                let out = slot(next, oh * ow * block.out_c);
+                let per = oh.div_ceil(bands);
+                if bands == 1 {
+                    block.fused_rows(k.serial(), &dw, c, input, 0..oh, out, &mut scratch[0])?;
+                } else {
+                    let mut results: Vec<Result<()>> = (0..bands).map(|_| Ok(())).collect();
+                    rayon::scope(|s| {
+                        for (band, ((chunk, scratch), result)) in out
+                            .chunks_mut(per * ow * block.out_c)
+                            .zip(scratch.iter_mut())
+                            .zip(results.iter_mut())
+                            .enumerate()
+                        {
+                            let dw = &dw;
+                            s.spawn(move |_| {
+                                let rows = band * per..((band + 1) * per).min(oh);
+                                *result = block.fused_rows(
+                                    k.serial(),
+                                    dw,
+                                    c,
+                                    input,
+                                    rows,
+                                    chunk,
+                                    scratch,
+                                );
+                            });
+                        }
+                    });
+                    results.into_iter().collect::<Result<Vec<()>>>()?;
+                }
+            } else {
+                block.unfused(k, ws, &dw, c)?;
+            }
             std::mem::swap(&mut ws.current, &mut ws.next);
             (h, w, c) = (oh, ow, block.out_c);
             for (out, _) in outputs.iter_mut().zip(taps).filter(|(_, &t)| t == index) {

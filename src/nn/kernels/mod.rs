@@ -13,7 +13,7 @@ pub mod lite0;
 
 use std::ops::Range;
 
-pub use depthwise::DepthwiseGeom;
+pub use depthwise::{DepthwiseGeom, RowSource};
 pub use gemm::{ASource, ConvGeom, Epilogue, PackedB};
 
 use crate::error::{Error, Result};
@@ -167,20 +167,8 @@ impl Kernels {
             input.len(),
             geom.batch * geom.height * geom.width * c,
         )?;
-        check_len(
-            "depthwise weights",
-            weights.len(),
-            geom.kernel * geom.kernel * c,
-        )?;
-        check_len("depthwise bias", bias.len(), c)?;
         let rows = geom.batch * geom.out_h;
-        check_len("depthwise output", out.len(), rows * geom.out_w * c)?;
-        if geom.stride == 0 || geom.kernel == 0 {
-            return Err(Error::invalid(
-                "depthwise geometry",
-                "kernel and stride must be >= 1",
-            ));
-        }
+        check_depthwise(geom, weights, bias, out.len(), rows)?;
         let isa = self.isa;
         let macs = if self.parallel {
             rows * geom.out_w * c * geom.kernel * geom.kernel
@@ -188,10 +176,95 @@ impl Kernels {
             0
         };
         par_rows(rows, geom.out_w * c, 1, macs, out, |range, chunk| {
-            depthwise::depthwise_rows(isa, geom, input, weights, bias, activation, range, chunk)
+            depthwise::depthwise_rows(
+                isa,
+                geom,
+                input,
+                RowSource::Plane,
+                weights,
+                bias,
+                activation,
+                range,
+                chunk,
+            )
         });
         Ok(())
     }
+    /// Output rows `rows` of a depthwise convolution of one image whose input rows come from a
+    /// ring of `slots` rows (`[slots, W, C]`, input row `iy` in slot `iy % slots`; see
+    /// [`RowSource::Ring`]), on the calling thread. The caller keeps every input row these output
+    /// rows read in the ring.
+    #[allow(clippy::too_many_arguments)]
+    pub fn depthwise_ring_rows(
+        &self,
+        geom: &DepthwiseGeom,
+        ring: &[f32],
+        slots: usize,
+        rows: Range<usize>,
+        weights: &[f32],
+        bias: &[f32],
+        activation: Activation,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let window = (rows.len().max(1) - 1) * geom.stride + geom.kernel;
+        if geom.batch != 1 || rows.end > geom.out_h || slots < window.min(geom.height) {
+            return Err(Error::invalid(
+                "depthwise ring",
+                format!(
+                    "{slots} slots cannot hold output rows {rows:?} of {geom:?} (one image, \
+                     {window} input rows)"
+                ),
+            ));
+        }
+        check_len(
+            "depthwise ring",
+            ring.len(),
+            slots * geom.width * geom.channels,
+        )?;
+        check_depthwise(geom, weights, bias, out.len(), rows.len())?;
+        depthwise::depthwise_rows(
+            self.isa,
+            geom,
+            ring,
+            RowSource::Ring { slots },
+            weights,
+            bias,
+            activation,
+            rows,
+            out,
+        );
+        Ok(())
+    }
+}
+
+/// The checks every depthwise entry point shares: kernel, stride, weights, bias and an output
+/// of `rows` rows.
+fn check_depthwise(
+    geom: &DepthwiseGeom,
+    weights: &[f32],
+    bias: &[f32],
+    out_len: usize,
+    rows: usize,
+) -> Result<()> {
+    if geom.stride == 0 || geom.kernel == 0 || geom.kernel > depthwise::MAX_KERNEL {
+        return Err(Error::invalid(
+            "depthwise geometry",
+            format!(
+                "kernel {} and stride {} must be 1..={} and >= 1",
+                geom.kernel,
+                geom.stride,
+                depthwise::MAX_KERNEL
+            ),
+        ));
+    }
+    let c = geom.channels;
+    check_len(
+        "depthwise weights",
+        weights.len(),
+        geom.kernel * geom.kernel * c,
+    )?;
+    check_len("depthwise bias", bias.len(), c)?;
+    check_len("depthwise output", out_len, rows * geom.out_w * c)
 }
 
 fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
