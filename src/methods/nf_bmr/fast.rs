@@ -169,11 +169,13 @@ impl FastHead {
             width,
         };
         if batch == 1 {
-            // One image: every operation split over the threads.
+            // One image: every operation split over a team of threads.
             if guard.is_empty() {
                 guard.push(Workspace::default());
             }
-            self.run(self.kernels, &mut guard[0], &values, one(1), &mut scores)?;
+            let ws = &mut guard[0];
+            self.kernels
+                .in_team(|| self.run(self.kernels, ws, &values, one(1), &mut scores))?;
         } else {
             // Several images: whole images per thread, one at a time, so that each thread's
             // working set stays one image (a batch of flow activations outgrows the caches).

@@ -3,9 +3,10 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
+use super::team::Disjoint;
 use super::{
-    nchw_to_nhwc, nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, ASource, Activation,
-    ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
+    nchw_to_nhwc, nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, run_parts, ASource,
+    Activation, ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
 };
 use crate::error::{Error, Result};
 use crate::nn::depthwise::SamePad;
@@ -322,20 +323,15 @@ impl FastLite0 {
             .map_err(|_| Error::invalid("backbone workspace", "poisoned by a panic"))?;
         let threads = rayon::current_num_threads().max(1);
         if batch == 1 {
-            // One image: every operation split over the threads.
+            // One image: every operation split over a team of threads kept spinning for the
+            // whole pass.
             if guard.is_empty() {
                 guard.push(Workspace::default());
             }
             let mut views: Vec<&mut [f32]> = outputs.iter_mut().map(|m| &mut m.data[..]).collect();
-            self.run(
-                self.kernels,
-                &mut guard[0],
-                images,
-                dims,
-                stem,
-                taps,
-                &mut views,
-            )?;
+            let ws = &mut guard[0];
+            self.kernels
+                .in_team(|| self.run(self.kernels, ws, images, dims, stem, taps, &mut views))?;
         } else {
             // Several images: whole images per thread, one at a time, with its own buffers, so
             // that no operation waits for another thread and each working set stays one image.
@@ -479,33 +475,26 @@ impl FastLite0 {
                 let input = &current[..h * w * c];
                 let out = slot(next, oh * ow * block.out_c);
                 let per = oh.div_ceil(bands);
-                if bands == 1 {
-                    block.fused_rows(k.serial(), &dw, c, input, 0..oh, out, &mut scratch[0])?;
-                } else {
-                    let mut results: Vec<Result<()>> = (0..bands).map(|_| Ok(())).collect();
-                    rayon::scope(|s| {
-                        for (band, ((chunk, scratch), result)) in out
-                            .chunks_mut(per * ow * block.out_c)
-                            .zip(scratch.iter_mut())
-                            .zip(results.iter_mut())
-                            .enumerate()
-                        {
-                            let dw = &dw;
-                            s.spawn(move |_| {
-                                let rows = band * per..((band + 1) * per).min(oh);
-                                *result = block.fused_rows(
-                                    k.serial(),
-                                    dw,
-                                    c,
-                                    input,
-                                    rows,
-                                    chunk,
-                                    scratch,
-                                );
-                            });
-                        }
-                    });
-                    results.into_iter().collect::<Result<Vec<()>>>()?;
+                let row_len = ow * block.out_c;
+                let (out, scratch) = (Disjoint::new(out), Disjoint::new(&mut scratch[..bands]));
+                let failure = Mutex::new(None);
+                run_parts(oh.div_ceil(per), &|band| {
+                    let rows = band * per..((band + 1) * per).min(oh);
+                    // SAFETY: each band writes only its own rows of `out` and its own scratch.
+                    let (chunk, scratch) = unsafe {
+                        (
+                            out.range(rows.start * row_len..rows.end * row_len),
+                            &mut scratch.range(band..band + 1)[0],
+                        )
+                    };
+                    if let Err(e) =
+                        block.fused_rows(k.serial(), &dw, c, input, rows, chunk, scratch)
+                    {
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
+                });
+                if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    return Err(e);
                 }
             } else {
                 block.unfused(k, ws, &dw, c)?;

@@ -10,6 +10,7 @@ pub mod depthwise;
 pub mod gemm;
 pub mod heads;
 pub mod lite0;
+mod team;
 
 use std::ops::Range;
 
@@ -17,6 +18,7 @@ pub use depthwise::{DepthwiseGeom, RowSource};
 pub use gemm::{ASource, ConvGeom, Epilogue, PackedB};
 
 use crate::error::{Error, Result};
+use team::{Disjoint, Team};
 
 /// Instruction set of the micro-kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +99,19 @@ impl Kernels {
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// Runs `pass` (a sequence of operations on one image, on the calling thread) with the
+    /// threads kept spinning between its operations, when these kernels split operations over
+    /// threads (see [`team`]: waking parked threads for every operation costs more than the
+    /// split gains).
+    pub fn in_team<R>(&self, pass: impl FnOnce() -> R) -> R {
+        let threads = rayon::current_num_threads().max(1);
+        if self.parallel && threads > 1 {
+            Team::run(threads - 1, pass)
+        } else {
+            pass()
+        }
     }
 
     /// `out[M, N] = epilogue(A · B + bias)`, with `M = out.len() / B.n()`.
@@ -278,7 +293,7 @@ fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 }
 
 /// Splits `rows` output rows of `row_len` values (chunks a multiple of `granule` rows) over
-/// rayon's threads when the work is worth it, and runs `f(rows, out_chunk)` on each part.
+/// the threads when the work is worth it, and runs `f(rows, out_chunk)` on each part.
 fn par_rows(
     rows: usize,
     row_len: usize,
@@ -293,14 +308,27 @@ fn par_rows(
         return;
     }
     let per = rows.div_ceil(threads).div_ceil(granule) * granule;
-    rayon::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            let start = i * per;
-            let end = (start + per).min(rows);
-            s.spawn(move |_| f(start..end, chunk));
-        }
+    let out = Disjoint::new(&mut out[..rows * row_len]);
+    run_parts(rows.div_ceil(per), &|part| {
+        let rows = part * per..((part + 1) * per).min(rows);
+        // SAFETY: each part writes only its own rows of `out`.
+        let chunk = unsafe { out.range(rows.start * row_len..rows.end * row_len) };
+        f(rows, chunk);
     });
+}
+
+/// Runs `f(part)` for every part at once: on the team the calling thread leads, if any (see
+/// [`team`]), else on rayon's threads.
+fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    if parts <= 1 {
+        (0..parts).for_each(f);
+    } else if !Team::parts(parts, f) {
+        rayon::scope(|s| {
+            for part in 0..parts {
+                s.spawn(move |_| f(part));
+            }
+        });
+    }
 }
 
 /// Packs a PyTorch-layout convolution weight `[out, in, kh, kw]` (row-major) for [`Kernels::conv2d`]
