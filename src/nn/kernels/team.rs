@@ -61,9 +61,12 @@ impl Team {
             job: UnsafeCell::new(None),
             stop: AtomicBool::new(false),
         };
-        std::thread::scope(|scope| {
+        // The helpers are rayon's threads: they keep their thread-local buffers warm from one
+        // pass to the next, and a helper that no free thread picks up is simply not needed.
+        rayon::in_place_scope(|scope| {
             for _ in 0..helpers {
-                scope.spawn(|| team.help());
+                let team = &team;
+                scope.spawn(move |_| team.help());
             }
             // Stops the helpers however `body` ends, or the scope would wait for them forever.
             struct Stop<'a>(&'a Team);
