@@ -5,8 +5,8 @@ use std::sync::Mutex;
 
 use super::team::Disjoint;
 use super::{
-    nchw_to_nhwc, nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, run_parts, ASource,
-    Activation, ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
+    nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, run_parts, ASource, Activation,
+    ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
 };
 use crate::error::{Error, Result};
 use crate::nn::depthwise::SamePad;
@@ -416,7 +416,7 @@ impl FastLite0 {
         let deepest = taps.iter().copied().max().unwrap_or(0);
         // Stem: (x − 0.5) / 0.5 while converting to channels-last; zero padding after that.
         let input = slot(&mut ws.input, images.len());
-        nchw_to_nhwc(images, dims, input, |v| 2.0 * v - 1.0);
+        k.nchw_to_nhwc_one(images, [channels, height, width], input, |v| 2.0 * v - 1.0)?;
         let pad = SamePad::new(height, width, 3, 2);
         let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
         let geom = ConvGeom {

@@ -367,15 +367,46 @@ pub fn pack_depthwise_weight(weight: &[f32], channels: usize, kernel: usize) -> 
 /// `[B, C, H, W]` → `[B, H, W, C]`, each value mapped through `f`.
 pub fn nchw_to_nhwc(src: &[f32], dims: [usize; 4], dst: &mut [f32], f: impl Fn(f32) -> f32) {
     let [b, c, h, w] = dims;
-    let plane = h * w;
     for bi in 0..b {
-        let src = &src[bi * c * plane..(bi + 1) * c * plane];
-        let dst = &mut dst[bi * c * plane..(bi + 1) * c * plane];
-        for ci in 0..c {
-            for (p, &v) in src[ci * plane..(ci + 1) * plane].iter().enumerate() {
-                dst[p * c + ci] = f(v);
-            }
+        let image = &src[bi * c * h * w..(bi + 1) * c * h * w];
+        let dst = &mut dst[bi * c * h * w..(bi + 1) * c * h * w];
+        pixels_to_channels_last(image, [c, h * w], 0..h * w, dst, &f);
+    }
+}
+
+/// Pixels `pixels` of one `[C, P]` image into `dst`, their `[pixels, C]` part, through `f`.
+fn pixels_to_channels_last(
+    image: &[f32],
+    [c, plane]: [usize; 2],
+    pixels: Range<usize>,
+    dst: &mut [f32],
+    f: &impl Fn(f32) -> f32,
+) {
+    for ci in 0..c {
+        let src = &image[ci * plane + pixels.start..ci * plane + pixels.end];
+        for (p, &v) in src.iter().enumerate() {
+            dst[p * c + ci] = f(v);
         }
+    }
+}
+
+impl Kernels {
+    /// [`nchw_to_nhwc`] of one image, split over the threads by rows when these kernels split
+    /// operations (it is the first step of a pass, serial it would take a tenth of it).
+    pub fn nchw_to_nhwc_one(
+        &self,
+        src: &[f32],
+        [c, h, w]: [usize; 3],
+        dst: &mut [f32],
+        f: impl Fn(f32) -> f32 + Sync,
+    ) -> Result<()> {
+        check_len("channels-first image", src.len(), c * h * w)?;
+        check_len("channels-last image", dst.len(), c * h * w)?;
+        let macs = if self.parallel { c * h * w * 8 } else { 0 };
+        par_rows(h, w * c, 1, macs, dst, |rows, chunk| {
+            pixels_to_channels_last(src, [c, h * w], rows.start * w..rows.end * w, chunk, &f)
+        });
+        Ok(())
     }
 }
 
