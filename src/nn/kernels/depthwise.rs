@@ -91,13 +91,22 @@ pub(super) fn depthwise_rows(
             0
         };
         #[cfg(target_arch = "x86_64")]
-        let grouped = isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo;
+        let group: Option<x86::Group> = match (g.kernel, g.stride) {
+            (3, 1) => Some(x86::group::<3, 1>),
+            (3, 2) => Some(x86::group::<3, 2>),
+            (5, 1) => Some(x86::group::<5, 1>),
+            (5, 2) => Some(x86::group::<5, 2>),
+            _ => None,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let group = group
+            .filter(|_| isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo);
         let mut ox = 0;
         while ox < g.out_w {
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
             let at = ((row - rows.start) * g.out_w + ox) * c;
             #[cfg(target_arch = "x86_64")]
-            if grouped && ox >= interior_lo && ox + GROUP <= interior_hi {
+            if let Some(group) = group.filter(|_| ox >= interior_lo && ox + GROUP <= interior_hi) {
                 let window = Window {
                     kernel: g.kernel,
                     row_at,
@@ -106,25 +115,9 @@ pub(super) fn depthwise_rows(
                     kx: 0..g.kernel,
                 };
                 let dst = &mut out[at..at + GROUP * c];
-                // SAFETY: `grouped` implies AVX2 was detected; all GROUP pixels are interior, so
-                // every tap lies inside `plane`, and `dst` holds GROUP pixels.
-                unsafe {
-                    match (g.kernel, g.stride) {
-                        (3, 1) => {
-                            x86::group_fixed::<3, 1>(plane, weights, bias, &window, activation, dst)
-                        }
-                        (3, 2) => {
-                            x86::group_fixed::<3, 2>(plane, weights, bias, &window, activation, dst)
-                        }
-                        (5, 1) => {
-                            x86::group_fixed::<5, 1>(plane, weights, bias, &window, activation, dst)
-                        }
-                        (5, 2) => {
-                            x86::group_fixed::<5, 2>(plane, weights, bias, &window, activation, dst)
-                        }
-                        _ => x86::group(plane, weights, bias, &window, g.stride, activation, dst),
-                    }
-                };
+                // SAFETY: `group` is only chosen after AVX2 was detected; all GROUP pixels are
+                // interior, so every tap lies inside `plane`, and `dst` holds GROUP pixels.
+                unsafe { group(plane, weights, bias, &window, activation, dst) };
                 ox += GROUP;
                 continue;
             }
@@ -199,55 +192,21 @@ mod x86 {
 
     use super::{Activation, Window, GROUP};
 
+    /// [`group`] for one kernel and stride.
+    pub(super) type Group = unsafe fn(&[f32], &[f32], &[f32], &Window, Activation, &mut [f32]);
+
     /// GROUP horizontally adjacent interior pixels (the window of the first, every tap in
-    /// range), eight channels at a time.
+    /// range), eight channels at a time, for a kernel `K` and stride `S` known at compile time:
+    /// the input vectors of a kernel row are loaded once and reused by every tap and pixel that
+    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20), so the loop is bound
+    /// by multiply-adds, not loads.
     ///
     /// # Safety
     /// Needs AVX2 and FMA; every tap of the GROUP pixels must lie inside `plane`, `C =
-    /// dst.len() / GROUP` a multiple of 8, and `weights`/`bias` hold `k·k·C` and `C` floats.
+    /// dst.len() / GROUP` a multiple of 8, `weights`/`bias` hold `K·K·C` and `C` floats, and
+    /// `w.kernel == K`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn group(
-        plane: &[f32],
-        weights: &[f32],
-        bias: &[f32],
-        w: &Window,
-        stride: usize,
-        activation: Activation,
-        dst: &mut [f32],
-    ) {
-        let c = dst.len() / GROUP;
-        let (lo, hi) = activation.bounds();
-        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        let step = stride * c;
-        for ch in (0..c).step_by(8) {
-            let b = _mm256_loadu_ps(bias.as_ptr().add(ch));
-            let mut acc = [b; GROUP];
-            for ky in w.ky.clone() {
-                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
-                let taps = weights.as_ptr().add(ky * w.kernel * c + ch);
-                for kx in 0..w.kernel {
-                    let k = _mm256_loadu_ps(taps.add(kx * c));
-                    let src = row.add(kx * c);
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(src.add(p * step)), k, *a);
-                    }
-                }
-            }
-            for (p, a) in acc.iter().enumerate() {
-                let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
-            }
-        }
-    }
-
-    /// [`group`] for a kernel and stride known at compile time: the input vectors of a kernel
-    /// row are loaded once and reused by every tap and pixel that reads them (a 5-wide row of 4
-    /// pixels: 8 input loads instead of 20), so the loop is bound by multiply-adds, not loads.
-    ///
-    /// # Safety
-    /// As [`group`], with `w.kernel == K` and a stride of `S`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn group_fixed<const K: usize, const S: usize>(
+    pub(super) unsafe fn group<const K: usize, const S: usize>(
         plane: &[f32],
         weights: &[f32],
         bias: &[f32],

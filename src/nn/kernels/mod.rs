@@ -2,7 +2,8 @@
 //! fused bias/activation/residual epilogue (1×1 convolutions and, through an implicit im2col, dense
 //! k×k convolutions of any stride and padding), and a depthwise convolution with fused bias and
 //! activation. AVX2+FMA micro-kernels are chosen at run time; the portable versions build and run
-//! everywhere else (aarch64 included). Work is split over rayon's threads by output rows.
+//! everywhere else (aarch64 included). Work is split over the threads by output rows: rayon's,
+//! or within one image's pass a [`team`] that keeps them spinning between operations.
 //!
 //! These serve frozen weights and inference only: they build no autograd graph. Training keeps
 //! candle's differentiable ops, and on CUDA candle's ops stay in use.
