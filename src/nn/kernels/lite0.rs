@@ -38,19 +38,56 @@ struct Block {
     project: PackedB,
 }
 
+/// Where a fused block reads its input rows.
+#[derive(Clone, Copy)]
+enum BlockInput<'a> {
+    /// The previous block's output, `[H, W, c]`.
+    Map(&'a [f32]),
+    /// The stem's output, computed row by row into the ring from the channels-last image, so
+    /// that it never passes through memory either (block 0 has no expansion).
+    Stem {
+        image: &'a [f32],
+        geom: ConvGeom,
+        weight: &'a PackedB,
+    },
+}
+
+/// Output rows `rows` of the stem convolution `geom` (one image) into `out`.
+fn stem_rows(
+    k: Kernels,
+    image: &[f32],
+    geom: &ConvGeom,
+    weight: &PackedB,
+    rows: Range<usize>,
+    out: &mut [f32],
+) -> Result<()> {
+    // The convolution of the image from the first row these outputs read, padding only what
+    // lies above the image.
+    let top = (rows.start * geom.stride) as isize - geom.pad_top as isize;
+    let first = top.max(0) as usize;
+    let part = ConvGeom {
+        height: geom.height - first,
+        pad_top: (first as isize - top) as usize,
+        out_h: rows.len(),
+        ..*geom
+    };
+    let row_len = geom.width * geom.in_c;
+    k.conv2d(&image[first * row_len..], part, weight, RELU6, out)
+}
+
 impl Block {
-    /// Output rows `rows` of this block for one channels-last image `input` (`[H, W, c]`, the
-    /// depthwise geometry `dw`), written to `out`: the expansion of each input row goes into a
-    /// ring of rows just before the depthwise convolution needs it, and the depthwise output of a
-    /// few rows straight into the projection, so that the expanded maps (up to 6 MB per image)
-    /// never pass through memory.
+    /// Output rows `rows` of this block for one image (`input`: `c` channels, the depthwise
+    /// geometry `dw`), written to `out`: the expansion of each input row (or the stem's output
+    /// row) goes into a ring of rows just before the depthwise convolution needs it, and the
+    /// depthwise output of a few rows straight into the projection, so that the expanded maps (up
+    /// to 6 MB per image) never pass through memory.
     #[allow(clippy::too_many_arguments)]
     fn fused_rows(
         &self,
         k: Kernels,
         dw: &DepthwiseGeom,
         c: usize,
-        input: &[f32],
+        input: BlockInput,
         rows: Range<usize>,
         out: &mut [f32],
         scratch: &mut BandScratch,
@@ -65,34 +102,58 @@ impl Block {
                 .min(h)
         };
         let ring = slot(&mut scratch.ring, slots * w * hidden);
-        let mut expanded_to = first_row(rows.start);
+        let mut produced_to = first_row(rows.start);
         let mut oy = rows.start;
         while oy < rows.end {
             let oy_end = (oy + step).min(rows.end);
             let filtered = slot(&mut scratch.filtered, (oy_end - oy) * ow * hidden);
-            // Without an expansion the whole input is the ring.
-            let (source, source_slots): (&[f32], usize) = match &self.expand {
-                Some(expand) => {
-                    // Expand the input rows these output rows need and the ring lacks, in runs
-                    // that do not wrap around the ring.
+            // Without an expansion the previous block's whole output is the ring.
+            let (source, source_slots): (&[f32], usize) = match (&self.expand, input) {
+                (None, BlockInput::Map(input)) => (input, h),
+                (expand, input) => {
+                    // Produce the input rows these output rows need and the ring lacks, in
+                    // runs that do not wrap around the ring.
                     let need = rows_end(oy_end);
-                    while expanded_to < need {
-                        let at = expanded_to % slots;
-                        let n = (need - expanded_to).min(slots - at);
-                        k.gemm(
-                            ASource::Matrix {
-                                data: &input[expanded_to * w * c..(expanded_to + n) * w * c],
-                                lda: c,
-                            },
-                            expand,
-                            RELU6,
-                            &mut ring[at * w * hidden..(at + n) * w * hidden],
-                        )?;
-                        expanded_to += n;
+                    while produced_to < need {
+                        let at = produced_to % slots;
+                        let n = (need - produced_to).min(slots - at);
+                        let dst = &mut ring[at * w * hidden..(at + n) * w * hidden];
+                        match (expand, input) {
+                            (Some(expand), BlockInput::Map(input)) => k.gemm(
+                                ASource::Matrix {
+                                    data: &input[produced_to * w * c..(produced_to + n) * w * c],
+                                    lda: c,
+                                },
+                                expand,
+                                RELU6,
+                                dst,
+                            )?,
+                            (
+                                None,
+                                BlockInput::Stem {
+                                    image,
+                                    geom,
+                                    weight,
+                                },
+                            ) => stem_rows(
+                                k,
+                                image,
+                                &geom,
+                                weight,
+                                produced_to..produced_to + n,
+                                dst,
+                            )?,
+                            _ => {
+                                return Err(Error::invalid(
+                                    "fused block",
+                                    "the stem can only feed a block without an expansion",
+                                ))
+                            }
+                        }
+                        produced_to += n;
                     }
                     (ring, slots)
                 }
-                None => (input, h),
             };
             k.depthwise_ring_rows(
                 dw,
@@ -104,7 +165,13 @@ impl Block {
                 Activation::Relu6,
                 filtered,
             )?;
-            let residual = self.residual.then(|| &input[oy * w * c..oy_end * w * c]);
+            let residual = match (self.residual, input) {
+                (false, _) => None,
+                (true, BlockInput::Map(input)) => Some(&input[oy * w * c..oy_end * w * c]),
+                (true, BlockInput::Stem { .. }) => {
+                    return Err(Error::invalid("fused block", "no skip around the stem"))
+                }
+            };
             k.gemm(
                 ASource::Matrix {
                     data: filtered,
@@ -121,6 +188,23 @@ impl Block {
             oy = oy_end;
         }
         Ok(())
+    }
+
+    /// The depthwise geometry of this block on an `h × w` map of one image.
+    fn depthwise_geom(&self, h: usize, w: usize) -> DepthwiseGeom {
+        let pad = SamePad::new(h, w, self.kernel, self.stride);
+        DepthwiseGeom {
+            batch: 1,
+            height: h,
+            width: w,
+            channels: self.hidden,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad_top: pad.top,
+            pad_left: pad.left,
+            out_h: h.div_ceil(self.stride),
+            out_w: w.div_ceil(self.stride),
+        }
     }
 
     /// The whole block one operation after another, each split over the threads by rows: for
@@ -433,37 +517,35 @@ impl FastLite0 {
             out_w: w,
         };
         let mut c = self.stem_channels;
-        k.conv2d(
-            input,
-            geom,
-            stem,
-            RELU6,
-            slot(&mut ws.current, batch * h * w * c),
-        )?;
-
         let threads = if k.parallel {
             rayon::current_num_threads().max(1)
         } else {
             1
         };
+        // Block 0 reads the stem's rows from its ring when it runs fused.
+        let stem_fused = self.blocks[0].expand.is_none()
+            && fused_bands(
+                &self.blocks[0],
+                &self.blocks[0].depthwise_geom(h, w),
+                threads,
+            ) > 0;
+        if !stem_fused {
+            k.conv2d(
+                input,
+                geom,
+                stem,
+                RELU6,
+                slot(&mut ws.current, batch * h * w * c),
+            )?;
+        }
+
         for (index, block) in self.blocks[..=deepest].iter().enumerate() {
-            let pad = SamePad::new(h, w, block.kernel, block.stride);
-            let (oh, ow) = (h.div_ceil(block.stride), w.div_ceil(block.stride));
-            let dw = DepthwiseGeom {
-                batch,
-                height: h,
-                width: w,
-                channels: block.hidden,
-                kernel: block.kernel,
-                stride: block.stride,
-                pad_top: pad.top,
-                pad_left: pad.left,
-                out_h: oh,
-                out_w: ow,
-            };
+            let dw = block.depthwise_geom(h, w);
+            let (oh, ow) = (dw.out_h, dw.out_w);
             let bands = fused_bands(block, &dw, threads);
             if bands > 0 {
                 let Workspace {
+                    input: image,
                     current,
                     next,
                     bands: scratch,
@@ -472,7 +554,15 @@ impl FastLite0 {
                 if scratch.len() < bands {
                     scratch.resize_with(bands, BandScratch::default);
                 }
-                let input = &current[..h * w * c];
+                let input = if index == 0 && stem_fused {
+                    BlockInput::Stem {
+                        image: &image[..images.len()],
+                        geom,
+                        weight: stem,
+                    }
+                } else {
+                    BlockInput::Map(&current[..h * w * c])
+                };
                 let out = slot(next, oh * ow * block.out_c);
                 let per = oh.div_ceil(bands);
                 let row_len = ow * block.out_c;
