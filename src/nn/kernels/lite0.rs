@@ -266,7 +266,7 @@ fn rows_per_step(ow: usize) -> usize {
 /// it should run unfused: split over threads, each band recomputes the input rows it shares with
 /// the band above, which is not worth it unless the bands are tall. The bound (a quarter of a
 /// band shared, at most) was measured: at 256² it fuses blocks 4, 6 and 7 too, which was faster at
-/// batch 1 than an eighth (A/B, 8 alternating runs) and not slower than a half.
+/// batch 1 than an eighth (A/B, 8 alternating runs) and not clearly slower than a half.
 fn fused_bands(block: &Block, dw: &DepthwiseGeom, threads: usize) -> usize {
     if threads <= 1 {
         return 1;
