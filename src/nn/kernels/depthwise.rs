@@ -65,6 +65,27 @@ pub(super) fn depthwise_rows(
     assert!(g.kernel <= MAX_KERNEL);
     assert!(weights.len() >= g.kernel * g.kernel * c && bias.len() >= c);
     assert!(out.len() >= (rows.end - rows.start) * g.out_w * c);
+    // Pixels whose every horizontal tap is inside the image, taken GROUP at a time by the
+    // vector kernel (the weights of a tap are loaded once for the group).
+    #[cfg(target_arch = "x86_64")]
+    let interior_lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
+    #[cfg(target_arch = "x86_64")]
+    let interior_hi = if g.width + g.pad_left >= g.kernel {
+        ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
+    } else {
+        0
+    };
+    #[cfg(target_arch = "x86_64")]
+    let group: Option<x86::Group> = match (g.kernel, g.stride) {
+        (3, 1) => Some(x86::group::<3, 1>),
+        (3, 2) => Some(x86::group::<3, 2>),
+        (5, 1) => Some(x86::group::<5, 1>),
+        (5, 2) => Some(x86::group::<5, 2>),
+        _ => None,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let group =
+        group.filter(|_| isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo);
     for row in rows.clone() {
         let (b, oy) = (row / g.out_h, row % g.out_h);
         let y0 = (oy * g.stride) as isize - g.pad_top as isize;
@@ -80,27 +101,6 @@ pub(super) fn depthwise_rows(
             let iy = (y0 + ky as isize) as usize;
             *at = ring_slots.map_or(iy, |slots| iy % slots) * g.width;
         }
-        // Pixels whose every horizontal tap is inside the image, taken GROUP at a time by the
-        // vector kernel (the weights of a tap are loaded once for the group).
-        #[cfg(target_arch = "x86_64")]
-        let interior_lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
-        #[cfg(target_arch = "x86_64")]
-        let interior_hi = if g.width + g.pad_left >= g.kernel {
-            ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
-        } else {
-            0
-        };
-        #[cfg(target_arch = "x86_64")]
-        let group: Option<x86::Group> = match (g.kernel, g.stride) {
-            (3, 1) => Some(x86::group::<3, 1>),
-            (3, 2) => Some(x86::group::<3, 2>),
-            (5, 1) => Some(x86::group::<5, 1>),
-            (5, 2) => Some(x86::group::<5, 2>),
-            _ => None,
-        };
-        #[cfg(target_arch = "x86_64")]
-        let group = group
-            .filter(|_| isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo);
         let mut ox = 0;
         while ox < g.out_w {
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
