@@ -5,8 +5,8 @@ use std::sync::Mutex;
 
 use super::team::Disjoint;
 use super::{
-    nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, run_parts, ASource, Activation,
-    ConvGeom, DepthwiseGeom, Epilogue, Kernels, PackedB,
+    nhwc_to_nchw, pack_conv_weight, pack_depthwise_weight, par_rows, ASource, Activation, ConvGeom,
+    DepthwiseGeom, Epilogue, Kernels, PackedB,
 };
 use crate::error::{Error, Result};
 use crate::nn::depthwise::SamePad;
@@ -566,19 +566,14 @@ impl FastLite0 {
                     BlockInput::Map(&current[..h * w * c])
                 };
                 let out = slot(next, oh * ow * block.out_c);
-                let per = oh.div_ceil(bands);
-                let row_len = ow * block.out_c;
-                let (out, scratch) = (Disjoint::new(out), Disjoint::new(&mut scratch[..bands]));
+                let scratch = Disjoint::new(&mut scratch[..bands]);
                 let failure = Mutex::new(None);
-                run_parts(oh.div_ceil(per), &|band| {
-                    let rows = band * per..((band + 1) * per).min(oh);
-                    // SAFETY: each band writes only its own rows of `out` and its own scratch.
-                    let (chunk, scratch) = unsafe {
-                        (
-                            out.range(rows.start * row_len..rows.end * row_len),
-                            &mut scratch.range(band..band + 1)[0],
-                        )
-                    };
+                // The bands split the rows as any operation's rows are split, one per thread
+                // (`bands` of them), or run as one when these kernels are serial.
+                let macs = if bands > 1 { usize::MAX } else { 0 };
+                par_rows(oh, ow * block.out_c, 1, macs, out, |band, rows, chunk| {
+                    // SAFETY: each band uses only its own scratch.
+                    let scratch = unsafe { &mut scratch.range(band..band + 1)[0] };
                     if let Err(e) =
                         block.fused_rows(k.serial(), &dw, c, input, rows, chunk, scratch)
                     {

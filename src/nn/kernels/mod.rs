@@ -147,7 +147,7 @@ impl Kernels {
         }
         let isa = self.isa;
         let macs = if self.parallel { m * b.n() * b.k() } else { 0 };
-        par_rows(m, b.n(), gemm::MR, macs, out, |rows, chunk| {
+        par_rows(m, b.n(), gemm::MR, macs, out, |_, rows, chunk| {
             gemm::gemm_rows(isa, a, b, rows, epilogue, chunk)
         });
         Ok(())
@@ -191,7 +191,7 @@ impl Kernels {
         } else {
             0
         };
-        par_rows(rows, geom.out_w * c, 1, macs, out, |range, chunk| {
+        par_rows(rows, geom.out_w * c, 1, macs, out, |_, range, chunk| {
             depthwise::depthwise_rows(
                 isa,
                 geom,
@@ -294,18 +294,19 @@ fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 }
 
 /// Splits `rows` output rows of `row_len` values (chunks a multiple of `granule` rows) over
-/// the threads when the work is worth it, and runs `f(rows, out_chunk)` on each part.
+/// the threads when the work is worth it, and runs `f(part, rows, out_chunk)` on each part
+/// (parts number from 0, at most one per thread).
 fn par_rows(
     rows: usize,
     row_len: usize,
     granule: usize,
     macs: usize,
     out: &mut [f32],
-    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    f: impl Fn(usize, Range<usize>, &mut [f32]) + Sync,
 ) {
     let threads = rayon::current_num_threads().max(1);
     if threads == 1 || macs < PARALLEL_MACS || rows <= granule {
-        f(0..rows, out);
+        f(0, 0..rows, out);
         return;
     }
     let per = rows.div_ceil(threads).div_ceil(granule) * granule;
@@ -314,7 +315,7 @@ fn par_rows(
         let rows = part * per..((part + 1) * per).min(rows);
         // SAFETY: each part writes only its own rows of `out`.
         let chunk = unsafe { out.range(rows.start * row_len..rows.end * row_len) };
-        f(rows, chunk);
+        f(part, rows, chunk);
     });
 }
 
@@ -404,7 +405,7 @@ impl Kernels {
         check_len("channels-first image", src.len(), c * h * w)?;
         check_len("channels-last image", dst.len(), c * h * w)?;
         let macs = if self.parallel { c * h * w * 8 } else { 0 };
-        par_rows(h, w * c, 1, macs, dst, |rows, chunk| {
+        par_rows(h, w * c, 1, macs, dst, |_, rows, chunk| {
             pixels_to_channels_last(src, [c, h * w], rows.start * w..rows.end * w, chunk, &f)
         });
         Ok(())
