@@ -206,6 +206,26 @@ impl Kernels {
         });
         Ok(())
     }
+
+    /// [`nchw_to_nhwc`] of one image, split over the threads by rows when these kernels split
+    /// operations (the first step of a Lite0 pass: serial, it took ~140 µs on one thread while
+    /// the other waited).
+    pub fn nchw_to_nhwc_one(
+        &self,
+        src: &[f32],
+        [c, h, w]: [usize; 3],
+        dst: &mut [f32],
+        f: impl Fn(f32) -> f32 + Sync,
+    ) -> Result<()> {
+        check_len("channels-first image", src.len(), c * h * w)?;
+        check_len("channels-last image", dst.len(), c * h * w)?;
+        let macs = if self.parallel { c * h * w * 8 } else { 0 };
+        par_rows(h, w * c, 1, macs, dst, |_, rows, chunk| {
+            pixels_to_channels_last(src, [c, h * w], rows.start * w..rows.end * w, chunk, &f)
+        });
+        Ok(())
+    }
+
     /// Output rows `rows` of a depthwise convolution of one image whose input rows come from a
     /// ring of `slots` rows (`[slots, W, C]`, input row `iy` in slot `iy % slots`; see
     /// [`RowSource::Ring`]), on the calling thread. The caller keeps every input row these output
@@ -389,26 +409,6 @@ fn pixels_to_channels_last(
         for (p, &v) in src.iter().enumerate() {
             dst[p * c + ci] = f(v);
         }
-    }
-}
-
-impl Kernels {
-    /// [`nchw_to_nhwc`] of one image, split over the threads by rows when these kernels split
-    /// operations (it is the first step of a pass, serial it would take a tenth of it).
-    pub fn nchw_to_nhwc_one(
-        &self,
-        src: &[f32],
-        [c, h, w]: [usize; 3],
-        dst: &mut [f32],
-        f: impl Fn(f32) -> f32 + Sync,
-    ) -> Result<()> {
-        check_len("channels-first image", src.len(), c * h * w)?;
-        check_len("channels-last image", dst.len(), c * h * w)?;
-        let macs = if self.parallel { c * h * w * 8 } else { 0 };
-        par_rows(h, w * c, 1, macs, dst, |_, rows, chunk| {
-            pixels_to_channels_last(src, [c, h * w], rows.start * w..rows.end * w, chunk, &f)
-        });
-        Ok(())
     }
 }
 
