@@ -408,6 +408,7 @@ impl FastLite0 {
             .lock()
             .map_err(|_| Error::invalid("backbone workspace", "poisoned by a panic"))?;
         let threads = rayon::current_num_threads().max(1);
+        let image_dims = [channels, height, width];
         if batch == 1 {
             // One image: every operation split over a team of threads kept spinning for the
             // whole pass.
@@ -416,8 +417,9 @@ impl FastLite0 {
             }
             let mut views: Vec<&mut [f32]> = outputs.iter_mut().map(|m| &mut m.data[..]).collect();
             let ws = &mut guard[0];
-            self.kernels
-                .in_team(|| self.run(self.kernels, ws, images, dims, stem, taps, &mut views))?;
+            self.kernels.in_team(|| {
+                self.run(self.kernels, ws, images, image_dims, stem, taps, &mut views)
+            })?;
         } else {
             // Several images: whole images per thread, one at a time, with its own buffers, so
             // that no operation waits for another thread and each working set stays one image.
@@ -450,7 +452,6 @@ impl FastLite0 {
                         let first = worker * per;
                         let last = (first + per).min(batch);
                         for image in first..last {
-                            let one = [1, channels, height, width];
                             let src = &images[image * image_len..(image + 1) * image_len];
                             let mut views: Vec<&mut [f32]> = part
                                 .iter_mut()
@@ -459,7 +460,8 @@ impl FastLite0 {
                                     &mut chunk[(image - first) * len..(image - first + 1) * len]
                                 })
                                 .collect();
-                            *result = self.run(kernels, ws, src, one, stem, taps, &mut views);
+                            *result =
+                                self.run(kernels, ws, src, image_dims, stem, taps, &mut views);
                             if result.is_err() {
                                 return;
                             }
@@ -485,28 +487,27 @@ impl FastLite0 {
             .collect()
     }
 
-    /// Runs `images` through the network up to the deepest tap with `ws`'s buffers, writing the
-    /// taps (channels-first) into `outputs`.
+    /// Runs one image (`[C, H, W]`) through the network up to the deepest tap with `ws`'s
+    /// buffers, writing the taps (channels-first) into `outputs`.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         k: Kernels,
         ws: &mut Workspace,
-        images: &[f32],
-        dims: [usize; 4],
+        image: &[f32],
+        [channels, height, width]: [usize; 3],
         stem: &PackedB,
         taps: &[usize],
         outputs: &mut [&mut [f32]],
     ) -> Result<()> {
-        let [batch, channels, height, width] = dims;
         let deepest = taps.iter().copied().max().unwrap_or(0);
         // Stem: (x − 0.5) / 0.5 while converting to channels-last; zero padding after that.
-        let input = slot(&mut ws.input, images.len());
-        k.nchw_to_nhwc_one(images, [channels, height, width], input, |v| 2.0 * v - 1.0)?;
+        let input = slot(&mut ws.input, image.len());
+        k.nchw_to_nhwc_one(image, [channels, height, width], input, |v| 2.0 * v - 1.0)?;
         let pad = SamePad::new(height, width, 3, 2);
         let (mut h, mut w) = (height.div_ceil(2), width.div_ceil(2));
         let geom = ConvGeom {
-            batch,
+            batch: 1,
             height,
             width,
             in_c: channels,
@@ -532,13 +533,7 @@ impl FastLite0 {
                 threads,
             ) > 0;
         if !stem_fused {
-            k.conv2d(
-                input,
-                geom,
-                stem,
-                RELU6,
-                slot(&mut ws.current, batch * h * w * c),
-            )?;
+            k.conv2d(input, geom, stem, RELU6, slot(&mut ws.current, h * w * c))?;
         }
 
         for (index, block) in self.blocks[..=deepest].iter().enumerate() {
@@ -547,7 +542,7 @@ impl FastLite0 {
             let bands = fused_bands(block, &dw, threads);
             if bands > 0 {
                 let Workspace {
-                    input: image,
+                    input: input_image,
                     current,
                     next,
                     bands: scratch,
@@ -558,7 +553,7 @@ impl FastLite0 {
                 }
                 let input = if index == 0 && stem_fused {
                     BlockInput::Stem {
-                        image: &image[..images.len()],
+                        image: &input_image[..image.len()],
                         geom,
                         weight: stem,
                     }
@@ -589,7 +584,7 @@ impl FastLite0 {
             std::mem::swap(&mut ws.current, &mut ws.next);
             (h, w, c) = (oh, ow, block.out_c);
             for (out, _) in outputs.iter_mut().zip(taps).filter(|(_, &t)| t == index) {
-                nhwc_to_nchw(&ws.current[..batch * h * w * c], [batch, c, h, w], out);
+                nhwc_to_nchw(&ws.current[..h * w * c], [1, c, h, w], out);
             }
         }
         Ok(())
