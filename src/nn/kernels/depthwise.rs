@@ -65,27 +65,8 @@ pub(super) fn depthwise_rows(
     assert!(g.kernel <= MAX_KERNEL);
     assert!(weights.len() >= g.kernel * g.kernel * c && bias.len() >= c);
     assert!(out.len() >= (rows.end - rows.start) * g.out_w * c);
-    // Pixels whose every horizontal tap is inside the image, taken GROUP at a time by the
-    // vector kernel (the weights of a tap are loaded once for the group).
     #[cfg(target_arch = "x86_64")]
-    let interior_lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
-    #[cfg(target_arch = "x86_64")]
-    let interior_hi = if g.width + g.pad_left >= g.kernel {
-        ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
-    } else {
-        0
-    };
-    #[cfg(target_arch = "x86_64")]
-    let group: Option<x86::Group> = match (g.kernel, g.stride) {
-        (3, 1) => Some(x86::group::<3, 1>),
-        (3, 2) => Some(x86::group::<3, 2>),
-        (5, 1) => Some(x86::group::<5, 1>),
-        (5, 2) => Some(x86::group::<5, 2>),
-        _ => None,
-    };
-    #[cfg(target_arch = "x86_64")]
-    let group =
-        group.filter(|_| isa != Isa::Portable && c.is_multiple_of(8) && interior_hi > interior_lo);
+    let grouped = x86::grouped(isa, g);
     for row in rows.clone() {
         let (b, oy) = (row / g.out_h, row % g.out_h);
         let y0 = (oy * g.stride) as isize - g.pad_top as isize;
@@ -106,7 +87,10 @@ pub(super) fn depthwise_rows(
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
             let at = ((row - rows.start) * g.out_w + ox) * c;
             #[cfg(target_arch = "x86_64")]
-            if let Some(group) = group.filter(|_| ox >= interior_lo && ox + GROUP <= interior_hi) {
+            if let Some((group, _)) = grouped
+                .as_ref()
+                .filter(|(_, interior)| ox >= interior.start && ox + GROUP <= interior.end)
+            {
                 let window = Window {
                     kernel: g.kernel,
                     row_at,
@@ -190,10 +174,32 @@ fn pixel_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activation, Window, GROUP};
+    use std::ops::Range;
+
+    use super::{Activation, DepthwiseGeom, Isa, Window, GROUP};
 
     /// [`group`] for one kernel and stride.
     pub(super) type Group = unsafe fn(&[f32], &[f32], &[f32], &Window, Activation, &mut [f32]);
+
+    /// The [`group`] kernel for `g` and the output columns whose every horizontal tap is inside
+    /// the image (the pixels it may take, GROUP at a time), or `None` where the per-pixel path
+    /// serves: no AVX2, channels not a multiple of 8, another kernel or stride, or no interior.
+    pub(super) fn grouped(isa: Isa, g: &DepthwiseGeom) -> Option<(Group, Range<usize>)> {
+        let group: Group = match (g.kernel, g.stride) {
+            (3, 1) => group::<3, 1>,
+            (3, 2) => group::<3, 2>,
+            (5, 1) => group::<5, 1>,
+            (5, 2) => group::<5, 2>,
+            _ => return None,
+        };
+        let lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
+        let hi = if g.width + g.pad_left >= g.kernel {
+            ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
+        } else {
+            0
+        };
+        (isa != Isa::Portable && g.channels.is_multiple_of(8) && hi > lo).then_some((group, lo..hi))
+    }
 
     /// GROUP horizontally adjacent interior pixels (the window of the first, every tap in
     /// range), eight channels at a time, for a kernel `K` and stride `S` known at compile time:
