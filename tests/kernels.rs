@@ -1,5 +1,5 @@
 //! The fast CPU kernels against candle's reference ops, on random inputs of every supported shape,
-//! for the detected instruction set and the portable fallback.
+//! for every instruction set this CPU runs (AVX-512, AVX2 and the portable fallback, as present).
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -13,14 +13,6 @@ use vigil::nn::kernels::{
 use vigil::rng::Rng;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn both() -> Vec<Kernels> {
-    let mut all = vec![Kernels::portable()];
-    if Kernels::detect() != Kernels::portable() {
-        all.push(Kernels::detect());
-    }
-    all
-}
 
 fn values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * scale).collect()
@@ -79,7 +71,7 @@ fn gemm_matches_matmul_with_bias_activation_and_residual() {
         (37, 600, 17),
         (257, 144, 48),
     ];
-    for kernels in both() {
+    for kernels in Kernels::available() {
         for &(m, k, n) in &shapes {
             for activation in [Activation::Identity, Activation::Relu, Activation::Relu6] {
                 for with_residual in [false, true] {
@@ -127,7 +119,7 @@ fn gemm_reads_strided_rows_and_rejects_bad_sizes() {
         activation: Activation::Identity,
         residual: None,
     };
-    for kernels in both() {
+    for kernels in Kernels::available() {
         let mut out = vec![0.0; m * n];
         kernels
             .gemm(ASource::Matrix { data: &a, lda }, &packed, plain, &mut out)
@@ -168,7 +160,7 @@ fn dense_conv_matches_candle_conv2d() {
         (2, 12, 10, 5, 6, 1, 1, sym(0)),
         (1, 4, 3, 7, 7, 3, 3, sym(0)),
     ];
-    for kernels in both() {
+    for kernels in Kernels::available() {
         for &(b, cin, cout, h, w, k, stride, pad) in &cases {
             for activation in [Activation::Identity, Activation::Relu6] {
                 let x = values(&mut rng, b * h * w * cin, 1.0);
@@ -234,16 +226,24 @@ fn sym(p: usize) -> SamePad {
 #[test]
 fn depthwise_matches_grouped_conv2d() {
     let mut rng = Rng::new(4);
-    // Channel counts below, at and past the 8- and 32-wide vector loops.
+    // Channel counts below, at and past the 8- and 32-wide vector loops, and multiples of 16 on
+    // rows wide enough for the 8-pixel AVX-512 groups next to the 4-pixel AVX2 ones.
     let mut cases = Vec::new();
     for kernel in [3, 5] {
         for stride in [1, 2] {
-            for &(b, c, h, w) in &[(1, 5, 9, 8), (2, 8, 7, 10), (1, 40, 12, 11), (2, 37, 6, 5)] {
+            for &(b, c, h, w) in &[
+                (1, 5, 9, 8),
+                (2, 8, 7, 10),
+                (1, 40, 12, 11),
+                (2, 37, 6, 5),
+                (1, 48, 9, 37),
+                (2, 32, 6, 26),
+            ] {
                 cases.push((b, c, h, w, kernel, stride));
             }
         }
     }
-    for kernels in both() {
+    for kernels in Kernels::available() {
         for &(b, c, h, w, kernel, stride) in &cases {
             let pad = SamePad::new(h, w, kernel, stride);
             let x = values(&mut rng, b * h * w * c, 1.0);
@@ -375,7 +375,7 @@ fn fast_lite0_matches_the_candle_backbone() {
         let x: Vec<f32> = (0..b * c * h * w).map(|_| rng.f32()).collect();
         let x = tensor(&x, &[b, c, h, w]);
         let reference = net.forward_taps_candle(&x, &[2, 4, 10]).unwrap();
-        for kernels in both() {
+        for kernels in Kernels::available() {
             let fast = net.fast_engine(kernels).unwrap();
             let maps = fast
                 .forward_taps(&flat(&x), [b, c, h, w], &[2, 4, 10])

@@ -1,13 +1,10 @@
 //! Depthwise k×k convolution on channels-last data with the bias and activation fused.
 //!
-//! Each output pixel accumulates, eight channels at a time, the taps whose input falls inside the
-//! image (so padding costs nothing); the weights are stored `[k·k, C]` so that a tap's weights for
-//! a run of channels are contiguous like the pixels they multiply.
+//! Each output pixel accumulates, eight channels at a time (sixteen with AVX-512), the taps whose
+//! input falls inside the image (so padding costs nothing); the weights are stored `[k·k, C]` so
+//! that a tap's weights for a run of channels are contiguous like the pixels they multiply.
+//! Interior pixels go in groups that share the input vectors of each kernel row.
 use super::{Activation, Isa};
-
-/// Output pixels the vector kernel computes together.
-#[cfg(target_arch = "x86_64")]
-const GROUP: usize = 4;
 
 /// Geometry of a depthwise convolution; padding before each axis (TF "same" puts the odd pixel
 /// after, which needs no bookkeeping here).
@@ -66,7 +63,7 @@ pub(super) fn depthwise_rows(
     assert!(weights.len() >= g.kernel * g.kernel * c && bias.len() >= c);
     assert!(out.len() >= (rows.end - rows.start) * g.out_w * c);
     #[cfg(target_arch = "x86_64")]
-    let grouped = x86::grouped(isa, g);
+    let groups = x86::groups(isa, g);
     for row in rows.clone() {
         let (b, oy) = (row / g.out_h, row % g.out_h);
         let y0 = (oy * g.stride) as isize - g.pad_top as isize;
@@ -87,9 +84,10 @@ pub(super) fn depthwise_rows(
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
             let at = ((row - rows.start) * g.out_w + ox) * c;
             #[cfg(target_arch = "x86_64")]
-            if let Some((group, _)) = grouped
-                .as_ref()
-                .filter(|(_, interior)| ox >= interior.start && ox + GROUP <= interior.end)
+            if let Some(group) = groups
+                .iter()
+                .flatten()
+                .find(|group| ox >= group.interior.start && ox + group.pixels <= group.interior.end)
             {
                 let window = Window {
                     kernel: g.kernel,
@@ -98,11 +96,12 @@ pub(super) fn depthwise_rows(
                     ky: ky0..ky1,
                     kx: 0..g.kernel,
                 };
-                let dst = &mut out[at..at + GROUP * c];
-                // SAFETY: `group` is only chosen after AVX2 was detected; all GROUP pixels are
-                // interior, so every tap lies inside `plane`, and `dst` holds GROUP pixels.
-                unsafe { group(plane, weights, bias, &window, activation, dst) };
-                ox += GROUP;
+                let dst = &mut out[at..at + group.pixels * c];
+                // SAFETY: a group kernel is only chosen after its instruction set was detected
+                // and for channels it handles; all its pixels are interior, so every tap lies
+                // inside `plane`, and `dst` holds them.
+                unsafe { (group.kernel)(plane, weights, bias, &window, activation, dst) };
+                ox += group.pixels;
                 continue;
             }
             let kx0 = (-x0).max(0) as usize;
@@ -117,9 +116,9 @@ pub(super) fn depthwise_rows(
             let dst = &mut out[at..at + c];
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2Fma` exists only after run-time detection; the window keeps
-                // every tap inside `plane` (asserted lengths above).
-                Isa::Avx2Fma => unsafe {
+                // SAFETY: `Isa::Avx2Fma` and `Isa::Avx512` exist only after run-time detection of
+                // AVX2 and FMA; the window keeps every tap inside `plane` (asserted lengths above).
+                Isa::Avx2Fma | Isa::Avx512 => unsafe {
                     x86::pixel(plane, weights, bias, &window, activation, dst)
                 },
                 Isa::Portable => pixel_portable(plane, weights, bias, &window, activation, dst),
@@ -176,43 +175,86 @@ mod x86 {
 
     use std::ops::Range;
 
-    use super::{Activation, DepthwiseGeom, Isa, Window, GROUP};
+    use super::{Activation, DepthwiseGeom, Isa, Window};
 
-    /// [`group`] for one kernel and stride.
-    pub(super) type Group = unsafe fn(&[f32], &[f32], &[f32], &Window, Activation, &mut [f32]);
+    /// A kernel for several horizontally adjacent interior pixels of one kernel and stride.
+    pub(super) type GroupFn = unsafe fn(&[f32], &[f32], &[f32], &Window, Activation, &mut [f32]);
 
-    /// The [`group`] kernel for `g` and the output columns whose every horizontal tap is inside
-    /// the image (the pixels it may take, GROUP at a time), or `None` where the per-pixel path
-    /// serves: no AVX2, channels not a multiple of 8, another kernel or stride, or no interior.
-    pub(super) fn grouped(isa: Isa, g: &DepthwiseGeom) -> Option<(Group, Range<usize>)> {
-        let group: Group = match (g.kernel, g.stride) {
-            (3, 1) => group::<3, 1>,
-            (3, 2) => group::<3, 2>,
-            (5, 1) => group::<5, 1>,
-            (5, 2) => group::<5, 2>,
-            _ => return None,
-        };
+    /// A group kernel, how many pixels it takes, and the output columns whose every horizontal
+    /// tap is inside the image (the pixels it may take).
+    pub(super) struct Group {
+        pub kernel: GroupFn,
+        pub pixels: usize,
+        pub interior: Range<usize>,
+    }
+
+    /// The group kernels for `g`, widest first: AVX-512 (8 pixels, 16 channels a vector) when
+    /// the channels are a multiple of 16, then AVX2 (4 pixels, 8 channels) when they are a
+    /// multiple of 8, for the pixels of a row the wider one leaves. None where the per-pixel path
+    /// serves: the portable kernels, another kernel or stride, or no interior.
+    pub(super) fn groups(isa: Isa, g: &DepthwiseGeom) -> [Option<Group>; 2] {
         let lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
         let hi = if g.width + g.pad_left >= g.kernel {
             ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
         } else {
             0
         };
-        (isa != Isa::Portable && g.channels.is_multiple_of(8) && hi > lo).then_some((group, lo..hi))
+        if isa == Isa::Portable || hi <= lo {
+            return [None, None];
+        }
+        let group = |kernel: Option<GroupFn>, pixels: usize| {
+            kernel.map(|kernel| Group {
+                kernel,
+                pixels,
+                interior: lo..hi,
+            })
+        };
+        let wide = (isa == Isa::Avx512 && g.channels.is_multiple_of(16))
+            .then(|| wide_kernel(g.kernel, g.stride))
+            .flatten();
+        let narrow = g
+            .channels
+            .is_multiple_of(8)
+            .then(|| narrow_kernel(g.kernel, g.stride))
+            .flatten();
+        [group(wide, WIDE), group(narrow, NARROW)]
     }
 
-    /// GROUP horizontally adjacent interior pixels (the window of the first, every tap in
+    fn narrow_kernel(kernel: usize, stride: usize) -> Option<GroupFn> {
+        Some(match (kernel, stride) {
+            (3, 1) => narrow::<3, 1>,
+            (3, 2) => narrow::<3, 2>,
+            (5, 1) => narrow::<5, 1>,
+            (5, 2) => narrow::<5, 2>,
+            _ => return None,
+        })
+    }
+
+    fn wide_kernel(kernel: usize, stride: usize) -> Option<GroupFn> {
+        Some(match (kernel, stride) {
+            (3, 1) => wide::<3, 1>,
+            (3, 2) => wide::<3, 2>,
+            (5, 1) => wide::<5, 1>,
+            (5, 2) => wide::<5, 2>,
+            _ => return None,
+        })
+    }
+
+    /// Pixels of the AVX2 group kernel.
+    const NARROW: usize = 4;
+    /// Pixels of the AVX-512 group kernel.
+    const WIDE: usize = 8;
+
+    /// NARROW horizontally adjacent interior pixels (the window of the first, every tap in
     /// range), eight channels at a time, for a kernel `K` and stride `S` known at compile time:
     /// the input vectors of a kernel row are loaded once and reused by every tap and pixel that
-    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20), so the loop is bound
-    /// by multiply-adds, not loads.
+    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20).
     ///
     /// # Safety
-    /// Needs AVX2 and FMA; every tap of the GROUP pixels must lie inside `plane`, `C =
-    /// dst.len() / GROUP` a multiple of 8, `weights`/`bias` hold `K·K·C` and `C` floats, and
-    /// `w.kernel == K`.
+    /// Needs AVX2 and FMA; every tap of the pixels must lie inside `plane`, `C = dst.len() /
+    /// NARROW` a multiple of 8, `weights`/`bias` hold `K·K·C` and `C` floats, and `w.kernel == K`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn group<const K: usize, const S: usize>(
+    unsafe fn narrow<const K: usize, const S: usize>(
         plane: &[f32],
         weights: &[f32],
         bias: &[f32],
@@ -221,17 +263,17 @@ mod x86 {
         dst: &mut [f32],
     ) {
         // Input pixels one kernel row of the group reads.
-        let span = (GROUP - 1) * S + K;
-        let c = dst.len() / GROUP;
+        let span = (NARROW - 1) * S + K;
+        let c = dst.len() / NARROW;
         let (lo, hi) = activation.bounds();
         let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
         for ch in (0..c).step_by(8) {
             let b = _mm256_loadu_ps(bias.as_ptr().add(ch));
-            let mut acc = [b; GROUP];
+            let mut acc = [b; NARROW];
             for ky in w.ky.clone() {
                 let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
                 let taps = weights.as_ptr().add(ky * K * c + ch);
-                let mut x = [_mm256_setzero_ps(); (GROUP - 1) * 2 + 5];
+                let mut x = [_mm256_setzero_ps(); (NARROW - 1) * 2 + 5];
                 for (i, v) in x.iter_mut().enumerate().take(span) {
                     *v = _mm256_loadu_ps(row.add(i * c));
                 }
@@ -245,6 +287,51 @@ mod x86 {
             for (p, a) in acc.iter().enumerate() {
                 let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
                 _mm256_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
+            }
+        }
+    }
+
+    /// [`narrow`] with AVX-512: WIDE pixels, sixteen channels at a time. Its 32 registers hold
+    /// eight accumulators besides a whole kernel row's input vectors, enough independent
+    /// multiply-add chains to cover their latency (four chains, in the AVX2 kernel, leave half
+    /// the multiply-add throughput unused).
+    ///
+    /// # Safety
+    /// Needs AVX-512F; every tap of the pixels must lie inside `plane`, `C = dst.len() / WIDE` a
+    /// multiple of 16, `weights`/`bias` hold `K·K·C` and `C` floats, and `w.kernel == K`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn wide<const K: usize, const S: usize>(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        let span = (WIDE - 1) * S + K;
+        let c = dst.len() / WIDE;
+        let (lo, hi) = activation.bounds();
+        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        for ch in (0..c).step_by(16) {
+            let b = _mm512_loadu_ps(bias.as_ptr().add(ch));
+            let mut acc = [b; WIDE];
+            for ky in w.ky.clone() {
+                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
+                let taps = weights.as_ptr().add(ky * K * c + ch);
+                let mut x = [_mm512_setzero_ps(); (WIDE - 1) * 2 + 5];
+                for (i, v) in x.iter_mut().enumerate().take(span) {
+                    *v = _mm512_loadu_ps(row.add(i * c));
+                }
+                for kx in 0..K {
+                    let k = _mm512_loadu_ps(taps.add(kx * c));
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(x[p * S + kx], k, *a);
+                    }
+                }
+            }
+            for (p, a) in acc.iter().enumerate() {
+                let y = _mm512_min_ps(_mm512_max_ps(*a, lo), hi);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
             }
         }
     }

@@ -302,10 +302,10 @@ fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: &[f32], tile: &Tile, out: &mu
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` is only constructed after run-time detection of AVX2 and FMA;
-        // A panels point into live slices holding `MR` rows of `kc` values (checked by the
-        // caller's slicing), the asserts above bound every other access.
-        Isa::Avx2Fma => unsafe { x86::micro_kernel(kc, a, b.as_ptr(), tile, out) },
+        // SAFETY: `Isa::Avx2Fma` and `Isa::Avx512` are only constructed after run-time detection
+        // of AVX2 and FMA; A panels point into live slices holding `MR` rows of `kc` values
+        // (checked by the caller's slicing), the asserts above bound every other access.
+        Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::micro_kernel(kc, a, b.as_ptr(), tile, out) },
         Isa::Portable => {
             let mut acc = [0f32; MR * NR];
             for kk in 0..kc {
@@ -353,7 +353,7 @@ fn merge_tile(acc: &[f32; MR * NR], t: &Tile, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{merge_tile, APanel, Tile, MR, NR};
+    use super::{APanel, Tile, MR, NR};
 
     /// # Safety
     /// Needs AVX2 and FMA; `a` must address `MR` rows of `kc` values, `b` hold `kc × NR` floats,
@@ -362,53 +362,83 @@ mod x86 {
     pub(super) unsafe fn micro_kernel(
         kc: usize,
         a: APanel,
+        b: *const f32,
+        t: &Tile,
+        out: &mut [f32],
+    ) {
+        // A panel of at most 8 valid columns (the last one of N = 24, 40, ...) multiplies one
+        // vector per row instead of two, half of them wasted.
+        if t.cols <= NR / 2 {
+            tile::<1>(kc, a, b, t, out)
+        } else {
+            tile::<2>(kc, a, b, t, out)
+        }
+    }
+
+    /// The `MR × 8·V` product and the whole epilogue in registers; partial tiles store only
+    /// their rows, and their last columns through a mask.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const V: usize>(
+        kc: usize,
+        a: APanel,
         mut b: *const f32,
         t: &Tile,
         out: &mut [f32],
     ) {
-        let mut c = [[_mm256_setzero_ps(); 2]; MR];
+        let mut c = [[_mm256_setzero_ps(); V]; MR];
         let mut ap = a.ptr;
         for _ in 0..kc {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (h, v) in bv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(b.add(8 * h));
+            }
             for (r, acc) in c.iter_mut().enumerate() {
                 let ar = _mm256_broadcast_ss(&*ap.add(r * a.rs));
-                acc[0] = _mm256_fmadd_ps(ar, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(ar, b1, acc[1]);
+                for (acc, &bh) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(ar, bh, *acc);
+                }
             }
             ap = ap.add(a.ks);
             b = b.add(NR);
         }
-        if t.rows < MR || t.cols < NR {
-            let mut tile = [0f32; MR * NR];
-            for (r, acc) in c.iter().enumerate() {
-                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), acc[0]);
-                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), acc[1]);
-            }
-            merge_tile(&tile, t, out);
-            return;
-        }
-        // A full tile: the whole epilogue in registers.
         let (lo, hi) = t.activation.bounds();
         let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        let bias = [
-            _mm256_loadu_ps(t.bias.as_ptr()),
-            _mm256_loadu_ps(t.bias.as_ptr().add(8)),
-        ];
-        for (r, acc) in c.iter().enumerate() {
+        let mut bias = [_mm256_setzero_ps(); V];
+        let mut masks = [_mm256_set1_epi32(-1); V];
+        for h in 0..V {
+            bias[h] = _mm256_loadu_ps(t.bias.as_ptr().add(8 * h));
+            let valid = t.cols.saturating_sub(8 * h).min(8) as i32;
+            masks[h] = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(valid),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+        }
+        let full = [t.cols >= 8, t.cols >= 16];
+        let load = |p: *const f32, h: usize| {
+            if full[h] {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, masks[h])
+            }
+        };
+        for (r, acc) in c.iter().enumerate().take(t.rows) {
             let dst = out.as_mut_ptr().add(r * t.ldc);
             for (h, &v) in acc.iter().enumerate() {
                 let mut v = v;
                 if !t.first {
-                    v = _mm256_add_ps(v, _mm256_loadu_ps(dst.add(8 * h)));
+                    v = _mm256_add_ps(v, load(dst.add(8 * h), h));
                 }
                 if t.last {
                     v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, bias[h]), lo), hi);
                     if let Some(res) = t.residual {
-                        v = _mm256_add_ps(v, _mm256_loadu_ps(res.as_ptr().add(r * t.ldc + 8 * h)));
+                        v = _mm256_add_ps(v, load(res.as_ptr().add(r * t.ldc + 8 * h), h));
                     }
                 }
-                _mm256_storeu_ps(dst.add(8 * h), v);
+                if full[h] {
+                    _mm256_storeu_ps(dst.add(8 * h), v);
+                } else {
+                    _mm256_maskstore_ps(dst.add(8 * h), masks[h], v);
+                }
             }
         }
     }

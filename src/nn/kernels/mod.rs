@@ -24,6 +24,10 @@ use team::{Disjoint, Team};
 /// Instruction set of the micro-kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// x86-64 with AVX-512F besides AVX2 and FMA, detected at run time: the depthwise kernel
+    /// uses its 32 registers; the GEMM keeps the AVX2 micro-kernel.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     /// x86-64 with AVX2 and FMA, detected at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
@@ -71,14 +75,26 @@ pub struct Kernels {
 impl Kernels {
     /// The fastest instruction set this CPU supports.
     pub fn detect() -> Self {
+        Self::available()[0]
+    }
+
+    /// Every instruction set this CPU runs, the fastest first (for tests and comparisons).
+    pub fn available() -> Vec<Self> {
+        let mut isas = Vec::new();
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Self {
-                isa: Isa::Avx2Fma,
-                parallel: true,
-            };
+            if is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+            isas.push(Isa::Avx2Fma);
         }
-        Self::portable()
+        isas.push(Isa::Portable);
+        isas.into_iter()
+            .map(|isa| Self {
+                isa,
+                parallel: true,
+            })
+            .collect()
     }
 
     /// The portable kernels, whatever the CPU (for tests and comparisons).
