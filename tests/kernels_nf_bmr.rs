@@ -32,6 +32,8 @@ fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
     a.iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        // A NaN must fail the comparison, not vanish in `f32::max`.
+        .map(|d| if d.is_nan() { f32::INFINITY } else { d })
         .fold(0.0, f32::max)
 }
 

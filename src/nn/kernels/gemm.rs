@@ -6,7 +6,8 @@
 //! `KC` columns at a time, straight from their source, which is either a plain row-major matrix
 //! (1×1 convolution on channels-last data) or an implicit im2col of a channels-last image (dense
 //! k×k convolution, zero padding included). A 6×16 micro-kernel (12 AVX2 accumulators) or its
-//! portable twin multiplies a packed A panel with a packed B panel.
+//! portable twin multiplies a packed A panel with a packed B panel; with AVX-512 a 6×32 tile
+//! takes two B panels at once.
 use std::cell::RefCell;
 
 use super::{Activation, Isa};
@@ -63,10 +64,6 @@ impl PackedB {
 
     pub fn n(&self) -> usize {
         self.n
-    }
-
-    fn panel(&self, p: usize) -> &[f32] {
-        &self.panels[p * self.k * NR..(p + 1) * self.k * NR]
     }
 }
 
@@ -207,6 +204,10 @@ pub(super) fn gemm_rows(
 ) {
     let (k, n) = (b.k, b.n);
     let n_panels = n.div_ceil(NR);
+    #[cfg(target_arch = "x86_64")]
+    let pairs = isa == Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    let pairs = false;
     assert!(out.len() >= (rows.end - rows.start) * n);
     if let Some(res) = epilogue.residual {
         assert!(res.len() >= rows.end * n);
@@ -252,9 +253,21 @@ pub(super) fn gemm_rows(
                         }
                     };
                 }
-                for pn in 0..n_panels {
-                    let bpanel = &b.panel(pn)[k0 * NR..(k0 + kc) * NR];
-                    let cols = NR.min(n - pn * NR);
+                let mut pn = 0;
+                while pn < n_panels {
+                    // The AVX-512 tile covers two B panels at once, unless the second has at
+                    // most 8 columns (the AVX2 kernel then takes them with no wasted lanes).
+                    let panels = if pairs && n - pn * NR > NR + NR / 2 {
+                        2
+                    } else {
+                        1
+                    };
+                    let b_panels = BPanels {
+                        data: &b.panels[(pn * k + k0) * NR..],
+                        next: k * NR,
+                        count: panels,
+                    };
+                    let cols = (panels * NR).min(n - pn * NR);
                     for (pm, panel) in a_panels.iter().enumerate().take(panels_m) {
                         let r0 = m0 + pm * MR;
                         let tile = Tile {
@@ -263,13 +276,14 @@ pub(super) fn gemm_rows(
                             ldc: n,
                             first,
                             last,
-                            bias: &b.bias[pn * NR..pn * NR + NR],
+                            bias: &b.bias[pn * NR..(pn + panels) * NR],
                             activation: epilogue.activation,
                             residual: epilogue.residual.map(|res| &res[r0 * n + pn * NR..]),
                         };
                         let offset = (r0 - rows.start) * n + pn * NR;
-                        micro_kernel(isa, kc, *panel, bpanel, &tile, &mut out[offset..]);
+                        micro_kernel(isa, kc, *panel, b_panels, &tile, &mut out[offset..]);
                     }
+                    pn += panels;
                 }
                 k0 += kc;
             }
@@ -292,21 +306,36 @@ struct Tile<'a> {
     residual: Option<&'a [f32]>,
 }
 
-/// Multiplies an A panel (`kc` deep; valid for `tile.rows` rows, readable for `MR`) by a packed
-/// B panel into `out` (row stride `tile.ldc`).
-fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: &[f32], tile: &Tile, out: &mut [f32]) {
-    assert!(b.len() >= kc * NR && tile.bias.len() >= NR);
+/// `count` consecutive packed B panels from the current K block on: panel `i` starts at
+/// `data[i * next..]`.
+#[derive(Clone, Copy)]
+struct BPanels<'a> {
+    data: &'a [f32],
+    next: usize,
+    count: usize,
+}
+
+/// Multiplies an A panel (`kc` deep; valid for `tile.rows` rows, readable for `MR`) by one packed
+/// B panel, or two with AVX-512, into `out` (row stride `tile.ldc`).
+fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &mut [f32]) {
+    assert!(b.count >= 1 && b.data.len() >= (b.count - 1) * b.next + kc * NR);
+    assert!(tile.bias.len() >= b.count * NR && tile.cols <= b.count * NR);
     assert!(out.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
     if let Some(res) = tile.residual {
         assert!(res.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
     }
+    let b_ptr = b.data.as_ptr();
     match isa {
+        // SAFETY (both x86 arms): `Isa::Avx512` and `Isa::Avx2Fma` are only constructed after
+        // run-time detection of their features (AVX-512F besides AVX2 and FMA); A panels point
+        // into live slices holding `MR` rows of `kc` values (checked by the caller's slicing),
+        // the asserts above bound every other access.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` and `Isa::Avx512` are only constructed after run-time detection
-        // of AVX2 and FMA; A panels point into live slices holding `MR` rows of `kc` values
-        // (checked by the caller's slicing), the asserts above bound every other access.
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::micro_kernel(kc, a, b.as_ptr(), tile, out) },
+        Isa::Avx512 if b.count == 2 => unsafe { x86::pair_tile(kc, a, b_ptr, b.next, tile, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::micro_kernel(kc, a, b_ptr, tile, out) },
         Isa::Portable => {
+            let b = &b.data[..kc * NR];
             let mut acc = [0f32; MR * NR];
             for kk in 0..kc {
                 let bv = &b[kk * NR..kk * NR + NR];
@@ -372,6 +401,65 @@ mod x86 {
             tile::<1>(kc, a, b, t, out)
         } else {
             tile::<2>(kc, a, b, t, out)
+        }
+    }
+
+    /// The `MR × 32` product of an A panel and two B panels (`b`, `b + next`) with AVX-512: twelve
+    /// accumulators of 16 floats, half the broadcasts and instructions per multiply-add of
+    /// [`micro_kernel`]'s, and the epilogue in registers (the last columns through a mask).
+    ///
+    /// # Safety
+    /// Needs AVX-512F; `a` must address `MR` rows of `kc` values, `b` and `b + next` hold
+    /// `kc × NR` floats each, `16 < t.cols ≤ 32`, and `out`/`t.residual` cover the tile.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pair_tile(
+        kc: usize,
+        a: APanel,
+        b: *const f32,
+        next: usize,
+        t: &Tile,
+        out: &mut [f32],
+    ) {
+        let mut c = [[_mm512_setzero_ps(); 2]; MR];
+        let (mut b0, mut b1) = (b, b.add(next));
+        let mut ap = a.ptr;
+        for _ in 0..kc {
+            let (v0, v1) = (_mm512_loadu_ps(b0), _mm512_loadu_ps(b1));
+            for (r, acc) in c.iter_mut().enumerate() {
+                let ar = _mm512_set1_ps(*ap.add(r * a.rs));
+                acc[0] = _mm512_fmadd_ps(ar, v0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(ar, v1, acc[1]);
+            }
+            ap = ap.add(a.ks);
+            b0 = b0.add(NR);
+            b1 = b1.add(NR);
+        }
+        let (lo, hi) = t.activation.bounds();
+        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        let bias = [
+            _mm512_loadu_ps(t.bias.as_ptr()),
+            _mm512_loadu_ps(t.bias.as_ptr().add(NR)),
+        ];
+        // The second panel's valid columns.
+        let mask: __mmask16 = ((1u32 << (t.cols - NR)) - 1) as u16;
+        for (r, acc) in c.iter().enumerate().take(t.rows) {
+            let dst = out.as_mut_ptr().add(r * t.ldc);
+            let (mut v0, mut v1) = (acc[0], acc[1]);
+            if !t.first {
+                v0 = _mm512_add_ps(v0, _mm512_loadu_ps(dst));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask, dst.add(NR)));
+            }
+            if t.last {
+                v0 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v0, bias[0]), lo), hi);
+                v1 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v1, bias[1]), lo), hi);
+                if let Some(res) = t.residual {
+                    let res = res.as_ptr().add(r * t.ldc);
+                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(res));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask, res.add(NR)));
+                }
+            }
+            _mm512_storeu_ps(dst, v0);
+            _mm512_mask_storeu_ps(dst.add(NR), mask, v1);
         }
     }
 
