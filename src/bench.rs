@@ -165,8 +165,9 @@ impl BenchArgs {
 }
 
 /// Measured fp32 peak of this CPU in GFLOP/s on `threads` threads: independent FMA chains
-/// (enough to cover the FMA latency), 8-wide with AVX2+FMA where the CPU has it, for about
-/// `seconds`.
+/// (enough to cover the FMA latency), 16-wide with AVX-512 or 8-wide with AVX2+FMA where the CPU
+/// has them (the widest, as the kernels use it; a CPU with two 512-bit FMA units doubles its peak
+/// there), for about `seconds`.
 pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
     let threads = threads.max(1);
     // Calibrate the iteration count on one thread, then run all threads at once.
@@ -196,6 +197,12 @@ pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
 
 /// `iterations` rounds of 10 independent FMA chains; returns a checksum and the FLOPs done.
 fn fma_loop(iterations: u64) -> (f32, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected.
+        let sum = unsafe { fma_loop_avx512(iterations) };
+        return (sum, iterations as f64 * 10.0 * 16.0 * 2.0);
+    }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA were just detected.
@@ -230,6 +237,21 @@ unsafe fn fma_loop_avx2(iterations: u64) -> f32 {
     }
     _mm256_storeu_ps(out.as_mut_ptr(), total);
     out.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iterations: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mul = _mm512_set1_ps(0.999_999);
+    let add = _mm512_set1_ps(1e-7);
+    let mut acc = [_mm512_set1_ps(1.0); 10];
+    for _ in 0..iterations {
+        for a in &mut acc {
+            *a = _mm512_fmadd_ps(*a, mul, add);
+        }
+    }
+    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
 }
 
 /// Resident set size of this process in bytes (Linux; `None` elsewhere).
