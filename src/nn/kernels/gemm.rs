@@ -324,16 +324,19 @@ fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &m
     if let Some(res) = tile.residual {
         assert!(res.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
     }
-    let b_ptr = b.data.as_ptr();
     match isa {
         // SAFETY (both x86 arms): `Isa::Avx512` and `Isa::Avx2Fma` are only constructed after
         // run-time detection of their features (AVX-512F besides AVX2 and FMA); A panels point
         // into live slices holding `MR` rows of `kc` values (checked by the caller's slicing),
         // the asserts above bound every other access.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if b.count == 2 => unsafe { x86::pair_tile(kc, a, b_ptr, b.next, tile, out) },
+        Isa::Avx512 if b.count == 2 => unsafe {
+            x86::pair_tile(kc, a, b.data.as_ptr(), b.next, tile, out)
+        },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::micro_kernel(kc, a, b_ptr, tile, out) },
+        Isa::Avx2Fma | Isa::Avx512 => unsafe {
+            x86::micro_kernel(kc, a, b.data.as_ptr(), tile, out)
+        },
         Isa::Portable => {
             let b = &b.data[..kc * NR];
             let mut acc = [0f32; MR * NR];
