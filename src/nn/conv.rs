@@ -1,8 +1,7 @@
 //! Trainable strided convolutions for generators and discriminators. On CPU they are a gather
 //! (im2col) and a matrix product, because candle's CPU conv2d backward goes through a naive
-//! `conv_transpose2d` (see [`crate::nn::residual::MatmulConv`] for the same-padded case), or the
-//! fast kernels' convolution when no gradient is tracked (inference on detached weights); on
-//! other devices they are candle's own conv2d and conv_transpose2d.
+//! `conv_transpose2d` (see [`crate::nn::residual::MatmulConv`] for the same-padded case); on other
+//! devices they are candle's own conv2d and conv_transpose2d.
 //!
 //! [`UpConv`] is an exact `ConvTranspose2d(kernel 4, stride 2, padding 1)`: each of the four output
 //! phases of a stride-2 transposed convolution is a 2×2 convolution of the input, so the layer
@@ -14,7 +13,6 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::error::{Error, Result};
 use crate::nn::im2col::Im2Col;
-use crate::nn::kernels::ops::dense_conv2d;
 
 /// DCGAN's initialisation, which Skip-GANomaly and OCR-GAN use for every convolution.
 pub const DCGAN_INIT: Init = Init::Randn {
@@ -72,20 +70,12 @@ fn native_conv(x: &Tensor, weight: &Tensor, geometry: ConvGeometry) -> candle_co
     x.conv2d(&kernel, geometry.padding, geometry.stride, 1, 1)
 }
 
-/// On CPU the fast kernels' convolution when nothing tracks a gradient (inference), else
-/// [`gather_conv`]; [`native_conv`] elsewhere (standard candle ops on CUDA).
+/// [`gather_conv`] on CPU, [`native_conv`] elsewhere (standard candle ops on CUDA).
 fn conv(x: &Tensor, weight: &Tensor, geometry: ConvGeometry) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        return native_conv(x, weight, geometry);
-    }
-    let ConvGeometry {
-        kernel,
-        stride,
-        padding,
-    } = geometry;
-    match dense_conv2d(x, weight, kernel, stride, padding)? {
-        Some(y) => Ok(y),
-        None => gather_conv(x, weight, geometry),
+    if x.device().is_cpu() {
+        gather_conv(x, weight, geometry)
+    } else {
+        native_conv(x, weight, geometry)
     }
 }
 
@@ -193,7 +183,7 @@ impl UpConv {
             stride: 1,
             padding: 1,
         };
-        conv(x, &self.kernel()?, geometry)?
+        gather_conv(x, &self.kernel()?, geometry)?
             .reshape((b, self.out_c, 2, 2, h, w))?
             .permute((0, 1, 4, 2, 5, 3))?
             .reshape((b, self.out_c, 2 * h, 2 * w))
@@ -284,50 +274,6 @@ mod tests {
                 assert!(max_diff(a, b) < 1e-4, "{geometry:?}: {}", max_diff(a, b));
             }
         }
-        Ok(())
-    }
-
-    /// Inference on detached operands runs on the fast kernels and equals the differentiable
-    /// gather path; an operand that tracks a gradient keeps the differentiable path.
-    #[test]
-    fn fast_inference_matches_the_gather_path() -> Result<()> {
-        let dev = Device::Cpu;
-        for (h, w, k, s, p) in [
-            (8, 12, 4, 2, 1),
-            (7, 9, 3, 1, 1),
-            (6, 6, 3, 2, 0),
-            (5, 4, 1, 1, 0),
-        ] {
-            let geometry = ConvGeometry {
-                kernel: k,
-                stride: s,
-                padding: p,
-            };
-            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
-            // 20 outputs: a full 16-column panel and a partial one.
-            let weight = Tensor::randn(0f32, 1.0, (20, 3 * k * k), &dev)?;
-            let fast = dense_conv2d(&x, &weight, k, s, p)?.expect("detached operands");
-            let reference = gather_conv(&x, &weight, geometry)?;
-            assert_eq!(fast.dims(), reference.dims());
-            assert!(max_diff(&fast, &reference) < 1e-4, "{geometry:?}");
-            let tracked = Var::from_tensor(&weight)?;
-            assert!(dense_conv2d(&x, &tracked, k, s, p)?.is_none());
-        }
-        let vars = VarMap::new();
-        let up = UpConv::new(
-            VarBuilder::from_varmap(&vars, DType::F32, &dev),
-            3,
-            20,
-            true,
-        )?;
-        let detached = UpConv {
-            weight: up.weight.detach(),
-            bias: up.bias.as_ref().map(Tensor::detach),
-            assemble: up.assemble.clone(),
-            out_c: up.out_c,
-        };
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 6), &dev)?;
-        assert!(max_diff(&detached.forward(&x)?, &up.forward(&x)?) < 1e-4);
         Ok(())
     }
 

@@ -6,14 +6,11 @@
 //! or within one image's pass a [`team`] that keeps them spinning between operations.
 //!
 //! These serve frozen weights and inference only: they build no autograd graph. Training keeps
-//! candle's differentiable ops, and on CUDA candle's ops stay in use. The Lite0 and NF-BMR
-//! engines call them on buffers they reuse; [`ops`] wraps them as candle custom ops for the
-//! networks built from candle tensors.
+//! candle's differentiable ops, and on CUDA candle's ops stay in use.
 pub mod depthwise;
 pub mod gemm;
 pub mod heads;
 pub mod lite0;
-pub mod ops;
 mod team;
 
 use std::ops::Range;
@@ -78,8 +75,7 @@ pub struct Kernels {
 impl Kernels {
     /// The fastest instruction set this CPU supports.
     pub fn detect() -> Self {
-        static DETECTED: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| Self::available()[0])
+        Self::available()[0]
     }
 
     /// Every instruction set this CPU runs, the fastest first (for tests and comparisons).
