@@ -75,7 +75,8 @@ pub struct Kernels {
 impl Kernels {
     /// The fastest instruction set this CPU supports.
     pub fn detect() -> Self {
-        Self::available()[0]
+        static DETECTED: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| Self::available()[0])
     }
 
     /// Every instruction set this CPU runs, the fastest first (for tests and comparisons).
