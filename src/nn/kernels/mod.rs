@@ -35,6 +35,19 @@ pub enum Isa {
     Portable,
 }
 
+impl Isa {
+    /// The name `VIGIL_KERNELS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
 /// Element-wise activation fused into a kernel's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -74,9 +87,27 @@ pub struct Kernels {
 
 impl Kernels {
     /// The fastest instruction set this CPU supports.
+    /// `VIGIL_KERNELS=avx512|avx2|portable` picks another one this CPU runs (for comparisons,
+    /// or where a slower-looking set measures faster on the line).
     pub fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| Self::available()[0])
+        *DETECTED.get_or_init(|| {
+            let available = Self::available();
+            let Ok(wanted) = std::env::var("VIGIL_KERNELS") else {
+                return available[0];
+            };
+            match available.iter().find(|k| k.isa.name() == wanted) {
+                Some(kernels) => *kernels,
+                None => {
+                    let names: Vec<&str> = available.iter().map(|k| k.isa.name()).collect();
+                    log::warn!(
+                        "VIGIL_KERNELS={wanted} ignored: this CPU runs {}",
+                        names.join(", ")
+                    );
+                    available[0]
+                }
+            }
+        })
     }
 
     /// Every instruction set this CPU runs, the fastest first (for tests and comparisons).
