@@ -198,16 +198,26 @@ pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
 /// `iterations` rounds of 10 independent FMA chains; returns a checksum and the FLOPs done.
 fn fma_loop(iterations: u64) -> (f32, f64) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F was just detected.
-        let sum = unsafe { fma_loop_avx512(iterations) };
-        return (sum, iterations as f64 * 10.0 * 16.0 * 2.0);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA were just detected.
-        let sum = unsafe { fma_loop_avx2(iterations) };
-        return (sum, iterations as f64 * 10.0 * 8.0 * 2.0);
+    {
+        use std::arch::x86_64::{__m256, __m512};
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected.
+            let sum = unsafe { fma_loop_avx512(iterations) };
+            return (sum, iterations as f64 * 10.0 * 16.0 * 2.0);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA were just detected.
+            let sum = unsafe { fma_loop_avx2(iterations) };
+            return (sum, iterations as f64 * 10.0 * 8.0 * 2.0);
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fma_loop_avx512(iterations: u64) -> f32 {
+            fma_chains::<__m512>(iterations)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fma_loop_avx2(iterations: u64) -> f32 {
+            fma_chains::<__m256>(iterations)
+        }
     }
     let mut acc = [1f32; 10];
     for _ in 0..iterations {
@@ -218,40 +228,19 @@ fn fma_loop(iterations: u64) -> (f32, f64) {
     (acc.iter().sum(), iterations as f64 * 10.0 * 2.0)
 }
 
+/// # Safety
+/// Needs `V`'s instruction set (inlined into the wrappers that enable it).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_loop_avx2(iterations: u64) -> f32 {
-    use std::arch::x86_64::*;
-    let mul = _mm256_set1_ps(0.999_999);
-    let add = _mm256_set1_ps(1e-7);
-    let mut acc = [_mm256_set1_ps(1.0); 10];
+#[inline(always)]
+unsafe fn fma_chains<V: crate::nn::kernels::simd::F32Vector>(iterations: u64) -> f32 {
+    let (mul, add) = (V::splat(0.999_999), V::splat(1e-7));
+    let mut acc = [V::splat(1.0); 10];
     for _ in 0..iterations {
         for a in &mut acc {
-            *a = _mm256_fmadd_ps(*a, mul, add);
+            *a = a.mul_add(mul, add);
         }
     }
-    let mut out = [0f32; 8];
-    let mut total = _mm256_setzero_ps();
-    for a in acc {
-        total = _mm256_add_ps(total, a);
-    }
-    _mm256_storeu_ps(out.as_mut_ptr(), total);
-    out.iter().sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_loop_avx512(iterations: u64) -> f32 {
-    use std::arch::x86_64::*;
-    let mul = _mm512_set1_ps(0.999_999);
-    let add = _mm512_set1_ps(1e-7);
-    let mut acc = [_mm512_set1_ps(1.0); 10];
-    for _ in 0..iterations {
-        for a in &mut acc {
-            *a = _mm512_fmadd_ps(*a, mul, add);
-        }
-    }
-    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    acc.iter().map(|a| a.sum()).sum()
 }
 
 /// Resident set size of this process in bytes (Linux; `None` elsewhere).

@@ -176,6 +176,7 @@ mod x86 {
     use std::ops::Range;
 
     use super::{Activation, DepthwiseGeom, Isa, Window};
+    use crate::nn::kernels::simd::F32Vector;
 
     /// A kernel for several horizontally adjacent interior pixels of one kernel and stride.
     pub(super) type GroupFn = unsafe fn(&[f32], &[f32], &[f32], &Window, Activation, &mut [f32]);
@@ -245,14 +246,10 @@ mod x86 {
     /// Pixels of the AVX-512 group kernel.
     const WIDE: usize = 8;
 
-    /// NARROW horizontally adjacent interior pixels (the window of the first, every tap in
-    /// range), eight channels at a time, for a kernel `K` and stride `S` known at compile time:
-    /// the input vectors of a kernel row are loaded once and reused by every tap and pixel that
-    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20).
+    /// The AVX2 group: NARROW pixels, eight channels at a time.
     ///
     /// # Safety
-    /// Needs AVX2 and FMA; every tap of the pixels must lie inside `plane`, `C = dst.len() /
-    /// NARROW` a multiple of 8, `weights`/`bias` hold `K·K·C` and `C` floats, and `w.kernel == K`.
+    /// Needs AVX2 and FMA; as [`group`] with `C = dst.len() / NARROW` a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn narrow<const K: usize, const S: usize>(
         plane: &[f32],
@@ -262,43 +259,16 @@ mod x86 {
         activation: Activation,
         dst: &mut [f32],
     ) {
-        // Input pixels one kernel row of the group reads.
-        let span = (NARROW - 1) * S + K;
-        let c = dst.len() / NARROW;
-        let (lo, hi) = activation.bounds();
-        let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
-        for ch in (0..c).step_by(8) {
-            let b = _mm256_loadu_ps(bias.as_ptr().add(ch));
-            let mut acc = [b; NARROW];
-            for ky in w.ky.clone() {
-                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
-                let taps = weights.as_ptr().add(ky * K * c + ch);
-                let mut x = [_mm256_setzero_ps(); (NARROW - 1) * 2 + 5];
-                for (i, v) in x.iter_mut().enumerate().take(span) {
-                    *v = _mm256_loadu_ps(row.add(i * c));
-                }
-                for kx in 0..K {
-                    let k = _mm256_loadu_ps(taps.add(kx * c));
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(x[p * S + kx], k, *a);
-                    }
-                }
-            }
-            for (p, a) in acc.iter().enumerate() {
-                let y = _mm256_min_ps(_mm256_max_ps(*a, lo), hi);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
-            }
-        }
+        group::<__m256, K, S, NARROW, { span(NARROW) }>(plane, weights, bias, w, activation, dst)
     }
 
-    /// [`narrow`] with AVX-512: WIDE pixels, sixteen channels at a time. Its 32 registers hold
-    /// eight accumulators besides a whole kernel row's input vectors, enough independent
-    /// multiply-add chains to cover their latency (four chains, in the AVX2 kernel, leave half
-    /// the multiply-add throughput unused).
+    /// The AVX-512 group: WIDE pixels, sixteen channels at a time. Its 32 registers hold eight
+    /// accumulators besides a whole kernel row's input vectors, enough independent multiply-add
+    /// chains to cover their latency (the AVX2 group's four leave half the multiply-add
+    /// throughput unused).
     ///
     /// # Safety
-    /// Needs AVX-512F; every tap of the pixels must lie inside `plane`, `C = dst.len() / WIDE` a
-    /// multiple of 16, `weights`/`bias` hold `K·K·C` and `C` floats, and `w.kernel == K`.
+    /// Needs AVX-512F; as [`group`] with `C = dst.len() / WIDE` a multiple of 16.
     #[target_feature(enable = "avx512f")]
     unsafe fn wide<const K: usize, const S: usize>(
         plane: &[f32],
@@ -308,32 +278,64 @@ mod x86 {
         activation: Activation,
         dst: &mut [f32],
     ) {
-        let span = (WIDE - 1) * S + K;
-        let c = dst.len() / WIDE;
+        group::<__m512, K, S, WIDE, { span(WIDE) }>(plane, weights, bias, w, activation, dst)
+    }
+
+    /// `P` horizontally adjacent interior pixels (the window of the first, every tap in range),
+    /// one vector of channels at a time, for a kernel `K` and stride `S` known at compile time:
+    /// the input vectors of a kernel row are loaded once and reused by every tap and pixel that
+    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20).
+    ///
+    /// # Safety
+    /// `V`'s instruction set; every tap of the pixels must lie inside `plane`, `C = dst.len() / P`
+    /// a multiple of `V::LANES`, `weights`/`bias` hold `K·K·C` and `C` floats, `w.kernel == K` and
+    /// `(P - 1)·S + K ≤ X`.
+    #[inline(always)]
+    unsafe fn group<
+        V: F32Vector,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const X: usize,
+    >(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        // Input pixels one kernel row of the group reads.
+        let span = (P - 1) * S + K;
+        let c = dst.len() / P;
         let (lo, hi) = activation.bounds();
-        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-        for ch in (0..c).step_by(16) {
-            let b = _mm512_loadu_ps(bias.as_ptr().add(ch));
-            let mut acc = [b; WIDE];
+        let (lo, hi) = (V::splat(lo), V::splat(hi));
+        for ch in (0..c).step_by(V::LANES) {
+            let mut acc = [V::load(bias.as_ptr().add(ch)); P];
             for ky in w.ky.clone() {
                 let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
                 let taps = weights.as_ptr().add(ky * K * c + ch);
-                let mut x = [_mm512_setzero_ps(); (WIDE - 1) * 2 + 5];
+                let mut x = [V::splat(0.0); X];
                 for (i, v) in x.iter_mut().enumerate().take(span) {
-                    *v = _mm512_loadu_ps(row.add(i * c));
+                    *v = V::load(row.add(i * c));
                 }
                 for kx in 0..K {
-                    let k = _mm512_loadu_ps(taps.add(kx * c));
+                    let k = V::load(taps.add(kx * c));
                     for (p, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(x[p * S + kx], k, *a);
+                        *a = x[p * S + kx].mul_add(k, *a);
                     }
                 }
             }
             for (p, a) in acc.iter().enumerate() {
-                let y = _mm512_min_ps(_mm512_max_ps(*a, lo), hi);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(p * c + ch), y);
+                a.clamp(lo, hi).store(dst.as_mut_ptr().add(p * c + ch));
             }
         }
+    }
+
+    /// The most input pixels a kernel row of `pixels` pixels reads (stride 2, 5 wide): the
+    /// length of a group's row of input vectors.
+    const fn span(pixels: usize) -> usize {
+        (pixels - 1) * 2 + 5
     }
 
     /// # Safety

@@ -11,6 +11,8 @@ pub mod depthwise;
 pub mod gemm;
 pub mod heads;
 pub mod lite0;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd;
 mod team;
 
 use std::ops::Range;

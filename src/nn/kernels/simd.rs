@@ -1,0 +1,77 @@
+//! One vector register of f32 lanes, so that a kernel is written once for AVX2 and AVX-512: its
+//! body is an `#[inline(always)]` function generic over [`F32Vector`], called from one thin
+//! `#[target_feature]` wrapper per instruction set, so that the body compiles with the wrapper's
+//! instructions.
+use std::arch::x86_64::*;
+
+/// The lane operations the kernels use. Every method is unsafe because it needs the instruction
+/// set of its register type (AVX2+FMA for `__m256`, AVX-512F for `__m512`) and, for the loads and
+/// stores, `LANES` valid floats at the pointer.
+pub(crate) trait F32Vector: Copy {
+    const LANES: usize;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `self · b + c`, one rounding.
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self;
+    unsafe fn sum(self) -> f32;
+}
+
+impl F32Vector for __m256 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        _mm256_fmadd_ps(self, b, c)
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        _mm256_min_ps(_mm256_max_ps(self, lo), hi)
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), self);
+        lanes.iter().sum()
+    }
+}
+
+impl F32Vector for __m512 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(self, b, c)
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
+        _mm512_min_ps(_mm512_max_ps(self, lo), hi)
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        _mm512_reduce_add_ps(self)
+    }
+}
