@@ -98,6 +98,15 @@ impl Conv {
         let weight = vb.get_with_hints((out_c, in_c * k2), "weight", DCGAN_INIT)?;
         Ok(Conv { weight, geometry })
     }
+
+    /// `[out, in·k·k]`, PyTorch's order.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn geometry(&self) -> ConvGeometry {
+        self.geometry
+    }
 }
 
 impl Module for Conv {
@@ -166,7 +175,17 @@ impl UpConv {
         })
     }
 
-    fn kernel(&self) -> candle_core::Result<Tensor> {
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn out_c(&self) -> usize {
+        self.out_c
+    }
+
+    /// The four output phases' kernels as one 3×3 convolution weight `[4·out, in·9]`, rows
+    /// ordered `(out, phase row, phase column)`, columns PyTorch's `(in, ky, kx)`.
+    pub fn phase_kernel(&self) -> candle_core::Result<Tensor> {
         let flat = self.weight.flatten_all()?;
         let padded = Tensor::cat(&[&flat, &flat.narrow(0, 0, 1)?.zeros_like()?], 0)?;
         let in_c = self.weight.dim(0)?;
@@ -183,7 +202,7 @@ impl UpConv {
             stride: 1,
             padding: 1,
         };
-        gather_conv(x, &self.kernel()?, geometry)?
+        gather_conv(x, &self.phase_kernel()?, geometry)?
             .reshape((b, self.out_c, 2, 2, h, w))?
             .permute((0, 1, 4, 2, 5, 3))?
             .reshape((b, self.out_c, 2 * h, 2 * w))

@@ -40,6 +40,26 @@ impl BatchNorm2d {
         })
     }
 
+    /// The inference transform `y = scale·x + shift` per channel (running statistics), for
+    /// folding into the convolution before it.
+    pub fn folded(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let (weight, bias) = (values(&self.weight)?, values(&self.bias)?);
+        let (mean, var) = (values(&self.running_mean)?, values(&self.running_var)?);
+        let scale: Vec<f32> = weight
+            .iter()
+            .zip(&var)
+            .map(|(w, v)| w / (v + EPS as f32).sqrt())
+            .collect();
+        let shift = bias
+            .iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Ok((scale, shift))
+    }
+
     fn shaped(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         t.reshape((1, self.channels, 1, 1))
     }

@@ -12,17 +12,20 @@
 //!
 //! Images enter in 0..1 and are mapped to −1..1 (the generators end in tanh).
 pub mod config;
+mod fast;
 pub mod fd;
 pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 pub use config::{ContentPooling, Forgeries, OcrGanConfig};
 
+use self::fast::{FastOcrGan, Maps};
 use self::fd::FrequencyDecoupling;
 use self::loss::{bce_with_logits, content_error, latent_error};
 use self::model::{Builders, Discriminator, Generator};
@@ -32,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::methods::anomaly_map::{top_mean, MapResizer};
 use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
 use crate::nn::init::{detached, load_vars, seeded_var_builder, snapshot};
+use crate::nn::kernels::Kernels;
 use crate::rng::Rng;
 use crate::train::optim::{Adam, AdamParams};
 
@@ -97,6 +101,8 @@ pub struct OcrGan {
     train: Nets,
     /// The same storage through detached views: inference records no backward graph.
     eval: Nets,
+    /// `eval` on the fast CPU kernels, built on first use after the weights changed (CPU only).
+    fast: Mutex<Option<Arc<FastOcrGan>>>,
     g_opt: Adam,
     d_opt: Adam,
     forgers: Vec<AnomalySynth>,
@@ -194,6 +200,7 @@ impl OcrGan {
             buffers,
             train,
             eval,
+            fast: Mutex::new(None),
             forgers,
             score_min,
             score_max,
@@ -251,6 +258,8 @@ impl OcrGan {
     /// reconstructions made before the generators' update.
     pub fn losses(&self, images: &Tensor, rng: &mut Rng) -> Result<Losses> {
         self.input.check_batch(images)?;
+        // Training-mode BatchNorm updates the running statistics.
+        self.weights_changed();
         let cfg = &self.cfg;
         let x = to_signed(images)?;
         let bands = self.fd.split(&x)?;
@@ -280,15 +289,58 @@ impl OcrGan {
         })
     }
 
+    /// The networks on the fast CPU kernels for the current weights (built on first use after a
+    /// change), or `None` off the CPU.
+    fn fast_nets(&self) -> Result<Option<Arc<FastOcrGan>>> {
+        if !self.device.is_cpu() {
+            return Ok(None);
+        }
+        let mut slot = self
+            .fast
+            .lock()
+            .map_err(|_| Error::invalid("fast OCR-GAN", "poisoned by a panic"))?;
+        if slot.is_none() {
+            *slot = Some(Arc::new(FastOcrGan {
+                generator: self.eval.generator.fast()?,
+                discriminator: self.eval.discriminator.fast()?,
+                kernels: Kernels::detect(),
+            }));
+        }
+        Ok(slot.clone())
+    }
+
+    /// The weights or BatchNorm statistics changed: the fast networks are rebuilt when next
+    /// needed.
+    fn weights_changed(&self) {
+        *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Raw `A = λ·L_con + (1 − λ)·L_lat` and the smoothed heatmap `[B, H, W]`.
     fn raw_scores(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.scores_on(images, self.fast_nets()?.as_deref())
+    }
+
+    /// [`OcrGan::raw_scores`] on the fast networks, or on candle's ops without them.
+    fn scores_on(&self, images: &Tensor, fast: Option<&FastOcrGan>) -> Result<(Tensor, Tensor)> {
         self.input.check_batch(images)?;
         let x = to_signed(images)?;
         let bands = self.fd.split(&x)?;
-        let recon = sum(&self.eval.generator.forward(&bands, false)?)?;
-        let d = &self.eval.discriminator;
-        let (f_x, _) = d.forward(&x, false)?;
-        let (f_r, _) = d.forward(&recon, false)?;
+        let (recon, f_x, f_r) = match fast {
+            Some(fast) => {
+                let recon = fast.generator.reconstruct(fast.kernels, &bands)?;
+                let d = &fast.discriminator;
+                let f_x = d.latent(fast.kernels, &Maps::from_nchw(&x)?, &self.device)?;
+                let f_r = d.latent(fast.kernels, &recon, &self.device)?;
+                (recon.to_nchw(&self.device)?, f_x, f_r)
+            }
+            None => {
+                let recon = sum(&self.eval.generator.forward(&bands, false)?)?;
+                let d = &self.eval.discriminator;
+                let (f_x, _) = d.forward(&x, false)?;
+                let (f_r, _) = d.forward(&recon, false)?;
+                (recon, f_x, f_r)
+            }
+        };
         let maps = self.smoother.resize(&(&x - &recon)?.abs()?.mean(1)?)?;
         let content = match self.cfg.content_pooling {
             ContentPooling::Mean => content_error(&x, &recon)?,
@@ -358,6 +410,7 @@ impl Method for OcrGan {
         let losses = self.losses(images, rng)?;
         self.g_opt.step(&losses.generator.backward()?)?;
         self.d_opt.step(&losses.discriminator.backward()?)?;
+        self.weights_changed();
         Ok(vec![
             ("con", losses.content.to_scalar::<f32>()?),
             ("adv", losses.adversarial.to_scalar::<f32>()?),
@@ -402,6 +455,7 @@ impl Method for OcrGan {
         }
         self.g_opt.load_state(G_OPT, state)?;
         self.d_opt.load_state(D_OPT, state)?;
+        self.weights_changed();
         self.score_min = scalar(state, SCORE_MIN)?;
         self.score_max = scalar(state, SCORE_MAX)?;
         Ok(())
@@ -430,5 +484,86 @@ impl Method for OcrGan {
 
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest difference relative to the reference's largest magnitude (at least 1).
+    fn relative_diff(a: &Tensor, reference: &Tensor) -> Result<f32> {
+        let largest =
+            |t: &Tensor| -> Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
+        Ok(largest(&(a - reference)?)? / largest(reference)?.max(1.0))
+    }
+
+    /// The fast networks give candle's reconstruction, latent features, scores and maps within
+    /// 1e-4, after training steps have moved the weights and BatchNorm statistics from their start
+    /// and the weights are scaled up (DCGAN's small initial weights would hide differences), with
+    /// two and three bands (channel selection on), 4 levels (a 1×1 bottleneck at 16²), RGB and
+    /// grey, widths that leave partial GEMM tiles.
+    #[test]
+    fn fast_networks_score_as_candle_does() -> Result<()> {
+        let device = Device::Cpu;
+        for (bands, channels, width) in [(2, 3, 4), (3, 1, 6)] {
+            let cfg = OcrGanConfig {
+                bands,
+                width,
+                levels: 4,
+                disc_width: 6,
+                disc_levels: 3,
+                ..Default::default()
+            };
+            let input = InputSpec {
+                height: 16,
+                width: 16,
+                channels,
+            };
+            let mut model = OcrGan::new(cfg, input, None, &device)?;
+            let mut rng = Rng::new(3);
+            let mut random_images = |n: usize| -> Result<Tensor> {
+                let values = (0..n * channels * 16 * 16).map(|_| rng.f32()).collect();
+                Ok(Tensor::from_vec(values, (n, channels, 16, 16), &device)?)
+            };
+            let batches = [random_images(2)?, random_images(2)?, random_images(2)?];
+            let images = random_images(3)?;
+            let mut rng = Rng::new(4);
+            for batch in &batches {
+                model.train_step(0, batch, &mut rng)?;
+            }
+            for (_, var) in model.trainable_vars()? {
+                var.set(&(var.as_tensor() * 3.0)?)?;
+            }
+            model.weights_changed();
+            let fast = model.fast_nets()?.expect("CPU");
+            let x = to_signed(&images)?;
+            let split = model.fd.split(&x)?;
+            let recon = sum(&model.eval.generator.forward(&split, false)?)?;
+            let fast_recon = fast.generator.reconstruct(fast.kernels, &split)?;
+            let d = fast
+                .discriminator
+                .latent(fast.kernels, &fast_recon, &device)?;
+            let (latent, _) = model.eval.discriminator.forward(&recon, false)?;
+            let latent = latent.permute((0, 2, 3, 1))?.flatten_from(1)?;
+            let checks = [
+                (
+                    "reconstruction",
+                    relative_diff(&fast_recon.to_nchw(&device)?, &recon)?,
+                ),
+                ("latent", relative_diff(&d, &latent)?),
+            ];
+            for (what, diff) in checks {
+                assert!(diff < 1e-4, "{bands} bands: {what} {diff}");
+            }
+            let (fast_scores, fast_maps) = model.scores_on(&images, Some(&fast))?;
+            let (scores, maps) = model.scores_on(&images, None)?;
+            assert!(relative_diff(&fast_scores, &scores)? < 1e-4);
+            assert!(relative_diff(&fast_maps, &maps)? < 1e-4);
+            // A training step replaces the snapshot.
+            model.train_step(0, &images.narrow(0, 0, 2)?, &mut rng)?;
+            assert!(!Arc::ptr_eq(&fast, &model.fast_nets()?.expect("CPU")));
+        }
+        Ok(())
     }
 }

@@ -5,6 +5,9 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::OcrGanConfig;
+use super::fast::{
+    FastDiscriminator, FastDown, FastGenerator, FastSelection, FastUNet, FastUp, FoldedConv,
+};
 use crate::error::{Error, Result};
 use crate::nn::conv::{Conv, ConvGeometry, UpConv, DCGAN_INIT};
 use crate::nn::norm::BatchNorm2d;
@@ -272,6 +275,73 @@ impl Generator {
     pub fn selection(&self) -> &[ChannelSelection] {
         &self.selection
     }
+
+    /// This generator on the fast CPU kernels: a snapshot of its weights, BatchNorm folded.
+    pub(super) fn fast(&self) -> Result<FastGenerator> {
+        let unets = self
+            .unets
+            .iter()
+            .map(|unet| {
+                let downs = unet
+                    .downs
+                    .iter()
+                    .map(|down| {
+                        let g = down.conv.geometry();
+                        Ok(FastDown {
+                            before: down.activate,
+                            conv: FoldedConv::new(
+                                down.conv.weight(),
+                                g.kernel,
+                                g.stride,
+                                g.padding,
+                                down.norm.as_ref().map(BatchNorm2d::folded).transpose()?,
+                            )?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let ups = unet
+                    .ups
+                    .iter()
+                    .map(|up| {
+                        let out_c = up.conv.out_c();
+                        let affine = match (&up.norm, up.conv.bias()) {
+                            (Some(norm), _) => Some(norm.folded()?),
+                            (None, Some(bias)) => Some((vec![1.0; out_c], bias.to_vec1::<f32>()?)),
+                            (None, None) => None,
+                        };
+                        // One (scale, shift) per output channel, repeated for its four phases.
+                        let affine = affine.map(|(scale, shift)| {
+                            let four = |v: Vec<f32>| v.iter().flat_map(|&x| [x; 4]).collect();
+                            (four(scale), four(shift))
+                        });
+                        Ok(FastUp {
+                            phases: FoldedConv::new(&up.conv.phase_kernel()?, 3, 1, 1, affine)?,
+                            out_c,
+                            tanh: up.norm.is_none(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(FastUNet { downs, ups })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let selection = self
+            .selection
+            .iter()
+            .map(|cs| {
+                let bias = cs
+                    .fc
+                    .bias()
+                    .ok_or_else(|| Error::invalid("channel selection", "its FC has no bias"))?;
+                Ok(FastSelection {
+                    fc: values(cs.fc.weight())?,
+                    fc_bias: values(bias)?,
+                    branches: cs.branches.iter().map(values).collect::<Result<_>>()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FastGenerator { unets, selection })
+    }
 }
 
 /// DCGAN discriminator: `conv 4×4/2 → LeakyReLU`, then `conv 4×4/2 → BatchNorm → LeakyReLU`
@@ -313,6 +383,25 @@ impl Discriminator {
             },
         )?;
         Ok(Discriminator { stages, classifier })
+    }
+
+    /// The latent path on the fast CPU kernels: a snapshot of its weights, BatchNorm folded.
+    pub(super) fn fast(&self) -> Result<FastDiscriminator> {
+        let stages = self
+            .stages
+            .iter()
+            .map(|(conv, norm)| {
+                let g = conv.geometry();
+                FoldedConv::new(
+                    conv.weight(),
+                    g.kernel,
+                    g.stride,
+                    g.padding,
+                    norm.as_ref().map(BatchNorm2d::folded).transpose()?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FastDiscriminator { stages })
     }
 
     /// `(latent features [B, C', h, w], logits [B])`.
