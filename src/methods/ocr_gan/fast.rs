@@ -247,17 +247,22 @@ impl FastSelection {
                         .collect()
                 })
                 .collect();
+            // Softmax across the bands, per channel, in place of the logits; then one pass over
+            // each band's pixels.
+            let mut attention = logits;
             for ch in 0..c {
-                let top = logits
+                let top = attention
                     .iter()
                     .map(|l| l[ch])
                     .fold(f32::NEG_INFINITY, f32::max);
-                let total: f32 = logits.iter().map(|l| (l[ch] - top).exp()).sum();
-                for (f, l) in features.iter_mut().zip(&logits) {
-                    let a = (l[ch] - top).exp() / total;
-                    f.data[n * pixels * c..(n + 1) * pixels * c]
-                        .chunks_exact_mut(c)
-                        .for_each(|pixel| pixel[ch] *= a);
+                let total: f32 = attention.iter().map(|l| (l[ch] - top).exp()).sum();
+                for a in attention.iter_mut() {
+                    a[ch] = (a[ch] - top).exp() / total;
+                }
+            }
+            for (f, a) in features.iter_mut().zip(&attention) {
+                for pixel in f.data[n * pixels * c..(n + 1) * pixels * c].chunks_exact_mut(c) {
+                    pixel.iter_mut().zip(a).for_each(|(v, &w)| *v *= w);
                 }
             }
         }
