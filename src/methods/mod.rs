@@ -14,6 +14,7 @@ use crate::nn::backbone::Lite0Features;
 use crate::rng::Rng;
 
 pub mod anomaly_map;
+mod fast_snapshot;
 pub mod nf_bmr;
 pub mod ocr_gan;
 

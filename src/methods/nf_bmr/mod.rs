@@ -17,7 +17,7 @@ pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -27,6 +27,7 @@ pub use config::{Mapping, NfBmrConfig};
 
 use self::fast::FastHead;
 use self::model::MappingNets;
+use super::fast_snapshot::FastSnapshot;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
 use crate::methods::anomaly_map::MapResizer;
@@ -210,7 +211,7 @@ pub struct NfBmr {
     resizer: MapResizer,
     /// The inference head on the fast CPU kernels, built on first use from the current weights
     /// and dropped by every training step (CPU only).
-    fast: Mutex<Option<Arc<FastHead>>>,
+    fast: FastSnapshot<FastHead>,
 }
 
 fn adam(vars: &VarMap, lr: f64) -> Result<Adam> {
@@ -321,7 +322,7 @@ impl NfBmr {
                 cfg.smoothing_sigma,
                 device,
             )?,
-            fast: Mutex::new(None),
+            fast: FastSnapshot::default(),
             cfg,
             input,
             extractor,
@@ -429,21 +430,16 @@ impl NfBmr {
         if !features.device().is_cpu() {
             return Ok(None);
         }
-        let mut cached = self
-            .fast
-            .lock()
-            .map_err(|_| Error::invalid("NF-BMR fast head", "lock poisoned"))?;
-        if cached.is_none() {
-            let head = FastHead::new(
+        let head = self.fast.get_or_build(|| {
+            FastHead::new(
                 Kernels::detect(),
                 &self.stats.mean,
                 &self.stats.std,
                 self.eval.flow.fast()?,
                 self.eval.mapping.as_ref().map(|m| m.fast()).transpose()?,
-            )?;
-            *cached = Some(Arc::new(head));
-        }
-        Ok(cached.clone())
+            )
+        })?;
+        Ok(Some(head))
     }
 
     /// Per-position anomaly scores `[B, h, w]` of backbone features on candle's ops, bypassing the
@@ -504,14 +500,6 @@ impl NfBmr {
     }
 
     /// NF-BMR's own tensors (parameters and statistics), copied.
-    fn drop_fast_head(&mut self) -> Result<()> {
-        *self
-            .fast
-            .get_mut()
-            .map_err(|_| Error::invalid("NF-BMR fast head", "lock poisoned"))? = None;
-        Ok(())
-    }
-
     fn own_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, var) in sorted_vars(&self.flow_vars)?
@@ -556,7 +544,7 @@ impl Method for NfBmr {
 
     fn train_step(&mut self, phase: usize, encoded: &Tensor, _: &mut Rng) -> Result<StepLosses> {
         // The fast head is a snapshot of weights and statistics this step changes.
-        self.drop_fast_head()?;
+        self.fast.drop_snapshot();
         if phase == FLOW_PHASE {
             self.check_features(encoded)?;
             self.stats.accumulate(encoded)?;
@@ -613,7 +601,7 @@ impl Method for NfBmr {
     }
 
     fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.drop_fast_head()?;
+        self.fast.drop_snapshot();
         load_vars(&self.flow_vars, state)?;
         load_vars(&self.map_vars, state)?;
         self.stats = FeatureStats::restored(state, self.channels, self.stats.mean.device())?;

@@ -18,7 +18,7 @@ pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -29,6 +29,7 @@ use self::fast::{FastOcrGan, Maps};
 use self::fd::FrequencyDecoupling;
 use self::loss::{bce_with_logits, content_error, latent_error};
 use self::model::{Builders, Discriminator, Generator};
+use super::fast_snapshot::FastSnapshot;
 use crate::data::anomaly::{AnomalyGenerator, AnomalySynth, CutPasteParams, CutoutParams};
 use crate::data::{batch_tensor, Image, InputSpec};
 use crate::error::{Error, Result};
@@ -102,7 +103,7 @@ pub struct OcrGan {
     /// The same storage through detached views: inference records no backward graph.
     eval: Nets,
     /// `eval` on the fast CPU kernels, built on first use after the weights changed (CPU only).
-    fast: Mutex<Option<Arc<FastOcrGan>>>,
+    fast: FastSnapshot<FastOcrGan>,
     g_opt: Adam,
     d_opt: Adam,
     forgers: Vec<AnomalySynth>,
@@ -200,7 +201,7 @@ impl OcrGan {
             buffers,
             train,
             eval,
-            fast: Mutex::new(None),
+            fast: FastSnapshot::default(),
             forgers,
             score_min,
             score_max,
@@ -259,7 +260,7 @@ impl OcrGan {
     pub fn losses(&self, images: &Tensor, rng: &mut Rng) -> Result<Losses> {
         self.input.check_batch(images)?;
         // Training-mode BatchNorm updates the running statistics.
-        self.weights_changed();
+        self.fast.drop_snapshot();
         let cfg = &self.cfg;
         let x = to_signed(images)?;
         let bands = self.fd.split(&x)?;
@@ -295,24 +296,14 @@ impl OcrGan {
         if !self.device.is_cpu() {
             return Ok(None);
         }
-        let mut slot = self
-            .fast
-            .lock()
-            .map_err(|_| Error::invalid("fast OCR-GAN", "poisoned by a panic"))?;
-        if slot.is_none() {
-            *slot = Some(Arc::new(FastOcrGan {
+        let nets = self.fast.get_or_build(|| {
+            Ok(FastOcrGan {
                 generator: self.eval.generator.fast()?,
                 discriminator: self.eval.discriminator.fast()?,
                 kernels: Kernels::detect(),
-            }));
-        }
-        Ok(slot.clone())
-    }
-
-    /// The weights or BatchNorm statistics changed: the fast networks are rebuilt when next
-    /// needed.
-    fn weights_changed(&self) {
-        *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            })
+        })?;
+        Ok(Some(nets))
     }
 
     /// Raw `A = λ·L_con + (1 − λ)·L_lat` and the smoothed heatmap `[B, H, W]`.
@@ -410,7 +401,7 @@ impl Method for OcrGan {
         let losses = self.losses(images, rng)?;
         self.g_opt.step(&losses.generator.backward()?)?;
         self.d_opt.step(&losses.discriminator.backward()?)?;
-        self.weights_changed();
+        self.fast.drop_snapshot();
         Ok(vec![
             ("con", losses.content.to_scalar::<f32>()?),
             ("adv", losses.adversarial.to_scalar::<f32>()?),
@@ -455,7 +446,7 @@ impl Method for OcrGan {
         }
         self.g_opt.load_state(G_OPT, state)?;
         self.d_opt.load_state(D_OPT, state)?;
-        self.weights_changed();
+        self.fast.drop_snapshot();
         self.score_min = scalar(state, SCORE_MIN)?;
         self.score_max = scalar(state, SCORE_MAX)?;
         Ok(())
@@ -535,7 +526,7 @@ mod tests {
             for (_, var) in model.trainable_vars()? {
                 var.set(&(var.as_tensor() * 3.0)?)?;
             }
-            model.weights_changed();
+            model.fast.drop_snapshot();
             let fast = model.fast_nets()?.expect("CPU");
             let x = to_signed(&images)?;
             let split = model.fd.split(&x)?;
