@@ -184,12 +184,45 @@ thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An A panel for the micro-kernel: element `(r, k)` at `ptr + r·rs + k·ks`.
+/// An A panel for the micro-kernel: element `(r, k)` at `ptr + r·rs + (k / run)·run_stride +
+/// k % run`: runs of `run` contiguous values (a packed panel or a matrix row is one run; an
+/// interior im2col row is one run per kernel row, read in place from the image).
 #[derive(Clone, Copy)]
 struct APanel {
     ptr: *const f32,
     rs: usize,
-    ks: usize,
+    run: usize,
+    run_stride: usize,
+}
+
+impl APanel {
+    /// A panel of rows `rs` apart, each `kc` contiguous values.
+    fn contiguous(ptr: *const f32, rs: usize, kc: usize) -> Self {
+        APanel {
+            ptr,
+            rs,
+            run: kc,
+            run_stride: 0,
+        }
+    }
+
+    /// The `MR` im2col rows from row `r0` read in place from the image, where they lie in one
+    /// output row and every tap inside the image (no padding to fill), for the whole depth.
+    fn in_image(image: &[f32], g: &ConvGeom, r0: usize) -> Option<Self> {
+        let per_image = g.out_h * g.out_w;
+        let (b, oy, ox) = (r0 / per_image, (r0 / g.out_w) % g.out_h, r0 % g.out_w);
+        let iy = (oy * g.stride).checked_sub(g.pad_top)?;
+        let ix = (ox * g.stride).checked_sub(g.pad_left)?;
+        let inside = ox + MR <= g.out_w
+            && iy + g.kernel_h <= g.height
+            && ix + (MR - 1) * g.stride + g.kernel_w <= g.width;
+        inside.then(|| APanel {
+            ptr: image[((b * g.height + iy) * g.width + ix) * g.in_c..].as_ptr(),
+            rs: g.stride * g.in_c,
+            run: g.kernel_w * g.in_c,
+            run_stride: g.width * g.in_c,
+        })
+    }
 }
 
 /// `out[m, n] = epilogue(Σ_k A[m, k] · B[k, n] + bias[n])` for rows `rows` of A, writing
@@ -228,30 +261,26 @@ pub(super) fn gemm_rows(
                 let kc = KC.min(k - k0);
                 let (first, last) = (k0 == 0, k0 + kc >= k);
                 // A plain matrix is read in place (full panels); other panels are packed.
-                let mut a_panels = [APanel {
-                    ptr: std::ptr::null(),
-                    rs: 0,
-                    ks: 0,
-                }; MC / MR];
+                // (So is an im2col panel inside the image, when one block holds the whole depth.)
+                let mut a_panels = [APanel::contiguous(std::ptr::null(), 0, 0); MC / MR];
                 for (pm, panel) in a_panels.iter_mut().enumerate().take(panels_m) {
                     let r0 = m0 + pm * MR;
                     let rows_here = MR.min(rows.end - r0);
-                    *panel = match a {
-                        ASource::Matrix { data, lda } if rows_here == MR => APanel {
-                            ptr: data[r0 * lda + k0..].as_ptr(),
-                            rs: lda,
-                            ks: 1,
-                        },
-                        _ => {
-                            let dst = &mut pack[pm * kc * MR..(pm + 1) * kc * MR];
-                            a.pack_panel(r0, rows_here, k0, kc, dst);
-                            APanel {
-                                ptr: dst.as_ptr(),
-                                rs: kc,
-                                ks: 1,
-                            }
+                    let in_place = match a {
+                        _ if rows_here < MR => None,
+                        ASource::Matrix { data, lda } => {
+                            Some(APanel::contiguous(data[r0 * lda + k0..].as_ptr(), lda, kc))
                         }
+                        ASource::Im2col { image, geom } if kc == k => {
+                            APanel::in_image(image, &geom, r0)
+                        }
+                        ASource::Im2col { .. } => None,
                     };
+                    *panel = in_place.unwrap_or_else(|| {
+                        let dst = &mut pack[pm * kc * MR..(pm + 1) * kc * MR];
+                        a.pack_panel(r0, rows_here, k0, kc, dst);
+                        APanel::contiguous(dst.as_ptr(), kc, kc)
+                    });
                 }
                 let mut pn = 0;
                 while pn < n_panels {
@@ -319,6 +348,7 @@ struct BPanels<'a> {
 /// B panel, or two with AVX-512, into `out` (row stride `tile.ldc`).
 fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &mut [f32]) {
     assert!(b.count >= 1 && b.data.len() >= (b.count - 1) * b.next + kc * NR);
+    assert!(a.run > 0 && kc.is_multiple_of(a.run));
     assert!(tile.bias.len() >= b.count * NR && tile.cols <= b.count * NR);
     assert!(out.len() >= (tile.rows - 1) * tile.ldc + tile.cols);
     if let Some(res) = tile.residual {
@@ -327,8 +357,9 @@ fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &m
     match isa {
         // SAFETY (both x86 arms): `Isa::Avx512` and `Isa::Avx2Fma` are only constructed after
         // run-time detection of their features (AVX-512F besides AVX2 and FMA); A panels point
-        // into live slices holding `MR` rows of `kc` values (checked by the caller's slicing),
-        // the asserts above bound every other access.
+        // into live slices holding `MR` rows of `kc` values (checked by the caller's slicing, or
+        // by `APanel::in_image`'s bounds on the image), the asserts above bound every other
+        // access.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if b.count == 2 => unsafe {
             x86::pair_tile(kc, a, b.data.as_ptr(), b.next, tile, out)
@@ -342,9 +373,10 @@ fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &m
             let mut acc = [0f32; MR * NR];
             for kk in 0..kc {
                 let bv = &b[kk * NR..kk * NR + NR];
+                let at = kk / a.run * a.run_stride + kk % a.run;
                 for r in 0..MR {
                     // SAFETY: as above, the panel holds `MR` rows of `kc` values.
-                    let ar = unsafe { *a.ptr.add(r * a.rs + kk * a.ks) };
+                    let ar = unsafe { *a.ptr.add(r * a.rs + at) };
                     for (c, &bj) in acc[r * NR..r * NR + NR].iter_mut().zip(bv) {
                         *c = ar.mul_add(bj, *c);
                     }
@@ -425,17 +457,19 @@ mod x86 {
     ) {
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
         let (mut b0, mut b1) = (b, b.add(next));
-        let mut ap = a.ptr;
-        for _ in 0..kc {
-            let (v0, v1) = (_mm512_loadu_ps(b0), _mm512_loadu_ps(b1));
-            for (r, acc) in c.iter_mut().enumerate() {
-                let ar = _mm512_set1_ps(*ap.add(r * a.rs));
-                acc[0] = _mm512_fmadd_ps(ar, v0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(ar, v1, acc[1]);
+        for run in 0..kc / a.run {
+            let mut ap = a.ptr.add(run * a.run_stride);
+            for _ in 0..a.run {
+                let (v0, v1) = (_mm512_loadu_ps(b0), _mm512_loadu_ps(b1));
+                for (r, acc) in c.iter_mut().enumerate() {
+                    let ar = _mm512_set1_ps(*ap.add(r * a.rs));
+                    acc[0] = _mm512_fmadd_ps(ar, v0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(ar, v1, acc[1]);
+                }
+                ap = ap.add(1);
+                b0 = b0.add(NR);
+                b1 = b1.add(NR);
             }
-            ap = ap.add(a.ks);
-            b0 = b0.add(NR);
-            b1 = b1.add(NR);
         }
         let (lo, hi) = t.activation.bounds();
         let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
@@ -477,20 +511,22 @@ mod x86 {
         out: &mut [f32],
     ) {
         let mut c = [[_mm256_setzero_ps(); V]; MR];
-        let mut ap = a.ptr;
-        for _ in 0..kc {
-            let mut bv = [_mm256_setzero_ps(); V];
-            for (h, v) in bv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(b.add(8 * h));
-            }
-            for (r, acc) in c.iter_mut().enumerate() {
-                let ar = _mm256_broadcast_ss(&*ap.add(r * a.rs));
-                for (acc, &bh) in acc.iter_mut().zip(&bv) {
-                    *acc = _mm256_fmadd_ps(ar, bh, *acc);
+        for run in 0..kc / a.run {
+            let mut ap = a.ptr.add(run * a.run_stride);
+            for _ in 0..a.run {
+                let mut bv = [_mm256_setzero_ps(); V];
+                for (h, v) in bv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(b.add(8 * h));
                 }
+                for (r, acc) in c.iter_mut().enumerate() {
+                    let ar = _mm256_broadcast_ss(&*ap.add(r * a.rs));
+                    for (acc, &bh) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm256_fmadd_ps(ar, bh, *acc);
+                    }
+                }
+                ap = ap.add(1);
+                b = b.add(NR);
             }
-            ap = ap.add(a.ks);
-            b = b.add(NR);
         }
         let (lo, hi) = t.activation.bounds();
         let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
