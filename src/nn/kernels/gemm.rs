@@ -371,14 +371,17 @@ fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &m
         Isa::Portable => {
             let b = &b.data[..kc * NR];
             let mut acc = [0f32; MR * NR];
-            for kk in 0..kc {
-                let bv = &b[kk * NR..kk * NR + NR];
-                let at = kk / a.run * a.run_stride + kk % a.run;
-                for r in 0..MR {
-                    // SAFETY: as above, the panel holds `MR` rows of `kc` values.
-                    let ar = unsafe { *a.ptr.add(r * a.rs + at) };
-                    for (c, &bj) in acc[r * NR..r * NR + NR].iter_mut().zip(bv) {
-                        *c = ar.mul_add(bj, *c);
+            // Run by run, as the x86 kernels: no division per depth step.
+            for run in 0..kc / a.run {
+                for j in 0..a.run {
+                    let bv = &b[(run * a.run + j) * NR..][..NR];
+                    let at = run * a.run_stride + j;
+                    for r in 0..MR {
+                        // SAFETY: as above, the panel holds `MR` rows of `kc` values.
+                        let ar = unsafe { *a.ptr.add(r * a.rs + at) };
+                        for (c, &bj) in acc[r * NR..r * NR + NR].iter_mut().zip(bv) {
+                            *c = ar.mul_add(bj, *c);
+                        }
                     }
                 }
             }
