@@ -2,7 +2,8 @@
 //! convolutions, channel selection, the transposed convolutions as one 3×3 convolution of four
 //! phases and a pixel shuffle) and the discriminator's latent features, with BatchNorm folded into
 //! the convolutions. A snapshot of the weights, built by `Generator::fast` and
-//! `Discriminator::fast`; [`super::OcrGan`] rebuilds it after training changes them.
+//! `Discriminator::fast`; [`super::OcrGan`] drops it when training changes them and builds the
+//! next one on first use.
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
@@ -111,8 +112,20 @@ impl FoldedConv {
     }
 
     fn forward(&self, k: Kernels, x: &Maps) -> Result<Maps> {
-        let span = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
-        let (height, width) = (span(x.height), span(x.width));
+        let span = |n: usize| {
+            (n + 2 * self.padding)
+                .checked_sub(self.kernel)
+                .map(|s| s / self.stride + 1)
+        };
+        let (Some(height), Some(width)) = (span(x.height), span(x.width)) else {
+            return Err(Error::invalid(
+                "fast OCR-GAN convolution",
+                format!(
+                    "a {0}x{0} kernel does not fit a {1}x{2} map",
+                    self.kernel, x.height, x.width
+                ),
+            ));
+        };
         let geom = ConvGeom {
             batch: x.batch,
             height: x.height,
