@@ -397,7 +397,7 @@ impl EfficientNetLite0 {
 
     /// This network's folded weights on the fast CPU kernels of instruction set `kernels`.
     pub fn fast_engine(&self, kernels: Kernels) -> Result<FastLite0> {
-        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let values = crate::nn::init::f32_values;
         let pair = |p: &Pointwise| -> Result<(Vec<f32>, Vec<f32>)> {
             Ok((values(&p.weight)?, values(&p.bias)?))
         };

@@ -94,6 +94,11 @@ impl SimpleBackend for SeededVarMap {
 }
 
 /// A builder that adds its variables, seeded, to `vars`.
+/// A tensor's values, row-major, as f32 (for snapshots of weights on the fast CPU kernels).
+pub fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
 pub fn seeded_var_builder(
     vars: &VarMap,
     seed: u64,

@@ -43,7 +43,7 @@ impl BatchNorm2d {
     /// The inference transform `y = scale·x + shift` per channel (running statistics), for
     /// folding into the convolution before it.
     pub fn folded(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let values = crate::nn::init::f32_values;
         let (weight, bias) = (values(&self.weight)?, values(&self.bias)?);
         let (mean, var) = (values(&self.running_mean)?, values(&self.running_var)?);
         let scale: Vec<f32> = weight

@@ -7,7 +7,10 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::nn::conv::Conv;
+use crate::nn::init::f32_values;
 use crate::nn::kernels::{pack_conv_weight, Activation, ConvGeom, Epilogue, Kernels, PackedB};
+use crate::nn::norm::BatchNorm2d;
 
 /// Feature maps of a batch, channels-last `[B, H, W, C]`.
 pub(super) struct Maps {
@@ -22,7 +25,7 @@ impl Maps {
     /// From a `[B, C, H, W]` tensor.
     pub fn from_nchw(t: &Tensor) -> Result<Self> {
         let (batch, channels, height, width) = t.dims4()?;
-        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        let values = f32_values(t)?;
         let mut data = vec![0.0; values.len()];
         crate::nn::kernels::nchw_to_nhwc(
             &values,
@@ -89,7 +92,7 @@ impl FoldedConv {
     ) -> Result<Self> {
         let (out, depth) = weight.dims2()?;
         let in_c = depth / (kernel * kernel);
-        let mut w = weight.flatten_all()?.to_vec1::<f32>()?;
+        let mut w = f32_values(weight)?;
         let (scale, shift) = affine.unwrap_or_else(|| (vec![1.0; out], vec![0.0; out]));
         if scale.len() != out || shift.len() != out || in_c * kernel * kernel != depth {
             return Err(Error::invalid(
@@ -109,6 +112,13 @@ impl FoldedConv {
             stride,
             padding,
         })
+    }
+
+    /// A strided convolution of the candle networks, with the BatchNorm after it (if any).
+    pub fn from_conv(conv: &Conv, norm: Option<&BatchNorm2d>) -> Result<Self> {
+        let g = conv.geometry();
+        let affine = norm.map(BatchNorm2d::folded).transpose()?;
+        Self::new(conv.weight(), g.kernel, g.stride, g.padding, affine)
     }
 
     fn forward(&self, k: Kernels, x: &Maps) -> Result<Maps> {

@@ -10,6 +10,7 @@ use super::fast::{
 };
 use crate::error::{Error, Result};
 use crate::nn::conv::{Conv, ConvGeometry, UpConv, DCGAN_INIT};
+use crate::nn::init::f32_values;
 use crate::nn::norm::BatchNorm2d;
 
 const DOWN: ConvGeometry = ConvGeometry {
@@ -286,16 +287,9 @@ impl Generator {
                     .downs
                     .iter()
                     .map(|down| {
-                        let g = down.conv.geometry();
                         Ok(FastDown {
                             before: down.activate,
-                            conv: FoldedConv::new(
-                                down.conv.weight(),
-                                g.kernel,
-                                g.stride,
-                                g.padding,
-                                down.norm.as_ref().map(BatchNorm2d::folded).transpose()?,
-                            )?,
+                            conv: FoldedConv::from_conv(&down.conv, down.norm.as_ref())?,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -324,7 +318,7 @@ impl Generator {
                 Ok(FastUNet { downs, ups })
             })
             .collect::<Result<Vec<_>>>()?;
-        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let values = f32_values;
         let selection = self
             .selection
             .iter()
@@ -390,16 +384,7 @@ impl Discriminator {
         let stages = self
             .stages
             .iter()
-            .map(|(conv, norm)| {
-                let g = conv.geometry();
-                FoldedConv::new(
-                    conv.weight(),
-                    g.kernel,
-                    g.stride,
-                    g.padding,
-                    norm.as_ref().map(BatchNorm2d::folded).transpose()?,
-                )
-            })
+            .map(|(conv, norm)| FoldedConv::from_conv(conv, norm.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         Ok(FastDiscriminator { stages })
     }

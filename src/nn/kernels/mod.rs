@@ -26,8 +26,8 @@ use team::{Disjoint, Team};
 /// Instruction set of the micro-kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// x86-64 with AVX-512F besides AVX2 and FMA, detected at run time: the depthwise kernel
-    /// uses its 32 registers; the GEMM keeps the AVX2 micro-kernel.
+    /// x86-64 with AVX-512F besides AVX2 and FMA, detected at run time: the depthwise groups
+    /// and the GEMM's two-panel tile use its 32 registers; the rest runs the AVX2 kernels.
     #[cfg(target_arch = "x86_64")]
     Avx512,
     /// x86-64 with AVX2 and FMA, detected at run time.
