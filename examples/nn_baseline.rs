@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor, D};
+use vigil::commands::DEFAULT_BACKBONE;
 use vigil::data::dataset::{load_samples, DataSource, Dataset, Loaded, SplitOptions};
 use vigil::data::image::{batch_tensor, InputSpec};
 use vigil::nn::backbone::{load_tensors, Lite0Features};
@@ -150,11 +151,7 @@ fn main() -> vigil::Result<()> {
     let neighbourhood = args.get(5).map_or(3, |s| number(s));
     assert!(neighbourhood % 2 == 1, "the neighbourhood must be odd");
     let dev = Device::Cpu;
-    let weights = load_tensors(
-        Path::new("models/efficientnet-lite0.safetensors"),
-        TAPS[2],
-        &dev,
-    )?;
+    let weights = load_tensors(Path::new(DEFAULT_BACKBONE), TAPS[2], &dev)?;
     let net = Lite0Features::new(&weights, TAPS.to_vec(), &dev)?;
     let data = Dataset::open(
         &DataSource::Mvtec {
@@ -183,7 +180,10 @@ fn main() -> vigil::Result<()> {
         train.len(),
         validation.len()
     );
-    let cells = (spec.height.div_ceil(8), spec.width.div_ceil(8));
+    let cells = (
+        spec.height.div_ceil(net.stride()),
+        spec.width.div_ceil(net.stride()),
+    );
     let validation_scores = scores(
         &memory,
         &patch_features(&net, &validation, neighbourhood, &dev)?,
