@@ -16,8 +16,12 @@ use crate::error::{Error, Result};
 
 /// The `__metadata__` key that holds [`ModelMeta`] as JSON.
 pub const METADATA_KEY: &str = "vigil";
+/// The `__metadata__` key that holds the file's own checksum: sha256, hex, over the metadata JSON
+/// and every tensor (name, dtype, shape, data), verified on every load.
+pub const CHECKSUM_KEY: &str = "vigil_sha256";
 pub const FORMAT: &str = "vigil-model";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the file carries [`CHECKSUM_KEY`].
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -130,30 +134,76 @@ pub struct TrainingInfo {
     pub seconds: f64,
 }
 
-/// Writes the model file atomically.
+/// Writes the model file atomically, with its checksum under [`CHECKSUM_KEY`].
 pub fn save(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let json = serde_json::to_string(meta).map_err(|e| Error::ModelFile {
+    let bad = |reason: String| Error::ModelFile {
         path: path.into(),
-        reason: format!("cannot encode metadata: {e}"),
-    })?;
-    write_tensors(path, METADATA_KEY, json, tensors)
+        reason,
+    };
+    let json =
+        serde_json::to_string(meta).map_err(|e| bad(format!("cannot encode metadata: {e}")))?;
+    // Digest the views of a first serialisation: the bytes hashed are exactly those written, and
+    // `load` recomputes the digest the same way from the file.
+    let first = serialize(
+        path,
+        HashMap::from([(METADATA_KEY.into(), json.clone())]),
+        tensors,
+    )?;
+    let st = safetensors::SafeTensors::deserialize(&first)
+        .map_err(|e| bad(format!("cannot read back serialised tensors: {e}")))?;
+    let sum = content_sha256(&json, &st);
+    let metadata = HashMap::from([
+        (METADATA_KEY.to_string(), json),
+        (CHECKSUM_KEY.to_string(), sum),
+    ]);
+    let bytes = safetensors::serialize(st.tensors(), Some(metadata))
+        .map_err(|e| bad(format!("cannot serialise tensors: {e}")))?;
+    write_atomic(path, &bytes)
 }
 
-/// Writes `tensors` with one JSON document under `key` in `__metadata__`, atomically (model files
-/// and training checkpoints).
+/// sha256, hex, over the metadata JSON and then every tensor sorted by name: name bytes, a 0
+/// byte, dtype name, each dimension as u64 LE, data length as u64 LE, the raw data.
+fn content_sha256(json: &str, tensors: &safetensors::SafeTensors) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(json.as_bytes());
+    let mut named = tensors.tensors();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in &named {
+        hasher.update(name.as_bytes());
+        hasher.update([0u8]);
+        hasher.update(view.dtype().to_string().as_bytes());
+        for &d in view.shape() {
+            hasher.update((d as u64).to_le_bytes());
+        }
+        hasher.update((view.data().len() as u64).to_le_bytes());
+        hasher.update(view.data());
+    }
+    crate::digest::hex(&hasher.finalize())
+}
+
+fn serialize(
+    path: &Path,
+    metadata: HashMap<String, String>,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<Vec<u8>> {
+    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    safetensors::serialize(named, Some(metadata)).map_err(|e| Error::ModelFile {
+        path: path.into(),
+        reason: format!("cannot serialise tensors: {e}"),
+    })
+}
+
+/// Writes `tensors` with one JSON document under `key` in `__metadata__`, atomically (training
+/// checkpoints; model files go through [`save`], which adds the checksum).
 pub fn write_tensors(
     path: &Path,
     key: &str,
     json: String,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    let metadata = HashMap::from([(key.to_string(), json)]);
-    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
-    named.sort_by(|a, b| a.0.cmp(b.0));
-    let bytes = safetensors::serialize(named, Some(metadata)).map_err(|e| Error::ModelFile {
-        path: path.into(),
-        reason: format!("cannot serialise tensors: {e}"),
-    })?;
+    let bytes = serialize(path, HashMap::from([(key.to_string(), json)]), tensors)?;
     write_atomic(path, &bytes)
 }
 
@@ -184,7 +234,7 @@ pub fn read_tensors(
     Ok((json, tensors))
 }
 
-/// Reads and validates a model file's metadata and tensors.
+/// Reads and validates a model file's metadata, checksum and tensors.
 pub fn load(path: &Path, device: &Device) -> Result<(ModelMeta, HashMap<String, Tensor>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let meta = parse_meta(path, &bytes)?;
@@ -196,7 +246,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(ModelMeta, HashMap<String, 
     Ok((meta, tensors))
 }
 
-/// Reads only the metadata (for `vigil info`, calibration checks).
+/// Reads only the metadata (for `vigil info`, calibration checks); the checksum is verified too.
 pub fn read_meta(path: &Path) -> Result<ModelMeta> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     parse_meta(path, &bytes)
@@ -211,16 +261,12 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
         .map_err(|e| bad(format!("not a complete safetensors file (truncated?): {e}")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("unreadable header: {e}")))?;
-    drop(st);
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| {
-            bad(format!(
-                "no `{METADATA_KEY}` entry in __metadata__: not a vigil model"
-            ))
-        })?;
+    let entry = |key: &str| header.metadata().as_ref().and_then(|m| m.get(key));
+    let json = entry(METADATA_KEY).ok_or_else(|| {
+        bad(format!(
+            "no `{METADATA_KEY}` entry in __metadata__: not a vigil model"
+        ))
+    })?;
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| bad(format!("metadata is not JSON: {e}")))?;
     match value.get("format").and_then(|f| f.as_str()) {
@@ -234,6 +280,19 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
                 "format_version is {other:?}; this vigil reads version {FORMAT_VERSION}"
             )))
         }
+    }
+    // After the version check, so that a version-1 file gets the version message.
+    let stored = entry(CHECKSUM_KEY).ok_or_else(|| {
+        bad(format!(
+            "no `{CHECKSUM_KEY}` checksum in __metadata__: written by an older vigil; retrain the model"
+        ))
+    })?;
+    let actual = content_sha256(json, &st);
+    if *stored != actual {
+        return Err(bad(format!(
+            "checksum mismatch: the file records {stored}, its contents hash to {actual} \
+             (corrupt or edited file)"
+        )));
     }
     let meta: ModelMeta =
         serde_json::from_value(value).map_err(|e| bad(format!("metadata field: {e}")))?;
