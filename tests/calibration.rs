@@ -1,9 +1,13 @@
 //! Calibration on known score sets. Reference values were computed with SciPy 1.17.1:
 //! `scipy.stats.beta.ppf(0.95, k + 1, n - k)` (one-sided Clopper-Pearson upper bound) and
 //! `scipy.stats.binom.cdf(k, n, p)`.
+use std::path::Path;
+
 use vigil::calibration::{
-    binomial_cdf, clopper_pearson_upper, images_needed, threshold_for_frr, Calibration, ModelRef,
+    binomial_cdf, clopper_pearson_upper, images_needed, plausible_range, threshold_for_frr,
+    Calibration, ModelRef,
 };
+use vigil::model_file::ScoreStats;
 
 fn model() -> ModelRef {
     ModelRef {
@@ -100,4 +104,59 @@ fn toml_round_trip_and_bad_files_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("target-frr"));
+}
+
+/// Validation scores 0.25 .. 0.75: the plausible range is (0.25, 0.75 + 10 * 0.75] = (0.25, 8.25].
+fn validation() -> ScoreStats {
+    ScoreStats::from_values(&[0.25, 0.5, 0.75], &mut [0.1, 0.2])
+}
+
+fn with_threshold(threshold: f32) -> Calibration {
+    let mut cal = Calibration::from_scores(&[0.3, 0.4], &[], 0.01, model()).unwrap();
+    cal.threshold = threshold;
+    cal
+}
+
+#[test]
+fn plausible_range_follows_the_validation_scores() {
+    assert_eq!(plausible_range(&validation()), Some((0.25, 8.25)));
+    assert_eq!(plausible_range(&ScoreStats::default()), None);
+    // All scores equal and zero: the range still has a width.
+    let flat = ScoreStats::from_values(&[0.0, 0.0], &mut []);
+    let (lo, hi) = plausible_range(&flat).unwrap();
+    assert!(lo == 0.0 && hi > 0.0, "({lo}, {hi}]");
+}
+
+#[test]
+fn implausible_thresholds_are_refused_naming_threshold_and_bounds() {
+    let path = Path::new("c.toml");
+    for (threshold, shown) in [(1e30f32, "1e30"), (0.0, "threshold 0 "), (0.25, "0.25 ")] {
+        let err = with_threshold(threshold)
+            .check_plausible(&validation(), path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.toml")
+                && err.contains(shown)
+                && err.contains("(0.25, 8.25]")
+                && err.contains("min 0.25, max 0.75"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn plausible_thresholds_and_missing_statistics_are_accepted() {
+    let path = Path::new("c.toml");
+    for threshold in [0.5f32, 0.26, 0.8, 8.25] {
+        assert!(
+            with_threshold(threshold)
+                .check_plausible(&validation(), path)
+                .is_ok(),
+            "{threshold}"
+        );
+    }
+    assert!(with_threshold(1e30)
+        .check_plausible(&ScoreStats::default(), path)
+        .is_ok());
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::metrics;
+use crate::model_file::ScoreStats;
 
 /// Confidence of the reported bounds.
 pub const CONFIDENCE: f64 = 0.95;
@@ -222,6 +223,28 @@ impl Calibration {
         Ok(())
     }
 
+    /// Refuses a threshold outside [`plausible_range`] of the model's validation statistics; Ok
+    /// when it is inside or when the model carries no statistics (the caller warns).
+    pub fn check_plausible(&self, v: &ScoreStats, path: &Path) -> Result<()> {
+        match plausible_range(v) {
+            Some((lo, hi)) if !(lo < self.threshold && self.threshold <= hi) => {
+                Err(Error::Calibration {
+                    path: path.into(),
+                    reason: format!(
+                        "threshold {} is outside the plausible range ({}, {}] derived from the \
+                         model's validation scores (min {}, max {})",
+                        number(self.threshold),
+                        number(lo),
+                        number(hi),
+                        number(v.min),
+                        number(v.max)
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses a calibration made for another model file.
     pub fn check_model(&self, model_sha256: &str, path: &Path) -> Result<()> {
         if self.model.sha256 != model_sha256 {
@@ -234,6 +257,30 @@ impl Calibration {
             });
         }
         Ok(())
+    }
+}
+
+/// The thresholds `(lo, hi]` a calibration may plausibly have for a model whose defect-free
+/// validation scores are `v`; None when the model carries no statistics (`v.count == 0`).
+///
+/// `lo` is the lowest validation score: a threshold at or below it would reject every validation
+/// part. `hi` is the highest validation score plus ten times the larger of the score range, the
+/// magnitude of the highest score and `f32::EPSILON`: a threshold beyond it would pass nearly
+/// every defect. A threshold `t` is plausible when `lo < t <= hi`.
+pub fn plausible_range(v: &ScoreStats) -> Option<(f32, f32)> {
+    if v.count == 0 {
+        return None;
+    }
+    let spread = (v.max - v.min).max(v.max.abs()).max(f32::EPSILON);
+    Some((v.min, v.max + 10.0 * spread))
+}
+
+/// A score for a message: plain digits where they read well, else exponent form (1e30).
+fn number(v: f32) -> String {
+    if v == 0.0 || (1e-4..1e7).contains(&v.abs()) {
+        v.to_string()
+    } else {
+        format!("{v:e}")
     }
 }
 
