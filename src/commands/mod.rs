@@ -348,6 +348,14 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(PathBuf, Calibration)> {
             .map_or("model".into(), |s| s.to_string_lossy().into_owned());
         Path::new("calibration").join(format!("{stem}.toml"))
     });
+    // The station would refuse an implausible threshold at start; refuse to write it instead.
+    if crate::calibration::plausible_range(&meta.validation).is_none() {
+        log::warn!(
+            "{} carries no validation statistics: the threshold's plausibility is not checked",
+            args.model.display()
+        );
+    }
+    cal.check_plausible(&meta.validation, &out)?;
     cal.save(&out)?;
     Ok((out, cal))
 }
