@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use image::imageops::{self, FilterType};
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -256,18 +256,13 @@ fn write_png(
     height: usize,
     color: image::ExtendedColorType,
 ) -> Result<()> {
-    image::save_buffer_with_format(
-        path,
-        data,
-        width as u32,
-        height as u32,
-        color,
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| match e {
-        image::ImageError::IoError(io) => Error::io(path, io),
-        other => image_error(path, other),
-    })
+    // Encoded in memory, then written: `image::save_buffer` drops its BufWriter unflushed, which
+    // loses the write error of a small file on a full disk.
+    let mut encoded = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut encoded)
+        .write_image(data, width as u32, height as u32, color)
+        .map_err(|e| image_error(path, e))?;
+    std::fs::write(path, encoded).map_err(|e| Error::io(path, e))
 }
 
 /// Writes an 8-bit grey or RGB PNG (values clamped to 0..=1 and rounded).
