@@ -6,7 +6,8 @@ use vigil::data::dataset::{
     fingerprint, load_samples, DataSource, Dataset, Sample, SplitOptions, GOOD,
 };
 use vigil::data::image::{
-    load_image, load_mask, probe, save_mask_png, save_png, Image, InputSpec, Mask,
+    load_image, load_image_limited, load_mask, probe, save_mask_png, save_png, Image, ImageLimits,
+    InputSpec, Mask,
 };
 use vigil::data::synth::{generate, product, DefectKind, SynthConfig};
 use vigil::error::Error;
@@ -628,4 +629,138 @@ fn synth_defects_change_exactly_their_masks_with_visible_contrast() {
             }
         }
     }
+}
+
+/// CRC-32 (IEEE, reflected), as PNG chunks carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend((data.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.extend(kind);
+    out.extend(data);
+    let crc = crc32(&out[start..]);
+    out.extend(crc.to_be_bytes());
+}
+
+/// A few dozen bytes of PNG whose header claims an 8-bit RGB image of `width` x `height`.
+fn claimed_png(width: u32, height: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // bit depth, RGB, deflate, adaptive filter, no interlace
+    png_chunk(&mut png, b"IHDR", &ihdr);
+    png_chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    png_chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+#[test]
+fn crafted_png_header_is_what_it_claims() {
+    assert_eq!(crc32(b"IEND"), 0xAE42_6082);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("claimed.png");
+    std::fs::write(&path, claimed_png(30_000, 20_000)).unwrap();
+    assert_eq!(probe(&path).unwrap(), (3, 20_000, 30_000));
+}
+
+#[test]
+fn oversized_images_are_refused_from_the_header_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = grey_spec(8, 8);
+    let default = ImageLimits::default().max_bytes;
+    for (w, h, max_bytes, key) in [
+        (
+            30_000,
+            30_000,
+            default,
+            "30000x30000, above input.max_width 8192",
+        ),
+        (
+            100,
+            30_000,
+            default,
+            "100x30000, above input.max_height 8192",
+        ),
+        (
+            8192,
+            8192,
+            16 << 20,
+            "201326592 bytes is above input.max_bytes 16777216",
+        ),
+    ] {
+        let path = dir.path().join(format!("{w}x{h}.png"));
+        std::fs::write(&path, claimed_png(w, h)).unwrap();
+        let limits = ImageLimits {
+            max_bytes,
+            ..ImageLimits::default()
+        };
+        let start = std::time::Instant::now();
+        let err = load_image_limited(&path, &spec, &limits).unwrap_err();
+        let took = start.elapsed();
+        assert!(matches!(err, Error::Image { .. }), "{err:?}");
+        let err = err.to_string();
+        let named = err.contains(key) && err.contains(&format!("{w}x{h}.png"));
+        assert!(named, "{err}");
+        assert!(took < std::time::Duration::from_millis(100), "{took:?}");
+    }
+}
+
+#[test]
+fn images_within_limits_load_as_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rgb.png");
+    ImageBuffer::from_fn(256, 192, |x, y| Rgb([x as u8, (y * 3) as u8, 100u8]))
+        .save(&path)
+        .unwrap();
+    for channels in [1, 3] {
+        let spec = InputSpec {
+            height: 16,
+            width: 24,
+            channels,
+        };
+        assert_eq!(
+            load_image_limited(&path, &spec, &ImageLimits::default()).unwrap(),
+            load_image(&path, &spec).unwrap()
+        );
+    }
+    // 256 x 192 RGB8 decodes to 147456 bytes: exactly at the limit passes, one byte less does not.
+    let spec = grey_spec(16, 24);
+    let at = ImageLimits {
+        max_bytes: 147_456,
+        ..ImageLimits::default()
+    };
+    assert!(load_image_limited(&path, &spec, &at).is_ok());
+    let err = load_image_limited(
+        &path,
+        &spec,
+        &ImageLimits {
+            max_bytes: 147_455,
+            ..at
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("decoded size 147456 bytes is above input.max_bytes 147455"),
+        "{err}"
+    );
 }

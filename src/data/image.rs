@@ -174,10 +174,82 @@ fn open_reader(path: &Path) -> Result<ImageReader<BufReader<File>>> {
         .map_err(|e| image_error(path, e))
 }
 
-fn decode(path: &Path) -> Result<DynamicImage> {
-    open_reader(path)?
-        .decode()
-        .map_err(|e| image_error(path, e))
+/// Bounds on an image before it is decoded: a small compressed file can claim a huge image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Bytes of the decoded pixel buffer, in the file's own colour type and bit depth.
+    pub max_bytes: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_width: 8192,
+            max_height: 8192,
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What `load_image` and `load_mask` always had: any size, and the image crate's own default
+/// allocation limit.
+const DECODER_DEFAULT: ImageLimits = ImageLimits {
+    max_width: u32::MAX,
+    max_height: u32::MAX,
+    max_bytes: 512 << 20,
+};
+
+/// Reads the header, refuses an image beyond `limits` before allocating anything for it, then
+/// decodes with the same limits handed to the decoder as a backstop.
+fn decode(path: &Path, limits: &ImageLimits) -> Result<DynamicImage> {
+    let mut reader = open_reader(path)?;
+    // The PNG decoder takes its allocation limit when it is made; dimensions are checked below,
+    // with messages that name the keys.
+    let mut at_open = image::Limits::no_limits();
+    at_open.max_alloc = Some(limits.max_bytes);
+    reader.limits(at_open);
+    let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
+    let (width, height) = decoder.dimensions();
+    if width > limits.max_width {
+        return Err(image_error(
+            path,
+            format!(
+                "image is {width}x{height}, above input.max_width {}",
+                limits.max_width
+            ),
+        ));
+    }
+    if height > limits.max_height {
+        return Err(image_error(
+            path,
+            format!(
+                "image is {width}x{height}, above input.max_height {}",
+                limits.max_height
+            ),
+        ));
+    }
+    let total = decoder.total_bytes();
+    if total > limits.max_bytes {
+        return Err(image_error(
+            path,
+            format!(
+                "decoded size {total} bytes is above input.max_bytes {}",
+                limits.max_bytes
+            ),
+        ));
+    }
+    // As the image crate's own `decode`: the pixel buffer is taken from the budget, the rest
+    // bounds the decoder's working allocations.
+    let mut backstop = image::Limits::no_limits();
+    backstop.max_image_width = Some(limits.max_width);
+    backstop.max_image_height = Some(limits.max_height);
+    backstop.max_alloc = Some(limits.max_bytes - total);
+    decoder
+        .set_limits(backstop)
+        .map_err(|e| image_error(path, e))?;
+    DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, e))
 }
 
 fn check_spec(spec: &InputSpec) -> Result<()> {
@@ -199,8 +271,14 @@ fn check_spec(spec: &InputSpec) -> Result<()> {
 /// Decodes a PNG, JPEG, BMP or TIFF file (recognised by content; 8- or 16-bit, grey or colour,
 /// alpha dropped), converts it to `spec.channels` and resizes it to the spec's size.
 pub fn load_image(path: &Path, spec: &InputSpec) -> Result<Image> {
+    load_image_limited(path, spec, &DECODER_DEFAULT)
+}
+
+/// [`load_image`], refusing from the header alone, before decoding, an image wider, taller or
+/// larger once decoded than `limits`.
+pub fn load_image_limited(path: &Path, spec: &InputSpec, limits: &ImageLimits) -> Result<Image> {
     check_spec(spec)?;
-    let decoded = decode(path)?;
+    let decoded = decode(path, limits)?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
     let mut native = Image::zeros(spec.channels, height, width);
     if spec.channels == 1 {
@@ -226,7 +304,7 @@ pub fn load_mask(path: &Path, height: usize, width: usize) -> Result<Mask> {
             format!("{height}x{width} (must be non-zero)"),
         ));
     }
-    let grey = decode(path)?.into_luma8();
+    let grey = decode(path, &DECODER_DEFAULT)?.into_luma8();
     let mask = Mask {
         height: grey.height() as usize,
         width: grey.width() as usize,
