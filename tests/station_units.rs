@@ -79,30 +79,46 @@ fn decided(id: u64, verdict: Verdict, score: Option<f32>, reason: Option<&str>) 
 #[test]
 fn protocol_lines_are_single_ascii_lines() {
     let mut line = String::new();
-    protocol::result_line(&decided(7, Verdict::Ok, Some(0.5), None), &mut line);
-    assert!(line.starts_with("RES 7 OK 0.500000 "), "{line}");
-    assert!(line.ends_with("\r\n"));
     protocol::result_line(
-        &decided(8, Verdict::Ng, None, Some("cannot decode\né\nx")),
+        &decided(7, Verdict::Ok, Some(0.5), None),
+        3,
+        false,
         &mut line,
     );
-    assert!(line.starts_with("RES 8 NG - "), "{line}");
+    assert!(line.starts_with("RES 7 OK 0.500000 "), "{line}");
+    assert!(line.ends_with(" 3\r\n"), "{line}");
+    protocol::result_line(
+        &decided(8, Verdict::Ng, None, Some("cannot decode\né\nx")),
+        3,
+        true,
+        &mut line,
+    );
+    assert!(line.starts_with("REP 8 NG - "), "{line}");
     assert_eq!(line.matches('\n').count(), 1, "{line:?}");
     assert!(line.is_ascii());
     assert_eq!(
-        protocol::heartbeat_line(3, true, [1, 2, 3]),
-        "HB 3 READY 1 2 3\r\n"
+        protocol::heartbeat_line(3, true, [1, 2, 3], 4),
+        "HB 3 READY 1 2 3 4\r\n"
     );
     assert_eq!(
-        protocol::event_line(&Event::Fault("source: gone".into())),
+        protocol::event_line(&Event::Fault("source: gone".into()), 4),
         "FAULT source: gone\r\n"
     );
-    assert_eq!(protocol::parse_command(" trig\r"), Some(Command::Trigger));
-    assert_eq!(protocol::parse_command("RELOAD"), Some(Command::Reload));
-    assert_eq!(protocol::parse_command(""), None);
+    assert_eq!(protocol::event_line(&Event::Ready, 4), "READY 4\r\n");
     assert_eq!(
-        protocol::parse_command("EJECT"),
-        Some(Command::Unknown("EJECT".into()))
+        protocol::lost_line(3, Some((10, 12)), 4),
+        "LOST 3 10-12 4\r\n"
+    );
+    assert_eq!(protocol::parse_command(b" trig\r"), Some(Command::Trigger));
+    assert_eq!(protocol::parse_command(b"RELOAD"), Some(Command::Reload));
+    assert_eq!(protocol::parse_command(b"ack 12"), Some(Command::Ack(12)));
+    assert_eq!(protocol::parse_command(b""), None);
+    let Some(Command::Bad { excerpt, reason }) = protocol::parse_command(b"EJ\x07\xff CT") else {
+        panic!("EJECT is not a command");
+    };
+    assert_eq!(
+        protocol::nak_line(&excerpt, &reason),
+        "NAK EJ\\x07\\xFF\\x20CT unknown command\r\n"
     );
 }
 
