@@ -61,6 +61,95 @@ fn the_examples_shipped_in_systemd_parse() {
     vigil::calibration::Calibration::load(&cal).unwrap();
 }
 
+/// A station file with `source` as its `[source]` table, then `extra`.
+fn config_with_source(source: &str, extra: &str) -> vigil::error::Result<StationConfig> {
+    StationConfig::parse(
+        &format!("model = \"m\"\ncalibration = \"c\"\n[source]\n{source}\n{extra}"),
+        "station.toml",
+    )
+}
+
+const FOLDER: &str = "kind = \"folder\"\npath = \"parts\"";
+const SYNTHETIC: &str = "kind = \"synthetic\"";
+const CAMERA: &str = "kind = \"camera\"\nwidth = 640\nheight = 480";
+const SERIAL: &str = "[serial]\nport = \"/dev/ttyS0\"\n";
+const GPIO: &str = "[gpio]\nreject_line = 3\ndelay_ms = 10\n";
+const AUDIT: &str = "[audit]\ndir = \"audit\"\n";
+
+#[test]
+fn unit_like_triggers_refuse_unknown_keys() {
+    let e = config_error("[trigger]\nkind = \"free-run\"\nline = 17\n");
+    assert!(e.contains("unknown field") && e.contains("line"), "{e}");
+    let e = config_error(&format!(
+        "[trigger]\nkind = \"serial\"\nchip = \"x\"\n{SERIAL}"
+    ));
+    assert!(e.contains("unknown field") && e.contains("chip"), "{e}");
+    // Without stray keys both still parse, and free-run is the default.
+    let free =
+        StationConfig::parse(&format!("{MINIMAL}[trigger]\nkind = \"free-run\"\n"), "x").unwrap();
+    assert_eq!(
+        free.trigger,
+        vigil::station::config::TriggerConfig::default()
+    );
+    let serial = StationConfig::parse(
+        &format!("{MINIMAL}[trigger]\nkind = \"serial\"\n{SERIAL}"),
+        "x",
+    )
+    .unwrap();
+    assert_eq!(
+        serial.trigger,
+        vigil::station::config::TriggerConfig::Serial
+    );
+}
+
+#[test]
+fn every_table_refuses_unknown_keys() {
+    let tables: &[(&str, &str)] = &[
+        (FOLDER, ""),
+        (SYNTHETIC, ""),
+        (CAMERA, ""),
+        (FOLDER, "[trigger]\nkind = \"gpio\"\nline = 4\n"),
+        (FOLDER, "[decision]\n"),
+        (FOLDER, "[pipeline]\n"),
+        (FOLDER, SERIAL),
+        (FOLDER, "[json]\npath = \"-\"\n"),
+        (FOLDER, GPIO),
+        (FOLDER, AUDIT),
+        (FOLDER, "[status]\n"),
+    ];
+    for (source, table) in tables {
+        // The stray key goes into the last table of the file.
+        let e = config_with_source(source, &format!("{table}\nstray_key = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stray_key"), "{source} {table}: {e}");
+        config_with_source(source, table).unwrap();
+    }
+    let e = StationConfig::parse(&format!("stray_key = 1\n{MINIMAL}"), "x")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stray_key"), "{e}");
+}
+
+#[test]
+fn errors_inside_kind_tables_name_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (CAMERA, "device = 0.5", "`device`"),
+        (FOLDER, "rate_hz = \"fast\"", "`rate_hz`"),
+        ("path = \"parts\"", "", "`kind`"),
+        ("kind = 3", "", "`kind`"),
+        ("kind = \"floppy\"", "", "`kind`"),
+        (FOLDER, "[trigger]\nkind = \"gpio\"\nline = \"x\"", "`line`"),
+        (FOLDER, "[trigger]\nline = 4", "`kind`"),
+    ];
+    for (source, extra, key) in cases {
+        let e = config_with_source(&format!("{source}\n{extra}"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{source} {extra}: {e}");
+    }
+}
+
 fn decided(id: u64, verdict: Verdict, score: Option<f32>, reason: Option<&str>) -> Decided {
     Decided {
         id,

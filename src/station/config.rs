@@ -1,8 +1,11 @@
-//! `station.toml`: what the station reads at start. Unknown keys are refused and every value is
-//! checked before anything starts, with errors that name the key (`decision.deadline_ms`, ...).
+//! `station.toml`: what the station reads at start. Unknown keys are refused in every table and
+//! every value is checked before anything starts, with errors that name the key
+//! (`decision.deadline_ms`, ...).
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::value::EnumAccessDeserializer;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
@@ -17,8 +20,9 @@ pub struct StationConfig {
     /// `cpu` or `cuda`.
     #[serde(default = "default_device")]
     pub device: String,
+    #[serde(deserialize_with = "tagged_table")]
     pub source: SourceConfig,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "tagged_table")]
     pub trigger: TriggerConfig,
     #[serde(default)]
     pub decision: DecisionConfig,
@@ -36,8 +40,9 @@ fn default_device() -> String {
     "cpu".into()
 }
 
+/// `[source]`: `kind` names the variant, beside its keys (read by [`tagged_table`]).
 #[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SourceConfig {
     /// Image files of a folder in name order.
     Folder {
@@ -95,9 +100,10 @@ fn default_pixel_format() -> String {
     "mjpeg".into()
 }
 
-/// What starts a capture.
+/// What starts a capture: `[trigger]`, with `kind` beside the variant's keys (read by
+/// [`tagged_table`]).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum TriggerConfig {
     /// The source's own pace.
     #[default]
@@ -113,6 +119,92 @@ pub enum TriggerConfig {
         #[serde(default = "default_edge")]
         edge: String,
     },
+}
+
+/// Reads a table whose `kind` key names the enum variant and whose other keys are the variant's.
+///
+/// Serde's own internally tagged enums buffer the table before choosing the variant, which
+/// loses the key an error is about (`invalid type ..., expected u32`, but which key?) and
+/// ignores extra keys of a unit variant (`kind = "free-run"` with `line = 17` would run). Here
+/// the variant's keys are read directly from the table, so errors name them.
+fn tagged_table<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let mut keys = toml::Table::deserialize(deserializer)?;
+    let kind = match keys.remove("kind") {
+        Some(toml::Value::String(kind)) => kind,
+        Some(other) => {
+            return Err(de::Error::custom(format!(
+                "`kind` must be a string, not {}",
+                other.type_str()
+            )))
+        }
+        None => return Err(de::Error::missing_field("kind")),
+    };
+    T::deserialize(EnumAccessDeserializer::new(TaggedTable { kind, keys }))
+        .map_err(|e| de::Error::custom(e.to_string().trim_end()))
+}
+
+/// A table split into its `kind` and its other keys, handed to serde as an enum.
+struct TaggedTable {
+    kind: String,
+    keys: toml::Table,
+}
+
+impl<'de> de::EnumAccess<'de> for TaggedTable {
+    type Error = toml::de::Error;
+    type Variant = Self;
+
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> std::result::Result<(V::Value, Self), Self::Error> {
+        let kind: de::value::StrDeserializer<'_, toml::de::Error> =
+            self.kind.as_str().into_deserializer();
+        let variant = seed
+            .deserialize(kind)
+            .map_err(|e| de::Error::custom(format!("`kind`: {}", e.message())))?;
+        Ok((variant, self))
+    }
+}
+
+impl<'de> de::VariantAccess<'de> for TaggedTable {
+    type Error = toml::de::Error;
+
+    fn unit_variant(self) -> std::result::Result<(), Self::Error> {
+        match self.keys.keys().next() {
+            Some(key) => Err(de::Error::custom(format!(
+                "unknown field `{key}`: kind `{}` takes no other key",
+                self.kind
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn newtype_variant_seed<S: DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> std::result::Result<S::Value, Self::Error> {
+        seed.deserialize(self.keys)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        de::Deserializer::deserialize_seq(self.keys, visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        de::Deserializer::deserialize_struct(self.keys, "", fields, visitor)
+    }
 }
 
 fn default_chip() -> PathBuf {
