@@ -109,6 +109,7 @@ fn every_table_refuses_unknown_keys() {
         (SYNTHETIC, ""),
         (CAMERA, ""),
         (FOLDER, "[trigger]\nkind = \"gpio\"\nline = 4\n"),
+        (FOLDER, "[input]\n"),
         (FOLDER, "[decision]\n"),
         (FOLDER, "[pipeline]\n"),
         (FOLDER, SERIAL),
@@ -148,6 +149,240 @@ fn errors_inside_kind_tables_name_the_key() {
             .to_string();
         assert!(e.contains(key), "{source} {extra}: {e}");
     }
+}
+
+#[test]
+fn sizes_and_intervals_out_of_bounds_are_refused_with_key_and_bound() {
+    // (source table, rest of the file, key named, bound named)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("rate_hz = -1.0", "", "source.rate_hz", "0..=10000"),
+        ("rate_hz = 10001.0", "", "source.rate_hz", "0..=10000"),
+        ("rate_hz = inf", "", "source.rate_hz", "0..=10000"),
+        ("rate_hz = nan", "", "source.rate_hz", "0..=10000"),
+        ("[pipeline]\nqueue = 0", "", "pipeline.queue", "1..=1024"),
+        (
+            "[pipeline]\nqueue = 100000000000",
+            "",
+            "pipeline.queue",
+            "1..=1024",
+        ),
+        (
+            "[decision]\ndeadline_ms = 0",
+            "",
+            "decision.deadline_ms",
+            "1..=600000",
+        ),
+        (
+            "[decision]\ndeadline_ms = 600001",
+            "",
+            "decision.deadline_ms",
+            "1..=600000",
+        ),
+        (
+            "[decision]\nreload_poll_ms = 49",
+            "",
+            "decision.reload_poll_ms",
+            "50..=3600000",
+        ),
+        (
+            "[decision]\nreload_poll_ms = 3600001",
+            "",
+            "decision.reload_poll_ms",
+            "50..=3600000",
+        ),
+        ("[input]\nmax_width = 0", "", "input.max_width", "1..=65535"),
+        (
+            "[input]\nmax_width = 65536",
+            "",
+            "input.max_width",
+            "1..=65535",
+        ),
+        (
+            "[input]\nmax_height = 65536",
+            "",
+            "input.max_height",
+            "1..=65535",
+        ),
+        (
+            "[input]\nmax_bytes = 1048575",
+            "",
+            "input.max_bytes",
+            "1048576..=17179869184",
+        ),
+        (
+            "[input]\nmax_bytes = 17179869185",
+            "",
+            "input.max_bytes",
+            "1048576..=17179869184",
+        ),
+        (SERIAL, "queue = 0", "serial.queue", "1..=1000000"),
+        (SERIAL, "queue = 1000001", "serial.queue", "1..=1000000"),
+        (
+            SERIAL,
+            "reconnect_ms = 0",
+            "serial.reconnect_ms",
+            "10..=60000",
+        ),
+        (
+            SERIAL,
+            "reconnect_ms = 60001",
+            "serial.reconnect_ms",
+            "10..=60000",
+        ),
+        (
+            SERIAL,
+            "heartbeat_s = 0.01",
+            "serial.heartbeat_s",
+            "0.05..=3600",
+        ),
+        (
+            SERIAL,
+            "heartbeat_s = 3601.0",
+            "serial.heartbeat_s",
+            "0.05..=3600",
+        ),
+        (
+            SERIAL,
+            "heartbeat_s = nan",
+            "serial.heartbeat_s",
+            "0.05..=3600",
+        ),
+        (SERIAL, "baud = 49", "serial.baud", "50..=4000000"),
+        (SERIAL, "baud = 4000001", "serial.baud", "50..=4000000"),
+        (GPIO, "pulse_ms = 0", "gpio.pulse_ms", "1..=10000"),
+        (GPIO, "pulse_ms = 10001", "gpio.pulse_ms", "1..=10000"),
+        (
+            "[gpio]\nreject_line = 3",
+            "delay_ms = 600001",
+            "gpio.delay_ms",
+            "0..=600000",
+        ),
+        (
+            "[gpio]\nreject_line = 3\nencoder_line = 4",
+            "delay_counts = 0",
+            "gpio.delay_counts",
+            "minimum 1",
+        ),
+        (AUDIT, "max_parts = 0", "audit.max_parts", "1..=10000000"),
+        (
+            AUDIT,
+            "max_parts = 10000001",
+            "audit.max_parts",
+            "1..=10000000",
+        ),
+        (AUDIT, "max_bytes = 0", "audit.max_bytes", "minimum 1"),
+        (
+            AUDIT,
+            "min_free_bytes = 1099511627777",
+            "audit.min_free_bytes",
+            "0..=1099511627776",
+        ),
+        (
+            "[status]\ninterval_s = 0.05",
+            "",
+            "status.interval_s",
+            "0.1..=86400",
+        ),
+        (
+            "[status]\ninterval_s = 86401.0",
+            "",
+            "status.interval_s",
+            "0.1..=86400",
+        ),
+        (
+            "[status]\ninterval_s = -inf",
+            "",
+            "status.interval_s",
+            "0.1..=86400",
+        ),
+    ];
+    for (table, line, key, bound) in cases {
+        let e = config_error(&format!("{table}\n{line}\n"));
+        assert!(e.contains(key) && e.contains(bound), "{table} {line}: {e}");
+    }
+    let sources: &[(&str, &str, &str)] = &[
+        ("height = 8193", "source.height", "16..=8192"),
+        ("height = 15", "source.height", "16..=8192"),
+        ("width = 8193", "source.width", "16..=8192"),
+    ];
+    for (line, key, bound) in sources {
+        let e = config_with_source(&format!("{SYNTHETIC}\n{line}"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(bound), "{line}: {e}");
+    }
+    let cameras: &[(&str, &str, &str)] = &[
+        ("width = 0", "source.width", "1..=16384"),
+        ("width = 16385", "source.width", "1..=16384"),
+        ("height = 16385", "source.height", "1..=16384"),
+        ("fps = 0", "source.fps", "1..=1000"),
+        ("fps = 1001", "source.fps", "1..=1000"),
+    ];
+    for (line, key, bound) in cameras {
+        let camera = CAMERA
+            .lines()
+            .filter(|l| l.split(' ').next() != line.split(' ').next())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = config_with_source(&format!("{camera}\n{line}"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(bound), "{line}: {e}");
+    }
+}
+
+#[test]
+fn bounds_are_inclusive_and_zero_switches_intervals_off() {
+    let accepted = [
+        "rate_hz = 10000.0\n[pipeline]\nqueue = 1024\n[decision]\ndeadline_ms = 600000\nreload_poll_ms = 0\n[status]\ninterval_s = 0.0\n",
+        "[decision]\nreload_poll_ms = 50\n[status]\ninterval_s = 86400.0\n[input]\nmax_bytes = 1048576\nmax_width = 65535\n",
+        &format!("{SERIAL}heartbeat_s = 0.0\nreconnect_ms = 10\nqueue = 1000000\nbaud = 4000000\n"),
+        &format!("{SERIAL}heartbeat_s = 3600.0\nreconnect_ms = 60000\nbaud = 50\n"),
+        "[gpio]\nreject_line = 3\ndelay_ms = 600000\npulse_ms = 10000\n",
+        &format!("{AUDIT}max_parts = 10000000\nmin_free_bytes = 1099511627776\n"),
+    ];
+    for extra in accepted {
+        StationConfig::parse(&format!("{MINIMAL}{extra}"), "x.toml")
+            .unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+    config_with_source(&format!("{SYNTHETIC}\nheight = 8192\nwidth = 16"), "").unwrap();
+    config_with_source(
+        "kind = \"camera\"\nwidth = 16384\nheight = 1\nfps = 1000",
+        "",
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_new_keys_have_their_defaults() {
+    let cfg = StationConfig::parse(&format!("{MINIMAL}{SERIAL}{AUDIT}"), "x.toml").unwrap();
+    assert_eq!(cfg.state_dir, None);
+    assert_eq!(
+        cfg.input,
+        vigil::station::config::InputConfig {
+            max_width: 8192,
+            max_height: 8192,
+            max_bytes: 256 << 20,
+        }
+    );
+    assert!(!cfg.serial.unwrap().ack);
+    assert_eq!(cfg.audit.unwrap().min_free_bytes, 256 << 20);
+    let e = StationConfig::parse(&format!("state_dir = \"\"\n{MINIMAL}"), "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("state_dir"), "{e}");
+}
+
+#[test]
+fn state_dir_is_taken_from_the_station_files_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("station.toml");
+    std::fs::write(&path, format!("state_dir = \"state\"\n{MINIMAL}")).unwrap();
+    let cfg = StationConfig::load(&path).unwrap();
+    assert_eq!(cfg.state_dir, Some(dir.path().join("state")));
+    std::fs::write(&path, format!("state_dir = \"/var/lib/vigil\"\n{MINIMAL}")).unwrap();
+    let cfg = StationConfig::load(&path).unwrap();
+    assert_eq!(cfg.state_dir, Some("/var/lib/vigil".into()));
 }
 
 fn decided(id: u64, verdict: Verdict, score: Option<f32>, reason: Option<&str>) -> Decided {

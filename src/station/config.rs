@@ -1,6 +1,10 @@
 //! `station.toml`: what the station reads at start. Unknown keys are refused in every table and
 //! every value is checked before anything starts, with errors that name the key
-//! (`decision.deadline_ms`, ...).
+//! (`decision.deadline_ms`, ...) and, for sizes and intervals, the bounds. The bounds keep a typo
+//! from becoming a 30 TB allocation or a busy loop; they are documented on each field and in
+//! systemd/station.toml.
+use std::fmt::Display;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::de::value::EnumAccessDeserializer;
@@ -17,6 +21,9 @@ pub struct StationConfig {
     pub model: PathBuf,
     /// Calibration written by `vigil calibrate` for that model; reloaded on SIGHUP and on change.
     pub calibration: PathBuf,
+    /// Folder where the station keeps its run counter across restarts; None = the model file's
+    /// folder.
+    pub state_dir: Option<PathBuf>,
     /// `cpu` or `cuda`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -24,6 +31,8 @@ pub struct StationConfig {
     pub source: SourceConfig,
     #[serde(default, deserialize_with = "tagged_table")]
     pub trigger: TriggerConfig,
+    #[serde(default)]
+    pub input: InputConfig,
     #[serde(default)]
     pub decision: DecisionConfig,
     #[serde(default)]
@@ -40,6 +49,9 @@ fn default_device() -> String {
     "cpu".into()
 }
 
+/// Largest side of a synthetic part (as `vigil synth` allows).
+const SYNTHETIC_MAX_SIDE: usize = 8192;
+
 /// `[source]`: `kind` names the variant, beside its keys (read by [`tagged_table`]).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -50,26 +62,30 @@ pub enum SourceConfig {
         /// Start again at the first file after the last.
         #[serde(default, rename = "loop")]
         looped: bool,
-        /// Parts per second; 0 = as fast as the pipeline takes them.
+        /// Parts per second, 0..=10000; 0 = as fast as the pipeline takes them.
         #[serde(default)]
         rate_hz: f64,
     },
     /// The synthetic product, generated on the fly.
     Synthetic {
+        /// Pixels, 16..=8192.
         #[serde(default = "default_side")]
         height: usize,
+        /// Pixels, 16..=8192.
         #[serde(default = "default_side")]
         width: usize,
+        /// 1 or 3.
         #[serde(default = "one")]
         channels: usize,
         #[serde(default)]
         seed: u64,
-        /// Share of parts that carry a defect.
+        /// Share of parts that carry a defect, 0..=1.
         #[serde(default)]
         defect_rate: f32,
         /// Parts to produce; 0 = endless.
         #[serde(default)]
         count: u64,
+        /// Parts per second, 0..=10000; 0 = as fast as the pipeline takes them.
         #[serde(default)]
         rate_hz: f64,
     },
@@ -77,8 +93,11 @@ pub enum SourceConfig {
     Camera {
         #[serde(default)]
         device: u32,
+        /// Pixels, 1..=16384.
         width: u32,
+        /// Pixels, 1..=16384.
         height: u32,
+        /// Frames per second, 1..=1000.
         #[serde(default = "default_fps")]
         fps: u32,
         /// `mjpeg`, `yuyv` or `gray`.
@@ -214,6 +233,40 @@ fn default_edge() -> String {
     "rising".into()
 }
 
+/// Limits of a decoded frame, checked from the image header before decoding: a small file can
+/// decode to gigabytes, which would exhaust the memory and hold up the parts behind it. A frame
+/// beyond them is a failed part (fail-safe verdict with the reason).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Pixels, 1..=65535.
+    #[serde(default = "default_max_side")]
+    pub max_width: u32,
+    /// Pixels, 1..=65535.
+    #[serde(default = "default_max_side")]
+    pub max_height: u32,
+    /// Bytes of the decoded pixels, 1 MiB..=16 GiB.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            max_width: default_max_side(),
+            max_height: default_max_side(),
+            max_bytes: default_max_frame_bytes(),
+        }
+    }
+}
+
+fn default_max_side() -> u32 {
+    8192
+}
+fn default_max_frame_bytes() -> u64 {
+    256 << 20
+}
+
 /// What the PLC is told when a part could not be judged.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -228,7 +281,8 @@ pub enum OnFailure {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionConfig {
-    /// A part without a verdict this long after its capture gets the fail-safe verdict.
+    /// A part without a verdict this long after its capture gets the fail-safe verdict;
+    /// 1..=600000.
     #[serde(default = "default_deadline")]
     pub deadline_ms: u64,
     #[serde(default)]
@@ -236,7 +290,8 @@ pub struct DecisionConfig {
     /// Optional region-of-interest mask (white = inspected); the score becomes the maximum of the
     /// anomaly map inside it.
     pub roi: Option<PathBuf>,
-    /// How often the calibration file's modification time is checked; 0 = only on SIGHUP/RELOAD.
+    /// How often the calibration file is checked for a change, 50..=3600000; 0 = only on
+    /// SIGHUP/RELOAD.
     #[serde(default = "default_reload_poll")]
     pub reload_poll_ms: u64,
 }
@@ -262,7 +317,8 @@ fn default_reload_poll() -> u64 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Capacity of each channel between stages.
+    /// Capacity of each channel between stages, 1..=1024 (channels allocate it up front, and
+    /// parts waiting here wait for their verdict too).
     #[serde(default = "default_queue")]
     pub queue: usize,
 }
@@ -283,6 +339,7 @@ fn default_queue() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     pub port: PathBuf,
+    /// 50..=4000000.
     #[serde(default = "default_baud")]
     pub baud: u32,
     /// 7 or 8.
@@ -294,15 +351,20 @@ pub struct SerialConfig {
     /// 1 or 2.
     #[serde(default = "one_u8")]
     pub stop_bits: u8,
-    /// Seconds between heartbeat lines; 0 = none.
+    /// Seconds between heartbeat lines, 0.05..=3600; 0 = none.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_s: f64,
-    /// Result lines kept while the port is gone; beyond, the oldest is dropped (and counted).
+    /// Result lines kept while the port is gone, 1..=1000000; beyond, the oldest is dropped (and
+    /// counted).
     #[serde(default = "default_serial_queue")]
     pub queue: usize,
-    /// Pause between attempts to reopen a lost port.
+    /// Pause between attempts to reopen a lost port, 10..=60000.
     #[serde(default = "default_reconnect")]
     pub reconnect_ms: u64,
+    /// Acknowledged mode: the PLC answers `ACK <id>`, and result lines not yet acknowledged are
+    /// sent again after a reconnection as `REP` lines.
+    #[serde(default)]
+    pub ack: bool,
 }
 
 fn default_baud() -> u32 {
@@ -343,11 +405,12 @@ pub struct GpioConfig {
     pub reject_line: u32,
     pub ready_line: Option<u32>,
     pub fault_line: Option<u32>,
+    /// Width of the reject pulse, 1..=10000.
     #[serde(default = "default_pulse")]
     pub pulse_ms: u64,
-    /// Delay from capture to the pulse, in milliseconds...
+    /// Delay from capture to the pulse, in milliseconds (at most 600000)...
     pub delay_ms: Option<u64>,
-    /// ... or in encoder counts on `encoder_line` (rising edges).
+    /// ... or in encoder counts on `encoder_line` (rising edges), at least 1.
     pub delay_counts: Option<u64>,
     pub encoder_line: Option<u32>,
 }
@@ -360,10 +423,15 @@ fn default_pulse() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     pub dir: PathBuf,
+    /// Rejected parts kept, 1..=10000000.
     #[serde(default = "default_audit_files")]
     pub max_parts: usize,
+    /// Bytes kept, at least 1.
     #[serde(default = "default_audit_bytes")]
     pub max_bytes: u64,
+    /// Free space the audit leaves on its partition, at most 1 TiB; the oldest parts go first.
+    #[serde(default = "default_audit_min_free")]
+    pub min_free_bytes: u64,
 }
 
 fn default_audit_files() -> usize {
@@ -372,11 +440,14 @@ fn default_audit_files() -> usize {
 fn default_audit_bytes() -> u64 {
     512 << 20
 }
+fn default_audit_min_free() -> u64 {
+    256 << 20
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusConfig {
-    /// Seconds between status lines; 0 = none.
+    /// Seconds between status lines, 0.1..=86400; 0 = none.
     #[serde(default = "default_status")]
     pub interval_s: f64,
 }
@@ -397,9 +468,39 @@ fn bad(field: &str, reason: impl Into<String>) -> Error {
     Error::config(field, reason)
 }
 
-fn positive_rate(field: &str, rate: f64) -> Result<()> {
-    if !(rate.is_finite() && rate >= 0.0) {
-        return Err(bad(field, format!("{rate} is not a rate >= 0")));
+/// `value` must lie in `bounds` (which no NaN or infinity does).
+fn within<T: PartialOrd + Display>(field: &str, value: T, bounds: RangeInclusive<T>) -> Result<()> {
+    if bounds.contains(&value) {
+        return Ok(());
+    }
+    Err(bad(
+        field,
+        format!("{value} is outside {}..={}", bounds.start(), bounds.end()),
+    ))
+}
+
+/// An interval that 0 switches off; any other value must lie in `bounds`.
+fn off_or_within<T: PartialOrd + Display + Default>(
+    field: &str,
+    value: T,
+    bounds: RangeInclusive<T>,
+) -> Result<()> {
+    if value == T::default() || bounds.contains(&value) {
+        return Ok(());
+    }
+    Err(bad(
+        field,
+        format!(
+            "{value} is neither 0 (off) nor in {}..={}",
+            bounds.start(),
+            bounds.end()
+        ),
+    ))
+}
+
+fn at_least(field: &str, value: u64, min: u64) -> Result<()> {
+    if value < min {
+        return Err(bad(field, format!("{value} is below the minimum {min}")));
     }
     Ok(())
 }
@@ -431,6 +532,9 @@ impl StationConfig {
         };
         fix(&mut self.model);
         fix(&mut self.calibration);
+        if let Some(state_dir) = &mut self.state_dir {
+            fix(state_dir);
+        }
         if let SourceConfig::Folder { path, .. } = &mut self.source {
             fix(path);
         }
@@ -456,58 +560,17 @@ impl StationConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.device_choice()?;
-        match &self.source {
-            SourceConfig::Folder { rate_hz, .. } => positive_rate("source.rate_hz", *rate_hz)?,
-            SourceConfig::Synthetic {
-                height,
-                width,
-                channels,
-                defect_rate,
-                rate_hz,
-                ..
-            } => {
-                positive_rate("source.rate_hz", *rate_hz)?;
-                if !matches!(channels, 1 | 3) {
-                    return Err(bad(
-                        "source.channels",
-                        format!("{channels} (must be 1 or 3)"),
-                    ));
-                }
-                let min = crate::data::synth::SynthConfig::MIN_SIDE;
-                if *height < min || *width < min {
-                    return Err(bad(
-                        "source.height",
-                        format!("{height}x{width} is below the minimum side {min}"),
-                    ));
-                }
-                if !(0.0..=1.0).contains(defect_rate) {
-                    return Err(bad(
-                        "source.defect_rate",
-                        format!("{defect_rate} is not in 0..=1"),
-                    ));
-                }
-            }
-            SourceConfig::Camera {
-                width,
-                height,
-                fps,
-                pixel_format,
-                ..
-            } => {
-                if *width == 0 || *height == 0 {
-                    return Err(bad("source.width", format!("{width}x{height}")));
-                }
-                if *fps == 0 {
-                    return Err(bad("source.fps", "must be at least 1"));
-                }
-                if !matches!(pixel_format.as_str(), "mjpeg" | "yuyv" | "gray") {
-                    return Err(bad(
-                        "source.pixel_format",
-                        format!("`{pixel_format}` is not one of mjpeg, yuyv, gray"),
-                    ));
-                }
-            }
+        if self
+            .state_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(bad(
+                "state_dir",
+                "is empty (leave it out for the model's folder)",
+            ));
         }
+        self.validate_source()?;
         match &self.trigger {
             TriggerConfig::Serial if self.serial.is_none() => {
                 return Err(bad("trigger.kind", "`serial` needs a [serial] section"));
@@ -520,62 +583,119 @@ impl StationConfig {
             }
             _ => {}
         }
-        if self.decision.deadline_ms == 0 {
-            return Err(bad("decision.deadline_ms", "must be at least 1"));
-        }
-        if self.pipeline.queue == 0 {
-            return Err(bad("pipeline.queue", "must be at least 1"));
-        }
+        within("input.max_width", self.input.max_width, 1..=65_535)?;
+        within("input.max_height", self.input.max_height, 1..=65_535)?;
+        within("input.max_bytes", self.input.max_bytes, 1 << 20..=16 << 30)?;
+        within(
+            "decision.deadline_ms",
+            self.decision.deadline_ms,
+            1..=600_000,
+        )?;
+        off_or_within(
+            "decision.reload_poll_ms",
+            self.decision.reload_poll_ms,
+            50..=3_600_000,
+        )?;
+        within("pipeline.queue", self.pipeline.queue, 1..=1024)?;
         if let Some(s) = &self.serial {
-            if s.baud == 0 {
-                return Err(bad("serial.baud", "must be positive"));
-            }
-            if !matches!(s.data_bits, 7 | 8) {
-                return Err(bad("serial.data_bits", format!("{} (7 or 8)", s.data_bits)));
-            }
-            if !matches!(s.parity.as_str(), "none" | "even" | "odd") {
-                return Err(bad(
-                    "serial.parity",
-                    format!("`{}` is not one of none, even, odd", s.parity),
-                ));
-            }
-            if !matches!(s.stop_bits, 1 | 2) {
-                return Err(bad("serial.stop_bits", format!("{} (1 or 2)", s.stop_bits)));
-            }
-            positive_rate("serial.heartbeat_s", s.heartbeat_s)?;
-            if s.queue == 0 {
-                return Err(bad("serial.queue", "must be at least 1"));
-            }
+            validate_serial(s)?;
         }
         if let Some(g) = &self.gpio {
-            if g.pulse_ms == 0 {
-                return Err(bad("gpio.pulse_ms", "must be at least 1"));
-            }
-            match (g.delay_ms, g.delay_counts, g.encoder_line) {
-                (Some(_), None, _) | (None, Some(_), Some(_)) => {}
-                (None, Some(_), None) => {
-                    return Err(bad(
-                        "gpio.encoder_line",
-                        "delay_counts needs an encoder line",
-                    ))
-                }
-                _ => {
-                    return Err(bad(
-                        "gpio.delay_ms",
-                        "give exactly one of delay_ms, delay_counts",
-                    ))
-                }
-            }
+            validate_gpio(g)?;
         }
         if let Some(a) = &self.audit {
-            if a.max_parts == 0 {
-                return Err(bad("audit.max_parts", "must be at least 1"));
+            within("audit.max_parts", a.max_parts, 1..=10_000_000)?;
+            at_least("audit.max_bytes", a.max_bytes, 1)?;
+            within("audit.min_free_bytes", a.min_free_bytes, 0..=1 << 40)?;
+        }
+        off_or_within("status.interval_s", self.status.interval_s, 0.1..=86_400.0)?;
+        Ok(())
+    }
+
+    fn validate_source(&self) -> Result<()> {
+        match &self.source {
+            SourceConfig::Folder { rate_hz, .. } => {
+                within("source.rate_hz", *rate_hz, 0.0..=10_000.0)
             }
-            if a.max_bytes == 0 {
-                return Err(bad("audit.max_bytes", "must be at least 1"));
+            SourceConfig::Synthetic {
+                height,
+                width,
+                channels,
+                defect_rate,
+                rate_hz,
+                ..
+            } => {
+                within("source.rate_hz", *rate_hz, 0.0..=10_000.0)?;
+                if !matches!(channels, 1 | 3) {
+                    return Err(bad(
+                        "source.channels",
+                        format!("{channels} (must be 1 or 3)"),
+                    ));
+                }
+                let sides = crate::data::synth::SynthConfig::MIN_SIDE..=SYNTHETIC_MAX_SIDE;
+                within("source.height", *height, sides.clone())?;
+                within("source.width", *width, sides)?;
+                if !(0.0..=1.0).contains(defect_rate) {
+                    return Err(bad(
+                        "source.defect_rate",
+                        format!("{defect_rate} is not in 0..=1"),
+                    ));
+                }
+                Ok(())
+            }
+            SourceConfig::Camera {
+                width,
+                height,
+                fps,
+                pixel_format,
+                ..
+            } => {
+                within("source.width", *width, 1..=16_384)?;
+                within("source.height", *height, 1..=16_384)?;
+                within("source.fps", *fps, 1..=1000)?;
+                if !matches!(pixel_format.as_str(), "mjpeg" | "yuyv" | "gray") {
+                    return Err(bad(
+                        "source.pixel_format",
+                        format!("`{pixel_format}` is not one of mjpeg, yuyv, gray"),
+                    ));
+                }
+                Ok(())
             }
         }
-        positive_rate("status.interval_s", self.status.interval_s)?;
-        Ok(())
+    }
+}
+
+fn validate_serial(s: &SerialConfig) -> Result<()> {
+    within("serial.baud", s.baud, 50..=4_000_000)?;
+    if !matches!(s.data_bits, 7 | 8) {
+        return Err(bad("serial.data_bits", format!("{} (7 or 8)", s.data_bits)));
+    }
+    if !matches!(s.parity.as_str(), "none" | "even" | "odd") {
+        return Err(bad(
+            "serial.parity",
+            format!("`{}` is not one of none, even, odd", s.parity),
+        ));
+    }
+    if !matches!(s.stop_bits, 1 | 2) {
+        return Err(bad("serial.stop_bits", format!("{} (1 or 2)", s.stop_bits)));
+    }
+    off_or_within("serial.heartbeat_s", s.heartbeat_s, 0.05..=3600.0)?;
+    within("serial.queue", s.queue, 1..=1_000_000)?;
+    within("serial.reconnect_ms", s.reconnect_ms, 10..=60_000)
+}
+
+fn validate_gpio(g: &GpioConfig) -> Result<()> {
+    within("gpio.pulse_ms", g.pulse_ms, 1..=10_000)?;
+    match (g.delay_ms, g.delay_counts, g.encoder_line) {
+        (Some(ms), None, _) => within("gpio.delay_ms", ms, 0..=600_000),
+        (None, Some(counts), Some(_)) => at_least("gpio.delay_counts", counts, 1),
+        (None, Some(_), None) => Err(bad(
+            "gpio.encoder_line",
+            "delay_counts needs an encoder line",
+        )),
+        _ => Err(bad(
+            "gpio.delay_ms",
+            "give exactly one of delay_ms, delay_counts",
+        )),
     }
 }
