@@ -9,6 +9,9 @@ use vigil::data::dataset::DataSource;
 use vigil::data::synth::SynthConfig;
 use vigil::device::DeviceChoice;
 
+/// `vigil demo`'s NF-BMR hyper-parameters when `--method-config` is not given.
+const DEMO_METHOD_CONFIG: &str = include_str!("../configs/nf-bmr-demo.toml");
+
 #[derive(Parser)]
 #[command(
     name = "vigil",
@@ -158,8 +161,10 @@ enum Command {
     Demo {
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
-        #[arg(long, default_value = "configs/nf-bmr-demo.toml")]
-        method_config: PathBuf,
+        /// NF-BMR hyper-parameters (default: configs/nf-bmr-demo.toml, built into vigil).
+        #[arg(long)]
+        method_config: Option<PathBuf>,
+        /// Backbone weights (installed by models/get-weights.sh).
         #[arg(long, default_value = commands::DEFAULT_BACKBONE)]
         backbone: PathBuf,
         #[arg(long, default_value_t = 1)]
@@ -460,6 +465,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             rate,
         } => {
+            // Checked first: the demo would otherwise generate its data and only then fail.
+            if !backbone.is_file() {
+                bail!(
+                    "no backbone weights at {}: run models/get-weights.sh in the vigil checkout \
+                     (it installs {}), or give --backbone PATH",
+                    std::path::absolute(&backbone)
+                        .unwrap_or_else(|_| backbone.clone())
+                        .display(),
+                    commands::DEFAULT_BACKBONE
+                );
+            }
+            // Built in, so an installed vigil needs no checkout.
+            let method_config = match method_config {
+                Some(path) => path,
+                None => {
+                    let path = out.join("nf-bmr-demo.toml");
+                    vigil::atomic::write_atomic(&path, DEMO_METHOD_CONFIG.as_bytes())?;
+                    path
+                }
+            };
             let args = commands::station::DemoArgs {
                 out,
                 method_config,
