@@ -1,194 +1,21 @@
 //! The inspection station end to end, with a tiny NF-BMR trained once for the whole file.
 //! Needs the backbone weights that `scripts/test.sh` installs (models/get-weights.sh).
-use std::path::{Path, PathBuf};
+mod station_common;
+
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use station_common::*;
 use vigil::calibration::Calibration;
-use vigil::commands::{self, CalibrateArgs, RunOptions, ScoreArgs, TrainArgs};
-use vigil::data::dataset::DataSource;
+use vigil::commands::{self, ScoreArgs};
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 use vigil::error::{Error, Result};
 use vigil::rng::Rng;
 use vigil::station::pty::{self, LineReader};
 use vigil::station::source::FrameSource;
-use vigil::station::{self, Controls, Event, Frame, Hooks, StationConfig};
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    calibration: PathBuf,
-    good: Vec<PathBuf>,
-    defect: Vec<PathBuf>,
-}
-
-const SIDE: usize = 64;
-
-fn run_opts() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    }
-}
-
-fn files(dir: &Path) -> Vec<PathBuf> {
-    vigil::station::source::image_files(dir).unwrap()
-}
-
-/// A tiny model and its calibration, trained once per test binary.
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let data = root.join("data");
-        synth::generate(
-            &data,
-            &SynthConfig {
-                height: SIDE,
-                width: SIDE,
-                channels: 1,
-                train_good: 12,
-                test_good: 6,
-                test_per_defect: 2,
-                seed: 5,
-            },
-        )
-        .unwrap();
-        let model = root.join("model.safetensors");
-        commands::train(&TrainArgs {
-            method: "nf-bmr".into(),
-            data: DataSource::Mvtec { root: data.clone() },
-            out: model.clone(),
-            config: None,
-            set: [
-                "taps=[4]",
-                "flow_blocks=2",
-                "flow_hidden=16",
-                "bmr_blocks=1",
-                "bmr_width=8",
-                "flow_epochs=1",
-                "map_epochs=1",
-            ]
-            .map(String::from)
-            .to_vec(),
-            height: Some(SIDE),
-            width: Some(SIDE),
-            validation_fraction: 0.2,
-            seed: 1,
-            backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
-            checkpoint: None,
-            resume: false,
-            run: run_opts(),
-        })
-        .unwrap();
-        let calibration = root.join("calibration.toml");
-        commands::calibrate(&CalibrateArgs {
-            model: model.clone(),
-            good: data.join("test/good"),
-            defect: Some(data.join("test/crack")),
-            target_frr: 0.2,
-            out: Some(calibration.clone()),
-            run: run_opts(),
-        })
-        .unwrap();
-        let mut defect = files(&data.join("test/crack"));
-        defect.extend(files(&data.join("test/spot")));
-        Fixture {
-            good: files(&data.join("test/good")),
-            defect,
-            _dir: dir,
-            root,
-            model,
-            calibration,
-        }
-    })
-}
-
-/// A fresh folder for one test, with `parts` copied in as 000.png, 001.png, ...
-fn line_folder(name: &str, parts: &[PathBuf]) -> PathBuf {
-    let dir = fixture().root.join(name);
-    std::fs::create_dir_all(dir.join("line")).unwrap();
-    for (i, p) in parts.iter().enumerate() {
-        std::fs::copy(p, dir.join("line").join(format!("{i:03}.png"))).unwrap();
-    }
-    dir
-}
-
-fn config(dir: &Path, extra: &str) -> StationConfig {
-    let f = fixture();
-    let text = format!(
-        "model = {:?}\ncalibration = {:?}\n{extra}\n",
-        f.model.display().to_string(),
-        f.calibration.display().to_string(),
-    );
-    let path = dir.join("station.toml");
-    std::fs::write(&path, text).unwrap();
-    StationConfig::load(&path).unwrap()
-}
-
-fn folder_source(dir: &Path, looped: bool, rate_hz: f64) -> String {
-    format!(
-        "[source]\nkind = \"folder\"\npath = {:?}\nloop = {looped}\nrate_hz = {rate_hz}\n",
-        dir.join("line").display().to_string()
-    )
-}
-
-fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v.get("id").is_some())
-        .collect()
-}
-
-/// `RES` lines as (id, verdict, score, rest).
-fn res_fields(line: &str) -> Option<(u64, String, String)> {
-    let f: Vec<&str> = line.split_whitespace().collect();
-    (f.first() == Some(&"RES")).then(|| (f[1].parse().unwrap(), f[2].to_string(), f[3].to_string()))
-}
-
-/// Runs a station in a thread while `plc` reads its serial lines; returns the run's summary.
-fn with_station<T>(
-    cfg: StationConfig,
-    controls: Controls,
-    hooks: Hooks,
-    plc: impl FnOnce(&dyn Fn() -> bool) -> T,
-) -> (station::Summary, T) {
-    let stop = controls.stop.clone();
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(|| station::run(&cfg, &controls, hooks));
-        let finished = || handle.is_finished();
-        let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plc(&finished)));
-        // A failed check must fail the test, not leave a triggered station waiting forever.
-        if seen.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        let summary = handle.join().unwrap().unwrap();
-        (
-            summary,
-            seen.unwrap_or_else(|e| std::panic::resume_unwind(e)),
-        )
-    })
-}
-
-/// Reads lines until the station has finished and nothing more arrives.
-fn read_all(reader: &mut LineReader, finished: &dyn Fn() -> bool, into: &mut Vec<String>) {
-    let mut quiet_after_finish = 0;
-    while quiet_after_finish < 4 {
-        match reader.read_line(Duration::from_millis(100)) {
-            Some(line) => into.push(line),
-            None if finished() => quiet_after_finish += 1,
-            None => {}
-        }
-    }
-}
+use vigil::station::{self, Controls, Event, Frame, Hooks};
 
 #[test]
 fn pty_end_to_end_matches_vigil_score_line_for_line() {
@@ -214,7 +41,10 @@ fn pty_end_to_end_matches_vigil_score_line_for_line() {
     });
     let results: Vec<(u64, String, String)> = lines.iter().filter_map(|l| res_fields(l)).collect();
     assert_eq!(results.len(), parts.len(), "lines: {lines:?}");
-    assert!(lines.iter().any(|l| l == "READY"), "lines: {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("READY ")),
+        "lines: {lines:?}"
+    );
 
     let offline = commands::score(&ScoreArgs {
         model: f.model.clone(),
@@ -428,10 +258,18 @@ fn invalid_calibration_reload_is_refused_and_the_old_one_stays() {
         reader.send("TRIG").unwrap();
         let after_wrong_model = expect(&mut reader, "RES 2 ");
 
-        // A valid file takes effect: a threshold below every score rejects the part.
+        // A valid file takes effect: the threshold at the part's own score rejects it, where
+        // that is plausible for the model (above its lowest validation score).
+        let score: f32 = res_fields(&before).unwrap().2.parse().unwrap();
+        let lowest = vigil::model_file::read_meta(&fixture().model)
+            .unwrap()
+            .validation
+            .min;
         let mut strict = original.clone();
-        strict.scale.lo = -1e6;
-        strict.threshold = -1e5;
+        // Below the score by more than its printed rounding.
+        strict.threshold = (score - 1e-3 * score.abs().max(1.0)).max(lowest.next_up());
+        strict.scale.lo = strict.threshold - 1.0;
+        strict.scale.hi = strict.threshold + 1.0;
         strict.save(&cal_path).unwrap();
         reader.send("RELOAD").unwrap();
         let accepted = expect(&mut reader, "ACK RELOAD");
@@ -458,8 +296,14 @@ fn invalid_calibration_reload_is_refused_and_the_old_one_stays() {
     assert_eq!(verdict_score(&before), verdict_score(&after_wrong_model));
     assert!(refused.contains("threshold"), "{refused}");
     assert!(wrong_model.contains("not for this model"), "{wrong_model}");
-    assert!(accepted.contains("-100000"), "{accepted}");
-    assert_eq!(verdict_score(&after_valid).0, "NG");
+    let threshold: f32 = accepted.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let (verdict, score) = verdict_score(&after_valid);
+    let score: f32 = score.parse().unwrap();
+    let tolerance = 1e-4 * score.abs().max(1.0);
+    if (score - threshold).abs() > tolerance {
+        let expected = if score >= threshold { "NG" } else { "OK" };
+        assert_eq!(verdict, expected, "{accepted} then {after_valid}");
+    }
 }
 
 #[test]
@@ -584,23 +428,6 @@ fn dropped_camera_reports_fault_and_reconnects_with_back_off() {
     assert!(start.elapsed() >= Duration::from_millis(300));
 }
 
-/// The `vigil` binary as a command. Under user-mode emulation (`scripts/cross-test.sh`) it is a
-/// foreign executable that the host kernel cannot start without binfmt_misc, so the script names
-/// the emulator in `VIGIL_TEST_RUNNER` and the binary runs under it.
-fn vigil_command() -> std::process::Command {
-    let binary = env!("CARGO_BIN_EXE_vigil");
-    let runner = std::env::var("VIGIL_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(emulator) => {
-            let mut command = std::process::Command::new(emulator);
-            command.args(words).arg(binary);
-            command
-        }
-        None => std::process::Command::new(binary),
-    }
-}
-
 #[test]
 fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
     let f = fixture();
@@ -683,16 +510,6 @@ fn sigterm_mid_stream_signals_every_part_in_flight_and_exits_zero() {
         Some("STOPPING=1"),
         "{messages:?}"
     );
-}
-
-/// GPIO outputs that record each change with its time.
-struct RecordingGpio(Arc<std::sync::Mutex<Vec<(Instant, vigil::station::gpio::OutputLine, bool)>>>);
-
-impl vigil::station::gpio::GpioOutputs for RecordingGpio {
-    fn set(&mut self, line: vigil::station::gpio::OutputLine, high: bool) -> Result<()> {
-        self.0.lock().unwrap().push((Instant::now(), line, high));
-        Ok(())
-    }
 }
 
 #[test]

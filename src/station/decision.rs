@@ -11,6 +11,20 @@ use crate::calibration::Calibration;
 use crate::data::image::load_mask;
 use crate::data::Mask;
 use crate::error::{Error, Result};
+use crate::model_file::ScoreStats;
+
+/// The region-of-interest mask at the model's input size; one that selects nothing is an error.
+pub fn load_roi(path: &Path, height: usize, width: usize) -> Result<Mask> {
+    let mask =
+        load_mask(path, height, width).map_err(|e| Error::config("decision.roi", e.to_string()))?;
+    if !mask.any() {
+        return Err(Error::config(
+            "decision.roi",
+            format!("{} selects no pixel", path.display()),
+        ));
+    }
+    Ok(mask)
+}
 
 /// A captured part not yet decided.
 #[derive(Clone, Debug)]
@@ -69,50 +83,59 @@ pub struct Decider {
     calibration: Calibration,
     path: PathBuf,
     model_sha256: String,
-    modified: Option<SystemTime>,
+    validation: ScoreStats,
+    /// sha256 of the calibration file as last read (None: unreadable then).
+    read_digest: Option<String>,
     roi: Option<Mask>,
     pub deadline: Duration,
     pub on_failure: OnFailure,
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// The file's content digest: a calibration replaced in place with the same modification time
+/// (or copied with its old one) is still seen as changed.
+fn digest(path: &Path) -> Option<String> {
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| crate::digest::sha256_hex(&bytes))
 }
 
-/// Loads a calibration and checks it was made for this model.
-pub fn load_checked(path: &Path, model_sha256: &str) -> Result<Calibration> {
+/// Loads a calibration and checks it was made for this model and that its threshold is
+/// plausible for the model's validation scores.
+pub fn load_checked(
+    path: &Path,
+    model_sha256: &str,
+    validation: &ScoreStats,
+) -> Result<Calibration> {
     let cal = Calibration::load(path)?;
     cal.check_model(model_sha256, path)?;
+    cal.check_plausible(validation, path)?;
     Ok(cal)
 }
 
 impl Decider {
+    /// `validation`: the model's defect-free validation scores, which bound a plausible
+    /// threshold (`Calibration::check_plausible`).
     pub fn new(
         path: &Path,
         model_sha256: &str,
-        roi: Option<(&Path, usize, usize)>,
+        validation: &ScoreStats,
+        roi: Option<Mask>,
         deadline: Duration,
         on_failure: OnFailure,
     ) -> Result<Decider> {
-        let calibration = load_checked(path, model_sha256)?;
-        let roi = match roi {
-            Some((roi_path, h, w)) => {
-                let mask = load_mask(roi_path, h, w)?;
-                if !mask.any() {
-                    return Err(Error::config(
-                        "decision.roi",
-                        format!("{} selects no pixel", roi_path.display()),
-                    ));
-                }
-                Some(mask)
-            }
-            None => None,
-        };
+        let read_digest = digest(path);
+        let calibration = load_checked(path, model_sha256, validation)?;
+        if crate::calibration::plausible_range(validation).is_none() {
+            log::warn!(
+                "the model carries no validation scores: the calibration's threshold cannot be checked for plausibility"
+            );
+        }
         Ok(Decider {
             calibration,
             path: path.to_path_buf(),
             model_sha256: model_sha256.to_string(),
-            modified: modified(path),
+            validation: validation.clone(),
+            read_digest,
             roi,
             deadline,
             on_failure,
@@ -126,8 +149,8 @@ impl Decider {
     /// Reads the calibration file again. A file that does not parse or was made for another
     /// model is refused and the one in force stays.
     pub fn reload(&mut self) -> std::result::Result<f32, String> {
-        self.modified = modified(&self.path);
-        match load_checked(&self.path, &self.model_sha256) {
+        self.read_digest = digest(&self.path);
+        match load_checked(&self.path, &self.model_sha256, &self.validation) {
             Ok(cal) => {
                 self.calibration = cal;
                 Ok(self.calibration.threshold)
@@ -136,9 +159,9 @@ impl Decider {
         }
     }
 
-    /// True when the file's modification time changed since it was last read.
+    /// True when the file's content changed since it was last read.
     pub fn file_changed(&self) -> bool {
-        modified(&self.path) != self.modified
+        digest(&self.path) != self.read_digest
     }
 
     /// The score the threshold applies to: the model's score, or the map's maximum in the ROI.

@@ -1,5 +1,8 @@
 //! The inspection station: capture → preprocess → infer → decide → signal, one thread per stage,
 //! joined by bounded channels (a slow stage holds the source back instead of growing a queue).
+//! The layout shows the rule that no output may hold up a stage or another output: `stages`
+//! (the threads that carry parts), `outputs` (serial, JSON, GPIO, audit, each behind its own
+//! never-blocking `queue`), `health` (faults and READY), and `pipeline`, which wires them.
 //!
 //! Every captured part gets exactly one verdict, in capture order: the decision stage keeps a
 //! register of the parts in flight, and a part that is not decided within its deadline, whose
@@ -9,12 +12,16 @@ pub mod audit;
 pub mod config;
 pub mod decision;
 pub mod gpio;
+pub mod health;
 pub mod ops;
+pub mod outputs;
 pub mod pipeline;
 pub mod protocol;
 pub mod pty;
+pub mod queue;
 pub mod serial;
 pub mod source;
+pub mod stages;
 pub mod status;
 
 use std::path::PathBuf;
@@ -53,6 +60,8 @@ pub struct Part {
     pub scored: Option<(f32, Vec<f32>)>,
     /// Why the part could not be processed.
     pub failure: Option<String>,
+    /// The start-up image that proves the pipeline works; it gets no verdict.
+    pub self_test: bool,
 }
 
 impl Part {
@@ -67,7 +76,22 @@ impl Part {
             image: None,
             scored: None,
             failure: None,
+            self_test: false,
         }
+    }
+
+    /// The start-up image: mid-grey at the model's input size.
+    pub fn self_test(spec: &crate::data::InputSpec) -> Part {
+        let mut image = Image::zeros(spec.channels, spec.height, spec.width);
+        image.data.fill(0.5);
+        let mut part = Part::new(
+            u64::MAX,
+            "self-test".into(),
+            Frame::Pixels(image),
+            Instant::now(),
+        );
+        part.self_test = true;
+        part
     }
 }
 
@@ -117,7 +141,7 @@ impl Decided {
 /// Station-level events sent to the PLC and the log.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// Model loaded, source delivering, nothing at fault.
+    /// Model loaded and self-tested, source delivering, nothing at fault.
     Ready,
     /// Something stops the station from inspecting (source lost, empty folder, ...).
     Fault(String),

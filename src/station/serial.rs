@@ -1,25 +1,29 @@
 //! The serial signal: result lines to the PLC, commands from it (docs/protocol.md).
 //!
-//! A writer thread owns the port and a bounded, in-order queue of lines: a line leaves the queue
-//! only once written, so while the port is gone (cable pulled, USB adapter re-enumerated) results
-//! wait and go out in order when it is back. A reader thread per connection parses commands.
+//! A writer thread owns the port and drains the serial output's own queue in order. While the
+//! port is gone (cable pulled, USB adapter re-enumerated) or the PLC does not read, lines wait in
+//! that queue, which drops its oldest and marks the gap (`LOST`) rather than hold up a stage; the
+//! writer tells a slow reader from a lost port, and in acknowledged mode sends unacknowledged
+//! results again after a reconnection. A reader thread per connection parses commands.
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serialport::SerialPort;
 
 use super::config::SerialConfig;
-use super::protocol::{heartbeat_line, parse_command, Command};
+use super::outputs::{SerialLine, SHUTDOWN_GRACE};
+use super::protocol::{event_line, heartbeat_line, lost_line, parse_command, Command};
+use super::queue::{DropQueue, Loss, Next};
 use super::status::Stats;
+use super::Event;
 use crate::error::{Error, Result};
 
-/// How long queued lines may wait for a lost port at shutdown.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Read and write timeout of the port: how often the reader looks at its stop flag, and how
+/// long one write may wait for room before the writer looks around.
 const READ_POLL: Duration = Duration::from_millis(100);
 
 /// Opens and configures the port. serialport sets the line through the `termios2` ioctls; where
@@ -148,30 +152,48 @@ fn open_classic_termios(cfg: &SerialConfig) -> std::io::Result<Box<dyn SerialPor
     }
 }
 
-/// Receives the PLC's commands (called from the reader thread).
+/// Receives the PLC's commands (called from the reader thread; must not block).
 pub type CommandSink = Arc<dyn Fn(Command) + Send + Sync>;
 
-/// Reports the port lost (`Some(reason)`) or back (`None`).
-pub type PortHealth = Arc<dyn Fn(Option<String>) + Send + Sync>;
-
-pub struct SerialSignal {
-    pub handle: JoinHandle<()>,
+/// What the writer finds about its port.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PortState {
+    /// The port is gone (cable pulled, adapter re-enumerated, the other side closed it).
+    Lost(String),
+    /// The port is there but the PLC takes no bytes.
+    Slow(String),
+    /// Lines go out again.
+    Fine,
 }
 
-/// Starts the writer thread; it ends once `lines` is closed and its queue is written (or the
-/// port stayed away for [`SHUTDOWN_GRACE`]).
+/// Reports the port's state to the station (called from the writer thread; must not block).
+pub type PortHealth = Arc<dyn Fn(PortState) + Send + Sync>;
+
+/// A write that makes no progress for this long means the PLC stopped reading.
+pub const SLOW_AFTER: Duration = Duration::from_secs(1);
+
+/// What the writer needs besides its queue.
+pub struct WriterContext {
+    pub run: u64,
+    pub stats: Arc<Stats>,
+    pub commands: CommandSink,
+    pub health: PortHealth,
+    /// In acknowledged mode, every result id below this was acknowledged by the PLC.
+    pub acked_below: Arc<AtomicU64>,
+}
+
+/// Starts the writer thread; it ends once `queue` is closed and written (or the port stayed
+/// away, or the PLC stopped reading, for [`SHUTDOWN_GRACE`] after the close).
 pub fn start(
     cfg: SerialConfig,
-    lines: Receiver<String>,
-    stats: Arc<Stats>,
-    commands: CommandSink,
-    health: PortHealth,
-) -> SerialSignal {
-    let handle = std::thread::Builder::new()
+    queue: Arc<DropQueue<SerialLine>>,
+    ctx: WriterContext,
+) -> Result<JoinHandle<()>> {
+    let writer = Writer::new(cfg, queue, ctx);
+    std::thread::Builder::new()
         .name("signal-serial".into())
-        .spawn(move || writer(cfg, lines, stats, commands, health))
-        .expect("spawn serial thread");
-    SerialSignal { handle }
+        .spawn(move || writer.run())
+        .map_err(|e| Error::Device(format!("cannot start the serial writer: {e}")))
 }
 
 struct Connection {
@@ -200,6 +222,9 @@ fn connect(cfg: &SerialConfig, commands: &CommandSink) -> Result<Connection> {
     Ok(Connection { port, alive })
 }
 
+/// Longest command line kept; the rest of a longer line is ignored (its excerpt is NAKed).
+const COMMAND_MAX: usize = 256;
+
 fn read_commands(mut port: Box<dyn SerialPort>, alive: Arc<AtomicBool>, commands: CommandSink) {
     let mut buf = [0u8; 256];
     let mut line = Vec::with_capacity(64);
@@ -209,11 +234,11 @@ fn read_commands(mut port: Box<dyn SerialPort>, alive: Arc<AtomicBool>, commands
             Ok(n) => {
                 for &b in &buf[..n] {
                     if b == b'\n' || b == b'\r' {
-                        if let Some(cmd) = parse_command(&String::from_utf8_lossy(&line)) {
+                        if let Some(cmd) = parse_command(&line) {
                             commands(cmd);
                         }
                         line.clear();
-                    } else if line.len() < 256 {
+                    } else if line.len() < COMMAND_MAX {
                         line.push(b);
                     }
                 }
@@ -226,120 +251,297 @@ fn read_commands(mut port: Box<dyn SerialPort>, alive: Arc<AtomicBool>, commands
     alive.store(false, Ordering::Relaxed);
 }
 
-fn writer(
+fn own_line(text: String) -> SerialLine {
+    SerialLine { text, id: None }
+}
+
+/// Owns the port: writes the queue's lines in order, one at a time, resuming a line where a
+/// timed-out write left it (a PLC that stops reading gets no torn line).
+struct Writer {
     cfg: SerialConfig,
-    lines: Receiver<String>,
-    stats: Arc<Stats>,
-    commands: CommandSink,
-    health: PortHealth,
-) {
-    let mut queue: VecDeque<String> = VecDeque::with_capacity(cfg.queue.min(4096));
-    let mut conn: Option<Connection> = None;
-    let reconnect = Duration::from_millis(cfg.reconnect_ms);
-    let heartbeat = (cfg.heartbeat_s > 0.0).then(|| Duration::from_secs_f64(cfg.heartbeat_s));
-    let mut next_attempt = Instant::now();
-    let mut next_heartbeat = Instant::now();
-    let mut heartbeat_seq = 0u64;
-    let mut closing_since: Option<Instant> = None;
-    let mut lost_reported = false;
-    let push = |queue: &mut VecDeque<String>, line: String| {
-        if queue.len() == cfg.queue {
-            queue.pop_front();
-            stats
-                .serial_dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        queue.push_back(line);
-    };
-    loop {
+    queue: Arc<DropQueue<SerialLine>>,
+    ctx: WriterContext,
+    conn: Option<Connection>,
+    /// The line being written and how many of its bytes went out.
+    in_hand: Option<(SerialLine, usize)>,
+    /// The writer's own lines, sent before the queue: its FAULT notice, repeats and their gap.
+    notices: VecDeque<SerialLine>,
+    /// Results written but not acknowledged (acknowledged mode), oldest first.
+    unacked: VecDeque<SerialLine>,
+    /// Unacknowledged results that no longer fit `unacked` and cannot be sent again.
+    unacked_lost: Loss,
+    /// Why the port was lost, while it is away (reported once).
+    lost: Option<String>,
+    stalled_since: Option<Instant>,
+    slow_reported: bool,
+    next_attempt: Instant,
+    next_heartbeat: Instant,
+    heartbeat_seq: u64,
+    /// Set when the queue closed: shutdown waits for a failing port this long.
+    closed_at: Option<Instant>,
+}
+
+impl Writer {
+    fn new(cfg: SerialConfig, queue: Arc<DropQueue<SerialLine>>, ctx: WriterContext) -> Writer {
         let now = Instant::now();
-        let mut wake = now + Duration::from_millis(200);
-        if conn.is_none() {
-            wake = wake.min(next_attempt);
+        Writer {
+            cfg,
+            queue,
+            ctx,
+            conn: None,
+            in_hand: None,
+            notices: VecDeque::new(),
+            unacked: VecDeque::new(),
+            unacked_lost: Loss::default(),
+            lost: None,
+            stalled_since: None,
+            slow_reported: false,
+            next_attempt: now,
+            next_heartbeat: now,
+            heartbeat_seq: 0,
+            closed_at: None,
         }
-        if let Some(hb) = heartbeat {
-            wake = wake.min(next_heartbeat.max(now + hb / 8));
-        }
-        if closing_since.is_none() {
-            match lines.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(line) => push(&mut queue, line),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => closing_since = Some(Instant::now()),
-            }
-            while let Ok(line) = lines.try_recv() {
-                push(&mut queue, line);
-            }
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if conn
-            .as_ref()
-            .is_some_and(|c| !c.alive.load(Ordering::Relaxed))
-        {
-            conn = None;
-            next_attempt = Instant::now();
-        }
-        if conn.is_none() && Instant::now() >= next_attempt {
-            match connect(&cfg, &commands) {
-                Ok(c) => {
-                    conn = Some(c);
-                    if lost_reported {
-                        log::info!("serial port {} is back", cfg.port.display());
-                        health(None);
-                        lost_reported = false;
-                    }
+    }
+
+    fn heartbeat(&self) -> Option<Duration> {
+        (self.cfg.heartbeat_s > 0.0).then(|| Duration::from_secs_f64(self.cfg.heartbeat_s))
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.queue.is_closed() {
+                let closed_at = *self.closed_at.get_or_insert_with(Instant::now);
+                if self.in_hand.is_none() && self.notices.is_empty() && self.queue.is_empty() {
+                    return;
                 }
-                Err(e) => {
-                    if !lost_reported {
-                        log::warn!("{e}; {} result lines queued", queue.len());
-                        health(Some(e.to_string()));
-                        lost_reported = true;
-                    }
-                    next_attempt = Instant::now() + reconnect;
-                }
-            }
-        }
-        if let Some(c) = &mut conn {
-            if let Some(hb) = heartbeat {
-                if Instant::now() >= next_heartbeat && queue.is_empty() {
-                    let ready = !stats.fault.load(Ordering::Relaxed);
-                    queue.push_back(heartbeat_line(heartbeat_seq, ready, stats.counts()));
-                    heartbeat_seq += 1;
-                    next_heartbeat = Instant::now() + hb;
+                if closed_at.elapsed() > SHUTDOWN_GRACE {
+                    log::error!(
+                        "serial port {} {} at shutdown: {} lines not delivered",
+                        self.cfg.port.display(),
+                        if self.conn.is_none() {
+                            "away"
+                        } else {
+                            "not read"
+                        },
+                        self.queue.len() + self.notices.len() + usize::from(self.in_hand.is_some())
+                    );
+                    return;
                 }
             }
-            while let Some(line) = queue.front() {
-                let written = c
-                    .port
-                    .write_all(line.as_bytes())
-                    .and_then(|_| c.port.flush());
-                match written {
-                    Ok(()) => {
-                        queue.pop_front();
-                    }
-                    Err(e) => {
-                        log::warn!("serial port {} lost: {e}", cfg.port.display());
-                        health(Some(format!("serial port lost: {e}")));
-                        lost_reported = true;
-                        conn = None;
-                        next_attempt = Instant::now() + reconnect;
-                        break;
-                    }
+            if self
+                .conn
+                .as_ref()
+                .is_some_and(|c| !c.alive.load(Ordering::Relaxed))
+            {
+                self.port_lost("the port closed or failed to read".into());
+            }
+            if self.conn.is_none() {
+                self.try_connect();
+                if self.conn.is_none() {
+                    // The queue keeps filling (and marks what it must drop) meanwhile.
+                    let wait = self.next_attempt.saturating_duration_since(Instant::now());
+                    std::thread::sleep(
+                        wait.clamp(Duration::from_millis(1), Duration::from_millis(50)),
+                    );
+                    continue;
                 }
             }
-        }
-        if let Some(since) = closing_since {
-            if queue.is_empty() {
-                break;
+            if self.in_hand.is_none() {
+                self.in_hand = self.next_line().map(|line| (line, 0));
             }
-            if since.elapsed() > SHUTDOWN_GRACE {
-                log::error!(
-                    "serial port {} away at shutdown: {} result lines not delivered",
-                    cfg.port.display(),
-                    queue.len()
+            if self.in_hand.is_some() {
+                self.write_in_hand();
+            }
+        }
+    }
+
+    /// The next line to send, waiting briefly for one; a heartbeat when nothing waits.
+    fn next_line(&mut self) -> Option<SerialLine> {
+        if let Some(line) = self.notices.pop_front() {
+            return Some(line);
+        }
+        let now = Instant::now();
+        let wait = match self.heartbeat() {
+            Some(_) => self.next_heartbeat.saturating_duration_since(now),
+            None => Duration::from_millis(200),
+        }
+        .min(Duration::from_millis(200));
+        match self.queue.pop_timeout(wait) {
+            Some(Next::Entry(line)) => Some(line),
+            Some(Next::Lost(loss)) => {
+                self.ctx
+                    .stats
+                    .serial_dropped
+                    .fetch_add(loss.count, Ordering::Relaxed);
+                Some(own_line(lost_line(loss.count, loss.ids, self.ctx.run)))
+            }
+            Some(Next::Closed) => None,
+            None => {
+                let hb = self.heartbeat()?;
+                if Instant::now() < self.next_heartbeat {
+                    return None;
+                }
+                self.next_heartbeat = Instant::now() + hb;
+                let ready = !self.ctx.stats.fault.load(Ordering::Relaxed);
+                let line = heartbeat_line(
+                    self.heartbeat_seq,
+                    ready,
+                    self.ctx.stats.counts(),
+                    self.ctx.run,
                 );
-                break;
+                self.heartbeat_seq += 1;
+                Some(own_line(line))
             }
+        }
+    }
+
+    fn try_connect(&mut self) {
+        if Instant::now() < self.next_attempt {
+            return;
+        }
+        match connect(&self.cfg, &self.ctx.commands) {
+            Ok(c) => {
+                self.conn = Some(c);
+                if let Some(reason) = self.lost.take() {
+                    log::info!("serial port {} is back", self.cfg.port.display());
+                    self.mark_gap(&reason);
+                    (self.ctx.health)(PortState::Fine);
+                }
+            }
+            Err(e) => {
+                self.next_attempt = Instant::now() + Duration::from_millis(self.cfg.reconnect_ms);
+                if self.lost.is_none() {
+                    log::warn!("{e}; {} lines queued", self.queue.len());
+                    self.lost = Some(e.to_string());
+                    (self.ctx.health)(PortState::Lost(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// After a reconnection: the FAULT line of the gap first, then (acknowledged mode) every
+    /// unacknowledged result again as `REP`, then the line that was being written.
+    fn mark_gap(&mut self, reason: &str) {
+        let mut notices = VecDeque::new();
+        notices.push_back(own_line(event_line(
+            &Event::Fault(format!("serial: {reason}")),
+            self.ctx.run,
+        )));
+        if self.cfg.ack {
+            self.prune_acked();
+            if self.unacked_lost.count > 0 {
+                let gap = std::mem::take(&mut self.unacked_lost);
+                notices.push_back(own_line(lost_line(gap.count, gap.ids, self.ctx.run)));
+            }
+            for mut line in self.unacked.drain(..) {
+                if let Some(rest) = line.text.strip_prefix("RES ") {
+                    line.text = format!("REP {rest}");
+                }
+                notices.push_back(line);
+            }
+        }
+        if let Some((line, _)) = self.in_hand.take() {
+            notices.push_back(line);
+        }
+        self.notices = notices;
+    }
+
+    fn prune_acked(&mut self) {
+        let below = self.ctx.acked_below.load(Ordering::Relaxed);
+        while self
+            .unacked
+            .front()
+            .is_some_and(|l| l.id.is_some_and(|id| id < below))
+        {
+            self.unacked.pop_front();
+        }
+    }
+
+    fn port_lost(&mut self, reason: String) {
+        self.conn = None;
+        self.next_attempt = Instant::now() + Duration::from_millis(self.cfg.reconnect_ms);
+        // The whole line again on the next connection: its start went with the old one.
+        if let Some((_, written)) = &mut self.in_hand {
+            *written = 0;
+        }
+        self.stalled_since = None;
+        self.slow_reported = false;
+        if self.lost.is_none() {
+            log::warn!("serial port {} lost: {reason}", self.cfg.port.display());
+            (self.ctx.health)(PortState::Lost(format!("port lost: {reason}")));
+            self.lost = Some(format!("port lost: {reason}"));
+        }
+    }
+
+    fn write_in_hand(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let Some((line, written)) = self.in_hand.as_mut() else {
+            return;
+        };
+        // No flush: tcdrain has no timeout and would hang on a PLC that stopped reading. A line
+        // counts as sent once the kernel took it (docs/protocol.md says what that can lose).
+        match conn.port.write(&line.text.as_bytes()[*written..]) {
+            Ok(n) if n > 0 => {
+                *written += n;
+                self.stalled_since = None;
+                if *written == line.text.len() {
+                    if let Some((line, _)) = self.in_hand.take() {
+                        self.sent(line);
+                    }
+                }
+            }
+            Ok(_) => self.stalled(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                self.stalled()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => self.port_lost(e.to_string()),
+        }
+    }
+
+    fn sent(&mut self, line: SerialLine) {
+        if self.cfg.ack && line.id.is_some() {
+            self.prune_acked();
+            if self.unacked.len() == self.cfg.queue {
+                if let Some(old) = self.unacked.pop_front() {
+                    self.unacked_lost.add(old.id);
+                }
+            }
+            self.unacked.push_back(line);
+        }
+        if self.slow_reported && self.notices.is_empty() && self.queue.is_empty() {
+            log::info!(
+                "serial port {}: the PLC reads again",
+                self.cfg.port.display()
+            );
+            self.slow_reported = false;
+            (self.ctx.health)(PortState::Fine);
+        }
+    }
+
+    fn stalled(&mut self) {
+        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        if !self.slow_reported && since.elapsed() >= SLOW_AFTER {
+            self.slow_reported = true;
+            let reason = format!(
+                "PLC not reading: no byte taken for {} ms, {} lines waiting",
+                since.elapsed().as_millis(),
+                self.queue.len()
+            );
+            log::warn!("serial port {}: {reason}", self.cfg.port.display());
+            // Delivered when the PLC reads again, right after the line in hand.
+            self.notices.push_front(own_line(event_line(
+                &Event::Fault(format!("serial: {reason}")),
+                self.ctx.run,
+            )));
+            (self.ctx.health)(PortState::Slow(reason));
         }
     }
 }

@@ -57,10 +57,19 @@ pub struct Stats {
     pub drops: AtomicU64,
     /// Results that arrived after their part's fail-safe verdict and were discarded.
     pub late: AtomicU64,
-    /// Serial lines dropped because the port stayed away longer than its queue lasts.
+    /// Serial lines dropped because the port stayed away (or the PLC did not read) longer than
+    /// its queue lasts; each gap is marked by a `LOST` line.
     pub serial_dropped: AtomicU64,
-    /// Rejected parts not written to the audit folder because it could not keep up.
+    /// JSON writes that failed (each raised FAULT `json`; the line was retried).
+    pub json_failed: AtomicU64,
+    /// JSON lines dropped while writes failed; each gap is marked by a `lost` event line.
+    pub json_lost: AtomicU64,
+    /// Rejected parts not kept in the audit folder (it could not keep up, or the disk is low).
     pub audit_skipped: AtomicU64,
+    /// Audit writes that failed (each raised FAULT `audit`).
+    pub audit_failed: AtomicU64,
+    /// Events an observer's full channel did not take.
+    pub observer_dropped: AtomicU64,
     pub fault: AtomicBool,
     rings: [Mutex<Ring>; 6],
 }
@@ -82,7 +91,11 @@ impl Stats {
             drops: AtomicU64::new(0),
             late: AtomicU64::new(0),
             serial_dropped: AtomicU64::new(0),
+            json_failed: AtomicU64::new(0),
+            json_lost: AtomicU64::new(0),
             audit_skipped: AtomicU64::new(0),
+            audit_failed: AtomicU64::new(0),
+            observer_dropped: AtomicU64::new(0),
             fault: AtomicBool::new(false),
             rings: std::array::from_fn(|_| Mutex::new(Ring::new())),
         }
@@ -125,7 +138,8 @@ impl Stats {
             .map(|(a, b)| (a as f64 / 1000.0, b as f64 / 1000.0))
     }
 
-    /// `fps 24.8 | capture p50/p99 0.1/0.3 ms | ... | OK 120 NG 3 ERR 0 | deadline 0 failed 0 drops 0`
+    /// `fps 24.8 | capture 0.1/0.3 ms | ... | OK 120 NG 3 ERR 0 | deadline 0 failed 0 drops 0 late 0 |
+    /// lost: serial 0 json 0 audit 0 | up 12 s`
     pub fn status_line(&self, since: &mut (Instant, u64)) -> String {
         let now = Instant::now();
         let decided = self.decided();
@@ -142,12 +156,14 @@ impl Stats {
         let [ok, ng, err] = self.counts();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         line.push_str(&format!(
-            " | OK {ok} NG {ng} ERR {err} | deadline {} failed {} drops {} late {} serial-dropped {} | up {:.0} s",
+            " | OK {ok} NG {ng} ERR {err} | deadline {} failed {} drops {} late {} | lost: serial {} json {} audit {} | up {:.0} s",
             load(&self.deadline_misses),
             load(&self.failures),
             load(&self.drops),
             load(&self.late),
             load(&self.serial_dropped),
+            load(&self.json_lost),
+            load(&self.audit_skipped),
             self.started.elapsed().as_secs_f64()
         ));
         line
