@@ -42,14 +42,15 @@ impl Health {
     }
 
     /// Raises (or updates) the fault of `origin`; repeated identical reports are sent once.
+    /// The event is handed to the outputs under the lock (their queues never wait), so FAULT
+    /// and READY reach every output in the order the state changed.
     pub fn fault(&self, origin: &'static str, reason: String) {
         let mut faults = self.lock();
         if faults.get(origin) != Some(&reason) {
-            faults.insert(origin, reason.clone());
+            let event = Event::Fault(format!("{origin}: {reason}"));
+            faults.insert(origin, reason);
             self.stats.fault.store(true, Ordering::Relaxed);
-            drop(faults);
-            self.outputs
-                .event(&Event::Fault(format!("{origin}: {reason}")), origin);
+            self.outputs.event(&event, origin);
         }
     }
 
@@ -58,7 +59,6 @@ impl Health {
         let mut faults = self.lock();
         if faults.remove(origin).is_some() && faults.is_empty() {
             self.stats.fault.store(false, Ordering::Relaxed);
-            drop(faults);
             self.outputs.event(&Event::Ready, origin);
         }
     }
