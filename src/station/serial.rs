@@ -420,7 +420,10 @@ impl Writer {
     }
 
     /// After a reconnection: the FAULT line of the gap first, then (acknowledged mode) every
-    /// unacknowledged result again as `REP`, then the line that was being written.
+    /// unacknowledged result again as `REP`, then what had not gone out yet: the writer's own
+    /// lines still waiting (repeats, `LOST` lines; a connection can be lost again before they
+    /// are written) and the line that was being written. Older `FAULT serial` notices are
+    /// superseded by the new one.
     fn mark_gap(&mut self, reason: &str) {
         let mut notices = VecDeque::new();
         notices.push_back(own_line(event_line(
@@ -440,6 +443,12 @@ impl Writer {
                 notices.push_back(line);
             }
         }
+        let waiting = std::mem::take(&mut self.notices);
+        notices.extend(
+            waiting
+                .into_iter()
+                .filter(|line| !line.text.starts_with("FAULT serial")),
+        );
         if let Some((line, _)) = self.in_hand.take() {
             notices.push_back(line);
         }
