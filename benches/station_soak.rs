@@ -18,17 +18,6 @@ use vigil::station::config::StationConfig;
 use vigil::station::pty::{self, LineReader};
 use vigil::station::{self, Controls, Hooks};
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// What the simulated PLC did and read.
 #[derive(Default)]
 struct PlcLog {
@@ -177,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         let (rss, done) = (rss.clone(), done.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                rss.lock().map(|mut r| r.push(rss_kib())).ok();
+                rss.lock().map(|mut r| r.push(vigil::bench::rss_kib())).ok();
                 std::thread::sleep(Duration::from_secs(1));
             }
         })

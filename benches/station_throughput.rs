@@ -48,17 +48,6 @@ impl FrameSource for MemorySource {
     }
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 fn main() -> Result<()> {
     // As `vigil run` does: without it the main thread's allocator page-faults every tensor buffer
     // in again and "inference alone" on the main thread is 2x slower than inside the pipeline.
@@ -211,10 +200,10 @@ fn main() -> Result<()> {
     let (a, b) = (at_1000.clone(), at_end.clone());
     let hook: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |id| {
         if id == 1_000 {
-            a.store(rss_kib(), Ordering::Relaxed);
+            a.store(vigil::bench::rss_kib(), Ordering::Relaxed);
         }
         if id + 1 == memory_parts {
-            b.store(rss_kib(), Ordering::Relaxed);
+            b.store(vigil::bench::rss_kib(), Ordering::Relaxed);
         }
     });
     let m = run(0.0, memory_parts, Some(hook))?;

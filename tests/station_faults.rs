@@ -2,6 +2,7 @@
 //! that floods commands, stops reading or pulls the cable; a result file on a full disk; hostile
 //! frames, model and calibration files; config mistakes. One test (or more) per finding of the
 //! issue "The station keeps its promise under faults".
+mod crafted_png;
 mod station_common;
 
 use std::io::Write;
@@ -376,42 +377,6 @@ fn acknowledged_mode_sends_unacknowledged_results_again_after_a_reconnect() {
     }
 }
 
-/// A PNG whose header claims `width` × `height` pixels (grey, 8 bit) and whose image data is a
-/// few bytes: what the header check must refuse before any decoding.
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let start = out.len();
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        let crc = crc32(&out[start..]);
-        out.extend_from_slice(&crc.to_be_bytes());
-    }
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
-    chunk(&mut png, b"IHDR", &ihdr);
-    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x03, 0x00]);
-    chunk(&mut png, b"IEND", &[]);
-    png
-}
-
 /// Finding 4: no limit on decoded image size (a small PNG decoded to gigabytes and blocked
 /// preprocessing for seconds, so the good parts behind it missed their deadline).
 #[test]
@@ -421,7 +386,11 @@ fn an_oversized_frame_is_refused_from_its_header_at_once() {
         "oversized",
         &[f.good[0].clone(), f.good[1].clone(), f.good[2].clone()],
     );
-    std::fs::write(dir.join("line/001.png"), png_claiming(30_000, 30_000)).unwrap();
+    std::fs::write(
+        dir.join("line/001.png"),
+        crafted_png::claimed_png(30_000, 30_000),
+    )
+    .unwrap();
     let json = dir.join("results.jsonl");
     let cfg = config(
         &dir,
