@@ -157,7 +157,7 @@ fn gpio_outputs(
         (Some(ms), _, _) => (RejectTimer::new(ms * 1000, width), None),
         (None, Some(counts), Some(line)) => (
             RejectTimer::new(counts, width),
-            Some(encoder(&g.chip, line, stop)?),
+            Some(encoder(&g.chip, line, stop).map_err(|e| keyed("gpio.encoder_line", e))?),
         ),
         _ => {
             return Err(Error::config(
@@ -172,7 +172,8 @@ fn gpio_outputs(
     #[cfg(feature = "gpio")]
     {
         let lines =
-            super::gpio::cdev::Outputs::open(&g.chip, g.reject_line, g.ready_line, g.fault_line)?;
+            super::gpio::cdev::Outputs::open(&g.chip, g.reject_line, g.ready_line, g.fault_line)
+                .map_err(|e| keyed("gpio.chip", e))?;
         Ok(Some((Box::new(lines), timer, encoder)))
     }
     #[cfg(not(feature = "gpio"))]
