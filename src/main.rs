@@ -77,9 +77,23 @@ enum Command {
         /// Continue a stopped training from its checkpoint (same data, method, config and seed).
         #[arg(long)]
         resume: bool,
+        /// Also train on K defective test images of each defect type (MVTec layout, methods that
+        /// learn from defects). They are recorded in the model file and left out of every
+        /// `vigil eval` of it. With plain folders, `--defect DIR --masks DIR` train on all of DIR.
+        #[arg(long, value_name = "K")]
+        few_shot: Option<usize>,
+        /// Train on only N of the defect-free images (a seeded choice): how a product with fewer
+        /// images would train.
+        #[arg(long, value_name = "N")]
+        train_limit: Option<usize>,
+        /// Stop after N epochs (all phases counted), keeping the checkpoint; `--resume` goes on.
+        #[arg(long, value_name = "N")]
+        stop_after_epochs: Option<usize>,
         #[command(flatten)]
         run: RunArgs,
     },
+    /// List the detection methods.
+    Methods,
     /// Measure a model on labelled test images and write a report.
     Eval {
         #[arg(long)]
@@ -279,6 +293,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             backbone,
             checkpoint,
             resume,
+            few_shot,
+            train_limit,
+            stop_after_epochs,
             run,
         } => {
             let args = commands::TrainArgs {
@@ -294,13 +311,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 backbone,
                 checkpoint,
                 resume,
+                few_shot,
+                train_limit,
+                stop_after_epochs,
                 run: run.into(),
             };
             let s = commands::train(&args).context("training failed")?;
+            let Some(model) = &s.model else {
+                println!(
+                    "paused after {} epochs in {:.1} s; continue with the same command and --resume",
+                    stop_after_epochs.unwrap_or_default(),
+                    s.seconds
+                );
+                return Ok(ExitCode::SUCCESS);
+            };
             println!(
-                "wrote {} ({} training images, {} skipped) in {:.1} s; validation scores: n {} mean {:.4} std {:.4} max {:.4}",
-                s.model.display(),
+                "wrote {} ({} training images, {} defective, {} skipped) in {:.1} s; validation scores: n {} mean {:.4} std {:.4} max {:.4}",
+                model.display(),
                 s.train_images,
+                s.defect_images,
                 s.skipped,
                 s.seconds,
                 s.validation.count,
@@ -308,6 +337,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.validation.std,
                 s.validation.max
             );
+        }
+        Command::Methods => {
+            for m in commands::methods() {
+                let mut traits = vec![format!("version {}", m.version)];
+                if m.uses_backbone {
+                    traits.push("pretrained Lite0 backbone".into());
+                }
+                if m.learns_from_defects {
+                    traits.push("learns from defects (--few-shot, --defect/--masks)".into());
+                }
+                println!("{:<8} {}\n         ({})", m.name, m.summary, traits.join("; "));
+            }
         }
         Command::Eval {
             model,

@@ -140,6 +140,7 @@ fn split_is_deterministic_by_seed_and_sized_by_fraction() {
             &SplitOptions {
                 validation_fraction: fraction,
                 seed,
+                ..Default::default()
             },
         )
     };

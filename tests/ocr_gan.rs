@@ -480,6 +480,7 @@ fn load_split(root: &Path, spec: &InputSpec) -> Result<Split> {
         &SplitOptions {
             validation_fraction: 0.1,
             seed: 0,
+            ..Default::default()
         },
     )?;
     let load = |samples: &[dataset::Sample]| -> Result<Vec<(Image, bool)>> {

@@ -11,7 +11,9 @@ use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::eval::{self, heatmap_range, score_images};
 use crate::methods::{self, Method};
-use crate::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
+use crate::model_file::{
+    self, BackboneInfo, HeldImage, ModelMeta, Preprocessing, ScoreStats, TrainingInfo,
+};
 use crate::train::{self, progress_bar, TrainOptions};
 
 pub mod station;
@@ -46,12 +48,21 @@ pub struct TrainArgs {
     pub checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint when it exists.
     pub resume: bool,
+    /// Train on K defective test images per defect type (MVTec layout), left out of every
+    /// evaluation of the model.
+    pub few_shot: Option<usize>,
+    /// Use only this many defect-free training images.
+    pub train_limit: Option<usize>,
+    /// Stop after this many epochs, keeping the checkpoint for `--resume`.
+    pub stop_after_epochs: Option<usize>,
     pub run: RunOptions,
 }
 
 #[derive(Clone, Debug)]
 pub struct TrainSummary {
-    pub model: PathBuf,
+    /// `None` when the training paused before its end (`stop_after_epochs`).
+    pub model: Option<PathBuf>,
+    pub defect_images: usize,
     pub train_images: usize,
     pub validation: ScoreStats,
     pub seconds: f64,
@@ -152,36 +163,110 @@ pub fn method_config(config: Option<&Path>, set: &[String]) -> Result<serde_json
     Ok(value)
 }
 
+/// The data set folder a sample's path is named relative to in a model file.
+fn data_root(source: &DataSource) -> &Path {
+    match source {
+        DataSource::Mvtec { root } => root,
+        DataSource::Plain { defect, good, .. } => defect.as_deref().unwrap_or(good),
+    }
+}
+
+/// The record of a defective training image: its path relative to the data root and its digest.
+fn held_image(sample: &dataset::Sample, root: &Path) -> Result<HeldImage> {
+    let bytes = std::fs::read(&sample.path).map_err(|e| Error::io(&sample.path, e))?;
+    let relative = sample.path.strip_prefix(root).unwrap_or(&sample.path);
+    Ok(HeldImage {
+        path: relative.display().to_string(),
+        sha256: crate::digest::sha256_hex(&bytes),
+    })
+}
+
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let start = Instant::now();
     let device = args.run.device.open()?;
     let split = SplitOptions {
         validation_fraction: args.validation_fraction,
         seed: args.seed,
+        train_limit: args.train_limit,
     };
-    let data = Dataset::open(&args.data, &split)?;
+    let mut data = Dataset::open(&args.data, &split)?;
+    match (&args.data, args.few_shot) {
+        (DataSource::Mvtec { .. }, Some(k)) => data.take_few_shot(k, args.seed)?,
+        (DataSource::Plain { defect: Some(_), .. }, None) => data.train_on_defects()?,
+        (DataSource::Plain { .. }, Some(_)) => {
+            return Err(Error::config(
+                "few-shot",
+                "takes test images of an MVTec-layout data set; with plain folders pass --defect and --masks",
+            ))
+        }
+        _ => {}
+    }
     let input = default_input(&data.train, args.height, args.width)?;
     log::info!(
-        "training {} on {} images ({} for validation) at {}x{}x{}",
+        "training {} on {} images ({} for validation, {} defective) at {}x{}x{}",
         args.method,
         data.train.len(),
         data.validation.len(),
+        data.train_defects.len(),
         input.channels,
         input.height,
         input.width
     );
-    let config = method_config(args.config.as_deref(), &args.set)?;
-    let mut method = methods::create(&args.method, config, input, &args.backbone, &device)?;
+    let setup = methods::Setup {
+        config: method_config(args.config.as_deref(), &args.set)?,
+        input,
+        seed: args.seed,
+        device: &device,
+    };
+    let entry = methods::entry(&args.method)?;
+    if !data.train_defects.is_empty() && !entry.learns_from_defects {
+        return Err(Error::invalid(
+            "defective training images",
+            format!(
+                "{} learns from defect-free images only: drop --defect / --few-shot",
+                entry.name
+            ),
+        ));
+    }
+    let mut method = (entry.create)(&setup, &args.backbone)?;
     let train_set = load(&data.train, &input, &args.run, "load")?;
     let val_set = load(&data.validation, &input, &args.run, "load val")?;
+    // A defective image is only useful with its mask: an unreadable one is an error, not a skip.
+    let defect_set = load(
+        &data.train_defects,
+        &input,
+        &RunOptions {
+            skip_bad: false,
+            ..args.run.clone()
+        },
+        "load defects",
+    )?;
     let used: Vec<dataset::Sample> = data
         .train
         .iter()
         .filter(|s| !train_set.skipped.iter().any(|(p, _)| p == &s.path))
+        .chain(&data.train_defects)
         .cloned()
         .collect();
     let data_fingerprint = dataset::fingerprint(&used)?;
-    let images: Vec<Image> = train_set.loaded.into_iter().map(|l| l.image).collect();
+    let root = data_root(&args.data);
+    let defects_record = data
+        .train_defects
+        .iter()
+        .map(|s| held_image(s, root))
+        .collect::<Result<Vec<_>>>()?;
+    let set = methods::TrainSet {
+        good: train_set.loaded.into_iter().map(|l| l.image).collect(),
+        defects: defect_set
+            .loaded
+            .into_iter()
+            .map(|l| methods::Defective {
+                mask: l.mask.expect("checked by Dataset::check_defect_masks"),
+                image: l.image,
+            })
+            .collect(),
+    };
+    let train_images = set.good.len();
     let val_images: Vec<Image> = val_set.loaded.iter().map(|l| l.image.clone()).collect();
     let opts = TrainOptions {
         batch_size: args.run.batch_size,
@@ -194,26 +279,50 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         ),
         resume: args.resume,
         data_fingerprint: data_fingerprint.clone(),
+        stop_after_epochs: args.stop_after_epochs,
     };
-    let report = train::fit(method.as_mut(), &images, &val_images, &opts, &device)?;
-    drop(images);
+    let report = train::fit(method.as_mut(), &set, &val_images, &opts, &device)?;
+    drop(set);
+    let summary = |model: Option<PathBuf>, validation: ScoreStats| TrainSummary {
+        model,
+        defect_images: defects_record.len(),
+        train_images,
+        validation,
+        seconds: start.elapsed().as_secs_f64(),
+        skipped: train_set.skipped.len() + val_set.skipped.len(),
+    };
+    if report.paused {
+        return Ok(summary(None, ScoreStats::default()));
+    }
     if !val_images.is_empty() {
         let refs: Vec<&Image> = val_images.iter().collect();
         let scored = score_images(method.as_ref(), &refs, args.run.batch_size, &device, false)?;
         method.fit_score_scale(&scored.scores)?;
     }
     let validation = validation_stats(method.as_ref(), &val_set, &args.run, &device)?;
+    let backbone = match method.backbone_blocks() {
+        Some((blocks, trained_from)) => Some(BackboneInfo {
+            architecture: "efficientnet-lite0".into(),
+            weights_sha256: model_file::file_sha256(&args.backbone)?,
+            blocks,
+            trained_from,
+        }),
+        None => None,
+    };
     let meta = ModelMeta {
         format: model_file::FORMAT.into(),
         format_version: model_file::FORMAT_VERSION,
         method: method.name().into(),
-        config: method.config_json(),
+        method_version: entry.version,
+        config: method.config_json()?,
+        backbone,
         input,
         preprocessing: Preprocessing::default(),
         validation: validation.clone(),
         training: TrainingInfo {
             data_fingerprint,
-            train_images: used.len(),
+            train_images,
+            defects: defects_record.clone(),
             validation_images: val_set.loaded.len(),
             seed: args.seed,
             date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -223,13 +332,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         },
     };
     model_file::save(&args.out, &meta, &method.tensors()?)?;
-    Ok(TrainSummary {
-        model: args.out.clone(),
-        train_images: used.len(),
-        validation,
-        seconds: start.elapsed().as_secs_f64(),
-        skipped: train_set.skipped.len() + val_set.skipped.len(),
-    })
+    Ok(summary(Some(args.out.clone()), validation))
+}
+
+/// One registered method as `vigil methods` lists it.
+pub fn methods() -> Vec<&'static methods::MethodEntry> {
+    methods::REGISTRY.iter().collect()
 }
 
 fn validation_stats(
@@ -270,15 +378,17 @@ pub fn eval(args: &EvalArgs) -> Result<eval::EvalReport> {
         &SplitOptions {
             validation_fraction: 0.0,
             seed: 0,
+            ..Default::default()
         },
     )?;
-    if data.test.is_empty() {
+    let test = without_trained_defects(data.test, &meta)?;
+    if test.is_empty() {
         return Err(Error::Dataset {
             path: source_name(&args.data),
             reason: "no test images".into(),
         });
     }
-    let test = load(&data.test, &meta.input, &args.run, "load test")?;
+    let test = load(&test, &meta.input, &args.run, "load test")?;
     eval::evaluate(
         method.as_ref(),
         &meta,
@@ -290,6 +400,36 @@ pub fn eval(args: &EvalArgs) -> Result<eval::EvalReport> {
         &device,
         args.run.progress,
     )
+}
+
+/// `samples` less the defective images the model trained on (recognised by their bytes, wherever
+/// the set lives): an evaluation or calibration never sees them.
+pub fn without_trained_defects(
+    samples: Vec<dataset::Sample>,
+    meta: &ModelMeta,
+) -> Result<Vec<dataset::Sample>> {
+    if meta.training.defects.is_empty() {
+        return Ok(samples);
+    }
+    let trained: std::collections::HashSet<&str> = meta
+        .training
+        .defects
+        .iter()
+        .map(|h| h.sha256.as_str())
+        .collect();
+    let mut kept = Vec::with_capacity(samples.len());
+    for sample in samples {
+        let bytes = std::fs::read(&sample.path).map_err(|e| Error::io(&sample.path, e))?;
+        if trained.contains(crate::digest::sha256_hex(&bytes).as_str()) {
+            log::info!(
+                "left out {}: the model trained on it",
+                sample.path.display()
+            );
+        } else {
+            kept.push(sample);
+        }
+    }
+    Ok(kept)
 }
 
 #[derive(Clone, Debug)]
@@ -316,9 +456,11 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<(PathBuf, Calibration)> {
         &SplitOptions {
             validation_fraction: 0.0,
             seed: 0,
+            ..Default::default()
         },
     )?;
-    let loaded = load(&data.test, &meta.input, &args.run, "load")?;
+    let samples = without_trained_defects(data.test, &meta)?;
+    let loaded = load(&samples, &meta.input, &args.run, "load")?;
     let images: Vec<&Image> = loaded.loaded.iter().map(|l| &l.image).collect();
     let scored = score_images(
         method.as_ref(),

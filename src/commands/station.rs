@@ -124,6 +124,9 @@ pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummar
         backbone: args.backbone.clone(),
         checkpoint: None,
         resume: false,
+        few_shot: None,
+        train_limit: None,
+        stop_after_epochs: None,
         run: run_opts.clone(),
     })?;
     let calibration = out.join("calibration.toml");

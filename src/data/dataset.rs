@@ -46,6 +46,9 @@ pub struct SplitOptions {
     /// one image is held out whenever there are two or more.
     pub validation_fraction: f32,
     pub seed: u64,
+    /// Use only this many of the defect-free training images (a seeded choice, before the
+    /// validation split): how a product with fewer images would train.
+    pub train_limit: Option<usize>,
 }
 
 impl Default for SplitOptions {
@@ -53,6 +56,7 @@ impl Default for SplitOptions {
         SplitOptions {
             validation_fraction: 0.1,
             seed: 0,
+            train_limit: None,
         }
     }
 }
@@ -62,6 +66,9 @@ pub struct Dataset {
     pub train: Vec<Sample>,
     pub validation: Vec<Sample>,
     pub test: Vec<Sample>,
+    /// Defective images to train on (with masks): taken out of `test` by [`Dataset::take_few_shot`]
+    /// or [`Dataset::train_on_defects`].
+    pub train_defects: Vec<Sample>,
 }
 
 fn dataset_error(path: &Path, reason: impl Into<String>) -> Error {
@@ -129,6 +136,22 @@ fn split_train_validation(
             format!("{fraction} (must be in [0, 1))"),
         ));
     }
+    let good = match split.train_limit {
+        Some(0) => return Err(Error::config("train_limit", "must be at least 1")),
+        Some(limit) if limit < good.len() => {
+            let mut order: Vec<usize> = (0..good.len()).collect();
+            Rng::new(split.seed).fork(0x11_31_7e).shuffle(&mut order);
+            let mut keep = vec![false; good.len()];
+            for &i in &order[..limit] {
+                keep[i] = true;
+            }
+            good.into_iter()
+                .zip(keep)
+                .filter_map(|(s, k)| k.then_some(s))
+                .collect()
+        }
+        _ => good,
+    };
     let n = good.len();
     if n < 2 {
         return Ok((good, Vec::new()));
@@ -168,6 +191,77 @@ fn find_mask(dir: &Path, image: &Path, names: &[String]) -> Option<PathBuf> {
 }
 
 impl Dataset {
+    /// Moves `k` defective test images of each defect type (a seeded choice) to
+    /// `train_defects`: the few-shot setting. Each needs a mask.
+    pub fn take_few_shot(&mut self, k: usize, seed: u64) -> Result<()> {
+        if k == 0 {
+            return Err(Error::config("few_shot", "must be at least 1"));
+        }
+        let mut types: Vec<String> = self
+            .test
+            .iter()
+            .filter(|s| s.is_defective())
+            .map(|s| s.defect_type.clone())
+            .collect();
+        types.dedup();
+        if types.is_empty() {
+            return Err(Error::invalid(
+                "few_shot",
+                "the data set has no defective test images to take",
+            ));
+        }
+        let mut rng = Rng::new(seed).fork(0xfe_5407);
+        let mut taken = vec![false; self.test.len()];
+        for defect_type in &types {
+            let mut candidates: Vec<usize> = (0..self.test.len())
+                .filter(|&i| &self.test[i].defect_type == defect_type)
+                .collect();
+            if candidates.len() <= k {
+                return Err(Error::invalid(
+                    "few_shot",
+                    format!(
+                        "{k} per type would leave no `{defect_type}` image to evaluate on ({} in test)",
+                        candidates.len()
+                    ),
+                ));
+            }
+            rng.shuffle(&mut candidates);
+            for &i in &candidates[..k] {
+                taken[i] = true;
+            }
+        }
+        let test = std::mem::take(&mut self.test);
+        for (sample, take) in test.into_iter().zip(taken) {
+            if take {
+                self.train_defects.push(sample);
+            } else {
+                self.test.push(sample);
+            }
+        }
+        self.check_defect_masks()
+    }
+
+    /// Moves every defective test image to `train_defects` (the plain form's `--defect` folder
+    /// when training). Each needs a mask.
+    pub fn train_on_defects(&mut self) -> Result<()> {
+        let (defects, rest): (Vec<Sample>, Vec<Sample>) = std::mem::take(&mut self.test)
+            .into_iter()
+            .partition(Sample::is_defective);
+        self.test = rest;
+        self.train_defects = defects;
+        self.check_defect_masks()
+    }
+
+    fn check_defect_masks(&self) -> Result<()> {
+        match self.train_defects.iter().find(|s| s.mask.is_none()) {
+            Some(s) => Err(dataset_error(
+                &s.path,
+                "a defective training image needs its mask (--masks, or ground_truth/)",
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn open(source: &DataSource, split: &SplitOptions) -> Result<Dataset> {
         match source {
             DataSource::Mvtec { root } => open_mvtec(root, split),
@@ -232,6 +326,7 @@ fn open_mvtec(root: &Path, split: &SplitOptions) -> Result<Dataset> {
         train,
         validation,
         test,
+        train_defects: Vec::new(),
     })
 }
 
@@ -270,6 +365,7 @@ fn open_plain(
         train,
         validation,
         test,
+        train_defects: Vec::new(),
     })
 }
 

@@ -1,19 +1,19 @@
 //! The detection methods. Each lives in its own folder (model, loss, anomaly map) and implements
 //! [`Method`], which is all the training loop, the evaluator, the model file and the station use.
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use crate::data::InputSpec;
+use crate::data::{Image, InputSpec, Mask};
 use crate::error::{Error, Result};
 use crate::model_file::ModelMeta;
-use crate::nn::backbone::Lite0Features;
 use crate::rng::Rng;
+use crate::nn::train_state::TrainState;
 
 pub mod anomaly_map;
+pub(crate) mod config_check;
 mod fast_snapshot;
 pub mod nf_bmr;
 pub mod ocr_gan;
@@ -27,53 +27,151 @@ pub struct Inference {
     pub scores: Tensor,
 }
 
+/// What a training phase consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PhaseInput {
+    /// The frozen front's output ([`Method::encode_frozen`]) of the unaltered training images,
+    /// computed once and cached by the training loop (NF-BMR).
+    Features,
+    /// The images themselves, which the method augments and into which it synthesises anomalies
+    /// (OCR-GAN, FCDD).
+    Images,
+}
+
+/// How the epoch a phase keeps is chosen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// The last epoch.
+    Last,
+    /// The epoch that best separates synthetic anomalies of the defect-free validation images from
+    /// those images (for training that oscillates, such as a GAN's). `trained_on` names the kinds
+    /// of synthetic anomaly (as `kind` spells them in configs) the phase itself learns from; they
+    /// are left out of the yardstick, so a method is never selected by what it was taught.
+    Separation { trained_on: Vec<&'static str> },
+}
+
 /// One stage of a method's training, trained in order (NF-BMR: the flow, then the mapping nets).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhaseSpec {
     pub name: &'static str,
+    pub input: PhaseInput,
+    /// Passes over the training images.
     pub epochs: usize,
-    /// Keep the epoch that best separates synthetic anomalies of the validation images from the
-    /// validation images themselves, instead of the last one (for training that oscillates, such
-    /// as a GAN's). Uses no test image.
-    pub select_best: bool,
+    /// The least number of optimiser steps: a small training set gets more epochs, so that a
+    /// product of 50 images trains as long as one of 700 (epochs are rounded up to whole passes).
+    pub min_steps: usize,
+    pub selection: Selection,
 }
 
-/// Losses of one training step, by name, for progress bars and logs.
-pub type StepLosses = Vec<(&'static str, f32)>;
+impl PhaseSpec {
+    /// The epochs this phase runs with `steps_per_epoch` batches per pass.
+    pub fn epochs_for(&self, steps_per_epoch: usize) -> usize {
+        self.epochs
+            .max(self.min_steps.div_ceil(steps_per_epoch.max(1)))
+    }
+}
+
+/// A defective training image and its mask (`--defect`/`--masks`, or `--few-shot`).
+#[derive(Clone, Debug)]
+pub struct Defective {
+    pub image: Image,
+    pub mask: Mask,
+}
+
+/// What a method trains on: defect-free images, and defective ones for methods that learn from
+/// them.
+#[derive(Clone, Debug, Default)]
+pub struct TrainSet {
+    pub good: Vec<Image>,
+    pub defects: Vec<Defective>,
+}
+
+/// One step's input.
+pub struct TrainBatch<'a> {
+    /// Index into [`Method::phases`].
+    pub phase: usize,
+    /// 0-based epoch of the phase.
+    pub epoch: usize,
+    /// The batch's defect-free images (label: good, mask: empty), in the epoch's seeded order.
+    pub good: Vec<&'a Image>,
+    /// `[B, ...]` cached frozen features of `good`, for [`PhaseInput::Features`] phases.
+    pub features: Option<Tensor>,
+    /// Every defective training image with its mask; the method decides how to mix them in.
+    pub defects: &'a [Defective],
+}
+
+/// The losses of one step: each objective is backpropagated and steps its parameter group of
+/// [`Method::train_state`], in order; `logged` values only go to progress bars and the report.
+pub struct StepLosses {
+    pub objectives: Vec<(&'static str, Tensor)>,
+    pub logged: Vec<(&'static str, Tensor)>,
+}
 
 /// A trainable detector.
 pub trait Method: Send {
     /// The method's name as the CLI and the model file spell it.
     fn name(&self) -> &'static str;
 
-    /// The frozen, deterministic front of the network (a pretrained backbone, or the identity).
-    /// The training loop computes it once per unaltered training image and caches it, so
-    /// `train_step` receives its output.
-    fn encode_frozen(&self, images: &Tensor) -> Result<Tensor>;
-
     fn phases(&self) -> Vec<PhaseSpec>;
 
-    /// One optimisation step of phase `phase` (an index into `phases()`) on encoded inputs.
-    /// `rng` (seeded per epoch by the training loop, so a resumed training draws the same) is for
-    /// the step's own randomness, such as synthetic anomalies.
-    fn train_step(&mut self, phase: usize, encoded: &Tensor, rng: &mut Rng) -> Result<StepLosses>;
-
-    /// Everything a stopped training needs to resume exactly: parameters, running statistics,
-    /// optimiser moments. Copies, so later steps do not change them.
-    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
+    /// The frozen, deterministic front of the network, for [`PhaseInput::Features`] phases: the
+    /// training loop computes it once per unaltered training image and caches it.
+    fn encode_frozen(&self, images: &Tensor) -> Result<Tensor> {
+        let _ = images;
         Err(Error::invalid(
-            "checkpoint",
-            format!("{} cannot save its training state yet", self.name()),
+            "training phase",
+            format!("{} has no frozen front to cache", self.name()),
         ))
+    }
+
+    /// Whether the method learns from defective training images; others refuse them.
+    fn learns_from_defects(&self) -> bool {
+        false
+    }
+
+    /// Called once with the whole training set before the first step (also before a checkpoint
+    /// is restored), for statistics of the training images (FCDD's normalisation constants).
+    fn prepare(&mut self, set: &TrainSet) -> Result<()> {
+        let _ = set;
+        Ok(())
+    }
+
+    /// The losses of one optimisation step. `rng` (seeded per epoch by the training loop, so a
+    /// resumed training draws the same) is for the step's own randomness, such as synthetic
+    /// anomalies.
+    fn step_losses(&mut self, batch: &TrainBatch, rng: &mut Rng) -> Result<StepLosses>;
+
+    /// The trainable parameters, their optimisers and buffers.
+    fn train_state(&self) -> &TrainState;
+    fn train_state_mut(&mut self) -> &mut TrainState;
+
+    /// The weights changed (a step, a restore): drop whatever was built from them.
+    fn weights_changed(&mut self) {}
+
+    /// Training state beyond [`Method::train_state`] (NF-BMR's feature statistics).
+    fn extra_state(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(HashMap::new())
+    }
+
+    fn restore_extra_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+
+    /// Everything a stopped training needs to resume exactly: parameters, buffers, optimiser
+    /// moments and extra state. Copies, so later steps do not change them.
+    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut state = self.train_state().state()?;
+        state.extend(self.extra_state()?);
+        Ok(state)
     }
 
     /// Restores what [`Method::training_state`] returned.
     fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let _ = state;
-        Err(Error::invalid(
-            "checkpoint",
-            format!("{} cannot restore a training state yet", self.name()),
-        ))
+        self.train_state_mut().restore(state)?;
+        self.restore_extra_state(state)?;
+        self.weights_changed();
+        Ok(())
     }
 
     /// Called once after training with the scores `infer` now gives the defect-free validation
@@ -83,8 +181,13 @@ pub trait Method: Send {
         Ok(())
     }
 
-    /// Anomaly maps and scores for `[B, C, H, W]` images in 0..=1 at the model's input size.
+    /// Anomaly maps and scores for `[B, C, H, W]` images in 0..=1 at the model's input size: on
+    /// the fast CPU kernels where the method has them.
     fn infer(&self, images: &Tensor) -> Result<Inference>;
+
+    /// [`Method::infer`] on candle's ops only (the reference the fast path is tested against, and
+    /// the path on CUDA).
+    fn infer_reference(&self, images: &Tensor) -> Result<Inference>;
 
     /// `infer`, with the wall time of each of its stages (for `vigil bench`). Stages are timed
     /// after a device synchronisation so CUDA times are real.
@@ -99,56 +202,100 @@ pub trait Method: Send {
     fn tensors(&self) -> Result<HashMap<String, Tensor>>;
 
     /// The method's hyper-parameters as stored in the model file.
-    fn config_json(&self) -> serde_json::Value;
+    fn config_json(&self) -> Result<serde_json::Value>;
+
+    /// The pretrained backbone's blocks this method uses, if any (the weights' digest is added by
+    /// the caller, which knows the file).
+    fn backbone_blocks(&self) -> Option<(Vec<usize>, Option<usize>)> {
+        None
+    }
 }
 
-/// Names `--method` accepts.
-pub const METHODS: &[&str] = &["nf-bmr", "ocr-gan"];
+/// One optimisation step: the method's losses, each objective backpropagated into its parameter
+/// group (in order), then the values it logs.
+pub fn step(
+    method: &mut dyn Method,
+    batch: &TrainBatch,
+    rng: &mut Rng,
+) -> Result<Vec<(&'static str, f32)>> {
+    let losses = method.step_losses(batch, rng)?;
+    for (group, loss) in &losses.objectives {
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::invalid(
+                "training",
+                format!(
+                    "{} diverged in epoch {} of phase {}: the loss of `{group}` is {value}; \
+                     lower the learning rate",
+                    method.name(),
+                    batch.epoch + 1,
+                    batch.phase + 1
+                ),
+            ));
+        }
+    }
+    let logged = losses
+        .logged
+        .iter()
+        .map(|(name, t)| Ok((*name, t.to_scalar::<f32>()?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (group, loss) in losses.objectives {
+        let grads = loss.backward()?;
+        method.train_state_mut().step(group, &grads)?;
+    }
+    method.weights_changed();
+    Ok(logged)
+}
 
-/// Prefix of the frozen backbone's tensors inside a model file.
-const BACKBONE_PREFIX: &str = "backbone.";
+/// What building a detector needs besides its weights.
+pub struct Setup<'a> {
+    /// The method's hyper-parameters (missing keys keep their defaults).
+    pub config: serde_json::Value,
+    pub input: InputSpec,
+    /// Seeds the parameter initialisation (the training loop seeds everything else from it).
+    pub seed: u64,
+    pub device: &'a Device,
+}
 
-fn parse_config<T: serde::de::DeserializeOwned>(
-    method: &str,
-    config: serde_json::Value,
-) -> Result<T> {
-    serde_json::from_value(config)
-        .map_err(|e| Error::config(format!("{method} config"), e.to_string()))
+/// One registered method: adding a method is one folder and one line in [`REGISTRY`].
+pub struct MethodEntry {
+    /// As `--method` and the model file spell it.
+    pub name: &'static str,
+    /// One line for `vigil methods`.
+    pub summary: &'static str,
+    /// Raised whenever a change makes the method's older model files load or score differently;
+    /// a model file of another version is refused.
+    pub version: u32,
+    pub learns_from_defects: bool,
+    pub uses_backbone: bool,
+    /// The config type's defaults, as JSON.
+    pub default_config: fn() -> Result<serde_json::Value>,
+    /// A config small enough to train in seconds: the generic all-methods tests use it, so a new
+    /// method cannot skip them.
+    pub tiny_config: fn() -> serde_json::Value,
+    /// A fresh, trainable detector; the path is the pretrained backbone weights file.
+    pub create: fn(&Setup, &Path) -> Result<Box<dyn Method>>,
+    /// The detector a model file's tensors hold (frozen backbone included).
+    pub load: fn(&Setup, &HashMap<String, Tensor>) -> Result<Box<dyn Method>>,
+}
+
+/// Every method vigil implements.
+pub const REGISTRY: &[MethodEntry] = &[nf_bmr::ENTRY, ocr_gan::ENTRY];
+
+/// The registered method `name`.
+pub fn entry(name: &str) -> Result<&'static MethodEntry> {
+    REGISTRY.iter().find(|m| m.name == name).ok_or_else(|| {
+        let names: Vec<&str> = REGISTRY.iter().map(|m| m.name).collect();
+        Error::invalid(
+            "method",
+            format!("`{name}` is not one of {}", names.join(", ")),
+        )
+    })
 }
 
 /// A fresh, trainable detector. `backbone` is the pretrained weights file for methods that use one.
-pub fn create(
-    name: &str,
-    config: serde_json::Value,
-    input: InputSpec,
-    backbone: &Path,
-    device: &Device,
-) -> Result<Box<dyn Method>> {
-    match name {
-        "nf-bmr" => {
-            let cfg: nf_bmr::NfBmrConfig = parse_config(name, config)?;
-            cfg.validate()?;
-            let last = cfg.taps.iter().copied().max().unwrap_or(0);
-            let weights = crate::nn::backbone::load_tensors(backbone, last, device)?;
-            let extractor = Lite0Features::new(&weights, cfg.taps.clone(), device)?;
-            let frozen = weights
-                .into_iter()
-                .map(|(k, v)| (format!("{BACKBONE_PREFIX}{k}"), v))
-                .collect();
-            Ok(Box::new(nf_bmr::NfBmr::new(
-                cfg,
-                input,
-                Box::new(extractor),
-                frozen,
-                device,
-            )?))
-        }
-        "ocr-gan" => {
-            let cfg: ocr_gan::OcrGanConfig = parse_config(name, config)?;
-            Ok(Box::new(ocr_gan::OcrGan::new(cfg, input, None, device)?))
-        }
-        other => Err(unknown_method(other)),
-    }
+pub fn create(name: &str, setup: &Setup, backbone: &Path) -> Result<Box<dyn Method>> {
+    (entry(name)?.create)(setup, backbone)
 }
 
 /// Rebuilds the detector stored in a model file.
@@ -158,54 +305,54 @@ pub fn from_model_file(
     path: &Path,
     device: &Device,
 ) -> Result<Box<dyn Method>> {
-    let in_file = |e: Error| Error::ModelFile {
+    let in_file = |reason: String| Error::ModelFile {
         path: path.into(),
-        reason: e.to_string(),
+        reason,
     };
-    match meta.method.as_str() {
-        "nf-bmr" => {
-            let cfg: nf_bmr::NfBmrConfig =
-                parse_config("nf-bmr", meta.config.clone()).map_err(in_file)?;
-            cfg.validate().map_err(in_file)?;
-            let frozen: HashMap<String, Tensor> = tensors
-                .iter()
-                .filter(|(k, _)| k.starts_with(BACKBONE_PREFIX))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let unprefixed: HashMap<String, Tensor> = frozen
-                .iter()
-                .map(|(k, v)| (k[BACKBONE_PREFIX.len()..].to_string(), v.clone()))
-                .collect();
-            let extractor =
-                Lite0Features::new(&unprefixed, cfg.taps.clone(), device).map_err(in_file)?;
-            let method = nf_bmr::NfBmr::from_tensors(
-                cfg,
-                meta.input,
-                Box::new(extractor),
-                frozen,
-                &tensors,
-                device,
-            )
-            .map_err(in_file)?;
-            Ok(Box::new(method))
-        }
-        "ocr-gan" => {
-            let cfg: ocr_gan::OcrGanConfig =
-                parse_config("ocr-gan", meta.config.clone()).map_err(in_file)?;
-            let method =
-                ocr_gan::OcrGan::new(cfg, meta.input, Some(&tensors), device).map_err(in_file)?;
-            Ok(Box::new(method))
-        }
-        other => Err(Error::ModelFile {
-            path: path.into(),
-            reason: unknown_method(other).to_string(),
-        }),
+    let entry = entry(&meta.method).map_err(|e| in_file(e.to_string()))?;
+    if meta.method_version != entry.version {
+        return Err(in_file(format!(
+            "made by {} version {}; this vigil's {} is version {}: retrain the model",
+            meta.method, meta.method_version, meta.method, entry.version
+        )));
     }
+    let setup = Setup {
+        config: meta.config.clone(),
+        input: meta.input,
+        seed: meta.training.seed,
+        device,
+    };
+    (entry.load)(&setup, &tensors).map_err(|e| in_file(e.to_string()))
 }
 
-fn unknown_method(name: &str) -> Error {
-    Error::invalid(
-        "method",
-        format!("`{name}` is not one of {}", METHODS.join(", ")),
-    )
+/// Prefix of the pretrained backbone's tensors inside a model file.
+pub(crate) const BACKBONE_PREFIX: &str = "backbone.";
+
+/// The pretrained backbone's tensors up to `last_block` from its weights file, named as a model
+/// file stores them (with [`BACKBONE_PREFIX`]).
+pub(crate) fn pretrained_backbone(
+    path: &Path,
+    last_block: usize,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    Ok(crate::nn::backbone::load_tensors(path, last_block, device)?
+        .into_iter()
+        .map(|(k, v)| (format!("{BACKBONE_PREFIX}{k}"), v))
+        .collect())
+}
+
+/// The backbone tensors of a model file's, with and without their prefix.
+pub(crate) fn stored_backbone(
+    tensors: &HashMap<String, Tensor>,
+) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+    let prefixed: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with(BACKBONE_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let bare = prefixed
+        .iter()
+        .map(|(k, v)| (k[BACKBONE_PREFIX.len()..].to_string(), v.clone()))
+        .collect();
+    (prefixed, bare)
 }

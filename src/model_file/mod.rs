@@ -20,8 +20,9 @@ pub const METADATA_KEY: &str = "vigil";
 /// and every tensor (name, dtype, shape, data), verified on every load.
 pub const CHECKSUM_KEY: &str = "vigil_sha256";
 pub const FORMAT: &str = "vigil-model";
-/// 2: the file carries [`CHECKSUM_KEY`].
-pub const FORMAT_VERSION: u32 = 2;
+/// 2: the file carries [`CHECKSUM_KEY`]. 3: the method's version, the backbone and the few-shot
+/// images are recorded.
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -29,13 +30,40 @@ pub struct ModelMeta {
     pub format: String,
     pub format_version: u32,
     pub method: String,
+    /// The method's version ([`crate::methods::MethodEntry::version`]) that wrote the file.
+    pub method_version: u32,
     /// The method's hyper-parameters, parsed by the method when the model is loaded.
     pub config: serde_json::Value,
+    /// The pretrained backbone, for methods that use one.
+    pub backbone: Option<BackboneInfo>,
     pub input: InputSpec,
     pub preprocessing: Preprocessing,
     /// Scores of the defect-free validation images, kept out of training.
     pub validation: ScoreStats,
     pub training: TrainingInfo,
+}
+
+/// The pretrained backbone a method was built on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneInfo {
+    pub architecture: String,
+    /// sha256 (hex) of the pretrained weights file the training started from.
+    pub weights_sha256: String,
+    /// The blocks the method reads features from (taps), or the last block it keeps (cut).
+    pub blocks: Vec<usize>,
+    /// The first block whose weights the method fine-tunes; none when the backbone stays frozen.
+    pub trained_from: Option<usize>,
+}
+
+/// A defective image a model trained on: it is left out of every evaluation of the model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldImage {
+    /// Relative to the data set's root, e.g. `test/crack/003.png`.
+    pub path: String,
+    /// sha256 (hex) of the file's bytes: recognised wherever a copy of the set lives.
+    pub sha256: String,
 }
 
 /// How a camera image becomes the model's input. Fixed for this format version; recorded so that a
@@ -125,6 +153,9 @@ pub struct TrainingInfo {
     /// sha256 over the training images' names and bytes.
     pub data_fingerprint: String,
     pub train_images: usize,
+    /// The defective images the model trained on (`--defect` or `--few-shot`): every evaluation
+    /// of the model leaves them out.
+    pub defects: Vec<HeldImage>,
     pub validation_images: usize,
     pub seed: u64,
     /// RFC 3339, UTC.
@@ -313,6 +344,42 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<ModelMeta> {
         )));
     }
     Ok(meta)
+}
+
+/// The model tensor `name`, checked against the expected shape.
+pub fn stored<'a>(
+    tensors: &'a HashMap<String, Tensor>,
+    name: &str,
+    dims: &[usize],
+) -> Result<&'a Tensor> {
+    let tensor = tensors
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
+    if tensor.dims() != dims {
+        return Err(Error::invalid(
+            format!("model tensor `{name}`"),
+            format!("shape {:?}, expected {dims:?}", tensor.dims()),
+        ));
+    }
+    Ok(tensor)
+}
+
+/// The model tensor `name` holding one finite number.
+pub fn stored_scalar(tensors: &HashMap<String, Tensor>, name: &str) -> Result<f32> {
+    let t = tensors
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
+    let values = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    match values.as_slice() {
+        [v] if v.is_finite() => Ok(*v),
+        _ => Err(Error::invalid(
+            format!("model tensor `{name}`"),
+            format!("{values:?} is not one finite number"),
+        )),
+    }
 }
 
 /// sha256 of the file's bytes, hex: what a calibration records to stay tied to its model.

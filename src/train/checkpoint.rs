@@ -14,7 +14,8 @@ use crate::methods::Method;
 use crate::model_file::{read_tensors, write_tensors};
 
 const METADATA_KEY: &str = "vigil-checkpoint";
-const FORMAT_VERSION: u32 = 1;
+/// 2: the report records whether the training paused.
+const FORMAT_VERSION: u32 = 2;
 const BEST_PREFIX: &str = "best.";
 
 /// What must match for a checkpoint to continue this training.
@@ -28,14 +29,14 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn of(method: &dyn Method, opts: &TrainOptions) -> Identity {
-        Identity {
+    pub fn of(method: &dyn Method, opts: &TrainOptions) -> Result<Identity> {
+        Ok(Identity {
             method: method.name().to_string(),
-            config: method.config_json(),
+            config: method.config_json()?,
             seed: opts.seed,
             batch_size: opts.batch_size,
             data_fingerprint: opts.data_fingerprint.clone(),
-        }
+        })
     }
 }
 

@@ -1,5 +1,7 @@
-//! The training loop every method shares: cache the frozen front once, then run the method's
-//! phases epoch by epoch over seeded shuffles, with progress and divergence checks.
+//! The training loop every method shares: cache the frozen front once where a phase trains on it,
+//! then run the method's phases epoch by epoch over seeded shuffles (at least each phase's
+//! `min_steps` steps), backpropagating each objective into its parameter group, with progress,
+//! divergence checks, checkpoints and the per-phase choice of the epoch to keep.
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,12 +16,11 @@ use crate::data::anomaly::{
 use crate::data::{batch_tensor, Image};
 use crate::error::{Error, Result};
 use crate::eval::score_images;
-use crate::methods::Method;
+use crate::methods::{self, Method, PhaseInput, Selection, TrainBatch, TrainSet};
 use crate::metrics::auroc;
 use crate::rng::Rng;
 
 pub mod checkpoint;
-pub mod optim;
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -33,6 +34,9 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Identifies the training images; a checkpoint made on other images is refused.
     pub data_fingerprint: String,
+    /// Stop after this many epochs of this run (all phases counted), keeping the checkpoint for a
+    /// later `resume`: training in sessions, on a line that must stop at the end of a shift.
+    pub stop_after_epochs: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -44,6 +48,7 @@ impl Default for TrainOptions {
             checkpoint: None,
             resume: false,
             data_fingerprint: String::new(),
+            stop_after_epochs: None,
         }
     }
 }
@@ -55,6 +60,8 @@ pub struct TrainReport {
     pub seconds: f64,
     /// `(phase, epochs already done)` when this run resumed a checkpoint.
     pub resumed_at: Option<(String, usize)>,
+    /// Stopped by [`TrainOptions::stop_after_epochs`] before the end: the method is not trained.
+    pub paused: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -120,26 +127,45 @@ struct Best {
     state: HashMap<String, Tensor>,
 }
 
-/// Synthetic anomalies (CutPaste scar, cutout, Perlin-masked blend) of every validation image,
-/// drawn once from the training seed: the label-free yardstick for choosing an epoch.
-fn forge_validation(validation: &[Image], seed: u64) -> Result<Vec<Image>> {
-    let synth = AnomalySynth::new(&[
-        WeightedGenerator {
-            weight: 1.0,
-            generator: AnomalyGenerator::CutPaste(CutPasteParams {
-                variant: CutPasteVariant::Scar,
-                ..Default::default()
-            }),
-        },
-        WeightedGenerator {
-            weight: 1.0,
-            generator: AnomalyGenerator::Cutout(Default::default()),
-        },
-        WeightedGenerator {
-            weight: 1.0,
-            generator: AnomalyGenerator::PerlinBlend(Default::default()),
-        },
-    ])?;
+/// The `kind` a config gives a generator.
+fn kind(generator: &AnomalyGenerator) -> &'static str {
+    match generator {
+        AnomalyGenerator::Cutout(_) => "cutout",
+        AnomalyGenerator::CutPaste(_) => "cut-paste",
+        AnomalyGenerator::Confetti(_) => "confetti",
+        AnomalyGenerator::PerlinBlend(_) => "perlin-blend",
+    }
+}
+
+/// Synthetic anomalies (CutPaste scar, cutout, Perlin-masked blend, less the kinds the phase
+/// trains on) of every validation image, drawn once from the training seed: the label-free
+/// yardstick for choosing an epoch.
+fn forge_validation(validation: &[Image], seed: u64, trained_on: &[&str]) -> Result<Vec<Image>> {
+    let generators: Vec<WeightedGenerator> = [
+        AnomalyGenerator::CutPaste(CutPasteParams {
+            variant: CutPasteVariant::Scar,
+            ..Default::default()
+        }),
+        AnomalyGenerator::Cutout(Default::default()),
+        AnomalyGenerator::PerlinBlend(Default::default()),
+    ]
+    .into_iter()
+    .filter(|g| !trained_on.contains(&kind(g)))
+    .map(|generator| WeightedGenerator {
+        weight: 1.0,
+        generator,
+    })
+    .collect();
+    if generators.is_empty() {
+        return Err(Error::invalid(
+            "epoch selection",
+            format!(
+                "the phase trains on every kind of synthetic anomaly ({}) that could select its epoch",
+                trained_on.join(", ")
+            ),
+        ));
+    }
+    let synth = AnomalySynth::new(&generators)?;
     let mut rng = Rng::new(seed).fork(0x5e1ec7);
     validation
         .iter()
@@ -168,23 +194,40 @@ fn validation_separation(
     }
 }
 
-/// Trains `method` on defect-free `images` through all its phases. `validation` (defect-free,
-/// kept out of training) and synthetic anomalies of it choose the epoch of phases that select one.
+/// Trains `method` on `set` through all its phases. `validation` (defect-free, kept out of
+/// training) and synthetic anomalies of it choose the epoch of phases that select one.
 pub fn fit(
     method: &mut dyn Method,
-    images: &[Image],
+    set: &TrainSet,
     validation: &[Image],
     opts: &TrainOptions,
     device: &Device,
 ) -> Result<TrainReport> {
+    let images = &set.good;
     if images.is_empty() {
         return Err(Error::invalid("training images", "none to train on"));
     }
     if opts.batch_size == 0 {
         return Err(Error::config("batch_size", "must be at least 1"));
     }
+    if !set.defects.is_empty() && !method.learns_from_defects() {
+        return Err(Error::invalid(
+            "defective training images",
+            format!(
+                "{} learns from defect-free images only: drop --defect / --few-shot",
+                method.name()
+            ),
+        ));
+    }
+    if opts.stop_after_epochs.is_some() && opts.checkpoint.is_none() {
+        return Err(Error::invalid(
+            "stop after epochs",
+            "needs a checkpoint to resume from",
+        ));
+    }
     let start = Instant::now();
-    let identity = checkpoint::Identity::of(method, opts);
+    method.prepare(set)?;
+    let identity = checkpoint::Identity::of(method, opts)?;
     let mut report = TrainReport::default();
     let (mut first_phase, mut first_epoch, mut best) = (0, 0, None);
     if let Some(path) = opts
@@ -215,27 +258,49 @@ pub fn fit(
             first_phase + 1
         );
     }
-    let encoded = encode_all(method, images, opts.batch_size, device, opts.progress)?;
     let phases = method.phases();
-    let forged = if phases.iter().any(|p| p.select_best) {
-        forge_validation(validation, opts.seed)?
+    let encoded = if phases[first_phase.min(phases.len())..]
+        .iter()
+        .any(|p| p.input == PhaseInput::Features)
+    {
+        Some(encode_all(
+            method,
+            images,
+            opts.batch_size,
+            device,
+            opts.progress,
+        )?)
     } else {
-        Vec::new()
+        None
     };
+    let mut epochs_this_run = 0;
     for (phase, spec) in phases.iter().enumerate().skip(first_phase) {
-        let select = spec.select_best && !validation.is_empty();
-        if spec.select_best && validation.is_empty() {
-            log::warn!(
-                "no validation images: phase `{}` keeps its last epoch",
-                spec.name
+        let forged = match &spec.selection {
+            Selection::Separation { trained_on } if !validation.is_empty() => {
+                Some(forge_validation(validation, opts.seed, trained_on)?)
+            }
+            Selection::Separation { .. } => {
+                log::warn!(
+                    "no validation images: phase `{}` keeps its last epoch",
+                    spec.name
+                );
+                None
+            }
+            Selection::Last => None,
+        };
+        let steps_per_epoch = images.len().div_ceil(opts.batch_size);
+        let epochs = spec.epochs_for(steps_per_epoch);
+        if epochs > spec.epochs {
+            log::info!(
+                "{} {}: {epochs} epochs instead of {} to reach {} steps on {} images",
+                method.name(),
+                spec.name,
+                spec.epochs,
+                spec.min_steps,
+                images.len()
             );
         }
-        let steps_per_epoch = images.len().div_ceil(opts.batch_size);
-        let bar = progress_bar(
-            (spec.epochs * steps_per_epoch) as u64,
-            spec.name,
-            opts.progress,
-        );
+        let bar = progress_bar((epochs * steps_per_epoch) as u64, spec.name, opts.progress);
         if report.phases.len() <= phase {
             report.phases.push(PhaseReport {
                 name: spec.name.to_string(),
@@ -248,28 +313,27 @@ pub fn fit(
             best = None;
         }
         bar.set_position((resume_epoch * steps_per_epoch) as u64);
-        for epoch in resume_epoch..spec.epochs {
+        for epoch in resume_epoch..epochs {
             // Seeded per (phase, epoch), so a resumed training draws exactly what it would have.
             let mut rng = Rng::new(opts.seed).fork(((phase as u64) << 32) | epoch as u64);
             let mut order: Vec<u32> = (0..images.len() as u32).collect();
             rng.shuffle(&mut order);
             let mut sums: Vec<(&'static str, f32)> = Vec::new();
             for chunk in order.chunks(opts.batch_size) {
-                let idx = Tensor::new(chunk, device)?;
-                let batch = encoded.index_select(&idx, 0)?;
-                let losses = method.train_step(phase, &batch, &mut rng)?;
-                if let Some((name, value)) = losses.iter().find(|(_, v)| !v.is_finite()) {
-                    return Err(Error::invalid(
-                        "training",
-                        format!(
-                            "{} diverged in phase `{}` epoch {}: loss `{name}` is {value}; \
-                             lower the learning rate",
-                            method.name(),
-                            spec.name,
-                            epoch + 1
-                        ),
-                    ));
-                }
+                let features = match (&encoded, spec.input) {
+                    (Some(encoded), PhaseInput::Features) => {
+                        Some(encoded.index_select(&Tensor::new(chunk, device)?, 0)?)
+                    }
+                    _ => None,
+                };
+                let batch = TrainBatch {
+                    phase,
+                    epoch,
+                    good: chunk.iter().map(|&i| &images[i as usize]).collect(),
+                    features,
+                    defects: &set.defects,
+                };
+                let losses = methods::step(method, &batch, &mut rng)?;
                 if sums.is_empty() {
                     sums = losses.iter().map(|&(n, _)| (n, 0.0)).collect();
                 }
@@ -283,8 +347,8 @@ pub fn fit(
                 .into_iter()
                 .map(|(n, s)| (n, s / images.len() as f32))
                 .collect();
-            let separation = if select {
-                let separation = validation_separation(method, validation, &forged, opts, device)?;
+            let separation = if let Some(forged) = &forged {
+                let separation = validation_separation(method, validation, forged, opts, device)?;
                 // Ties go to the later epoch, which has trained longer.
                 if best
                     .as_ref()
@@ -326,6 +390,20 @@ pub fn fit(
                     },
                 };
                 checkpoint::save(path, &identity, &saved)?;
+            }
+            epochs_this_run += 1;
+            let last = phase + 1 == phases.len() && epoch + 1 == epochs;
+            if !last && opts.stop_after_epochs == Some(epochs_this_run) {
+                bar.finish_and_clear();
+                log::info!(
+                    "{} paused after epoch {} of phase `{}`",
+                    method.name(),
+                    epoch + 1,
+                    spec.name
+                );
+                report.paused = true;
+                report.seconds = start.elapsed().as_secs_f64();
+                return Ok(report);
             }
         }
         bar.finish_and_clear();

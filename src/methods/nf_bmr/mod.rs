@@ -17,6 +17,7 @@ pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,23 +29,84 @@ pub use config::{Mapping, NfBmrConfig};
 use self::fast::FastHead;
 use self::model::MappingNets;
 use super::fast_snapshot::FastSnapshot;
+use super::config_check;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
 use crate::methods::anomaly_map::MapResizer;
-use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
+use crate::methods::{
+    pretrained_backbone, stored_backbone, Inference, Method, MethodEntry, PhaseInput, PhaseSpec,
+    Selection, Setup, StepLosses, TrainBatch,
+};
+use crate::model_file::stored;
+use crate::nn::backbone::Lite0Features;
 use crate::nn::flow::{nll_loss, nll_per_position, FlowSpec, RealNvp};
-use crate::nn::init::{detached, load_vars, seeded_var_builder};
+use crate::nn::init::{detached, seeded_var_builder};
 use crate::nn::kernels::Kernels;
+use crate::nn::optim::{Adam, AdamParams};
+use crate::nn::train_state::TrainState;
 use crate::nn::FeatureExtractor;
 use crate::rng::Rng;
-use crate::train::optim::{sorted_vars, Adam, AdamParams};
+
+/// Raised whenever older NF-BMR model files would load or score differently.
+pub const VERSION: u32 = 1;
+
+pub const ENTRY: MethodEntry = MethodEntry {
+    name: "nf-bmr",
+    summary: "frozen Lite0 features -> Real-NVP flow -> bidirectional residual mapping nets; \
+              the mapping errors are the anomaly map",
+    version: VERSION,
+    learns_from_defects: false,
+    uses_backbone: true,
+    default_config: || config_check::to_json("nf-bmr", &NfBmrConfig::default()),
+    tiny_config: || {
+        serde_json::json!({
+            "taps": [4], "flow_blocks": 2, "flow_hidden": 16, "flow_kernel": 1,
+            "bmr_width": 16, "bmr_blocks": 1, "flow_epochs": 1, "map_epochs": 1,
+            "flow_min_steps": 0, "map_min_steps": 0
+        })
+    },
+    create: create_entry,
+    load: load_entry,
+};
+
+fn create_entry(setup: &Setup, backbone: &Path) -> Result<Box<dyn super::Method>> {
+    let cfg: NfBmrConfig = config_check::parse("nf-bmr", setup.config.clone())?;
+    cfg.validate()?;
+    let last = cfg.taps.iter().copied().max().unwrap_or(0);
+    let frozen = pretrained_backbone(backbone, last, setup.device)?;
+    let (_, bare) = stored_backbone(&frozen);
+    let extractor = Lite0Features::new(&bare, cfg.taps.clone(), setup.device)?;
+    Ok(Box::new(NfBmr::new(
+        cfg,
+        setup.input,
+        Box::new(extractor),
+        frozen,
+        setup.seed,
+        setup.device,
+    )?))
+}
+
+fn load_entry(setup: &Setup, tensors: &HashMap<String, Tensor>) -> Result<Box<dyn super::Method>> {
+    let cfg: NfBmrConfig = config_check::parse("nf-bmr", setup.config.clone())?;
+    cfg.validate()?;
+    let (frozen, bare) = stored_backbone(tensors);
+    let extractor = Lite0Features::new(&bare, cfg.taps.clone(), setup.device)?;
+    Ok(Box::new(NfBmr::from_tensors(
+        cfg,
+        setup.input,
+        Box::new(extractor),
+        frozen,
+        tensors,
+        setup.device,
+    )?))
+}
 
 const FLOW_PHASE: usize = 0;
 const MAP_PHASE: usize = 1;
 const NORM_MEAN: &str = "norm.mean";
 const NORM_STD: &str = "norm.std";
-const FLOW_OPT: &str = "optim.flow.";
-const MAP_OPT: &str = "optim.map.";
+const FLOW_GROUP: &str = "flow";
+const MAP_GROUP: &str = "map";
 /// The feature statistics' running sums, kept in training checkpoints only.
 const STATS_SUMS: &str = "norm.sum";
 const STATS_SUMS_SQ: &str = "norm.sum_sq";
@@ -198,15 +260,13 @@ pub struct NfBmr {
     extractor: Box<dyn FeatureExtractor>,
     frozen: HashMap<String, Tensor>,
     channels: usize,
-    flow_vars: VarMap,
-    map_vars: VarMap,
+    /// The flow's and the mapping nets' parameters and Adam optimisers, groups "flow" and "map".
+    state: TrainState,
     /// Built on the `Var`s: records the graph for backward.
     train: Nets,
     /// Built on detached views of the same storage (optimiser steps update it in place): inference
     /// records no graph and keeps no intermediate alive.
     eval: Nets,
-    flow_opt: Adam,
-    map_opt: Adam,
     stats: FeatureStats,
     resizer: MapResizer,
     /// The inference head on the fast CPU kernels, built on first use from the current weights
@@ -224,34 +284,18 @@ fn adam(vars: &VarMap, lr: f64) -> Result<Adam> {
     )
 }
 
-/// The stored tensor `name` from a model file, checked against the expected shape.
-fn stored<'a>(
-    trained: &'a HashMap<String, Tensor>,
-    name: &str,
-    dims: &[usize],
-) -> Result<&'a Tensor> {
-    let tensor = trained
-        .get(name)
-        .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
-    if tensor.dims() != dims {
-        return Err(Error::invalid(
-            format!("model tensor `{name}`"),
-            format!("shape {:?}, expected {dims:?}", tensor.dims()),
-        ));
-    }
-    Ok(tensor)
-}
-
 impl NfBmr {
-    /// Fresh, trainable. `frozen` are the extractor's tensors to embed in the model file (keys as given).
+    /// Fresh, trainable, initialised from `seed`. `frozen` are the extractor's tensors to embed
+    /// in the model file (keys as given).
     pub fn new(
         cfg: NfBmrConfig,
         input: InputSpec,
         extractor: Box<dyn FeatureExtractor>,
         frozen: HashMap<String, Tensor>,
+        seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        Self::build(cfg, input, extractor, frozen, None, device)
+        Self::build(cfg, input, extractor, frozen, Err(seed), device)
     }
 
     /// Rebuild from tensors read back from a model file (same keys as `Method::tensors` returned).
@@ -263,15 +307,16 @@ impl NfBmr {
         trained: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        Self::build(cfg, input, extractor, frozen, Some(trained), device)
+        Self::build(cfg, input, extractor, frozen, Ok(trained), device)
     }
 
+    /// `weights`: the trained tensors to load, or the seed of a fresh initialisation.
     fn build(
         cfg: NfBmrConfig,
         input: InputSpec,
         extractor: Box<dyn FeatureExtractor>,
         frozen: HashMap<String, Tensor>,
-        trained: Option<&HashMap<String, Tensor>>,
+        weights: std::result::Result<&HashMap<String, Tensor>, u64>,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
@@ -288,17 +333,21 @@ impl NfBmr {
         }
         let flow_vars = VarMap::new();
         let map_vars = VarMap::new();
+        // Loaded weights replace the initial values, so any seed will do there.
+        let seed = weights.err().unwrap_or(0);
         let train = Nets::new(
-            seeded_var_builder(&flow_vars, cfg.seed, DType::F32, device),
-            seeded_var_builder(&map_vars, cfg.seed, DType::F32, device),
+            seeded_var_builder(&flow_vars, seed, DType::F32, device),
+            seeded_var_builder(&map_vars, seed, DType::F32, device),
             &cfg,
             channels,
         )?;
-        let stats = match trained {
-            None => FeatureStats::identity(channels, device)?,
-            Some(trained) => {
-                load_vars(&flow_vars, trained)?;
-                load_vars(&map_vars, trained)?;
+        let state = TrainState::new()
+            .with_group(FLOW_GROUP, flow_vars.clone(), adam(&flow_vars, cfg.flow_lr)?)
+            .with_group(MAP_GROUP, map_vars.clone(), adam(&map_vars, cfg.map_lr)?);
+        let stats = match weights {
+            Err(_) => FeatureStats::identity(channels, device)?,
+            Ok(trained) => {
+                state.load(trained)?;
                 FeatureStats::loaded(
                     stored(trained, NORM_MEAN, &[channels])?,
                     stored(trained, NORM_STD, &[channels])?,
@@ -314,8 +363,7 @@ impl NfBmr {
             channels,
         )?;
         let model = NfBmr {
-            flow_opt: adam(&flow_vars, cfg.flow_lr)?,
-            map_opt: adam(&map_vars, cfg.map_lr)?,
+            state,
             resizer: MapResizer::new(
                 (input.height.div_ceil(stride), input.width.div_ceil(stride)),
                 (input.height, input.width),
@@ -328,8 +376,6 @@ impl NfBmr {
             extractor,
             frozen,
             channels,
-            flow_vars,
-            map_vars,
             train,
             eval,
             stats,
@@ -356,8 +402,8 @@ impl NfBmr {
     /// The trainable parameters of `phase`, by name (sorted).
     pub fn trainable_vars(&self, phase: usize) -> Result<Vec<(String, Var)>> {
         match phase {
-            FLOW_PHASE => sorted_vars(&self.flow_vars),
-            MAP_PHASE if self.train.mapping.is_some() => sorted_vars(&self.map_vars),
+            FLOW_PHASE => self.state.group_vars(FLOW_GROUP),
+            MAP_PHASE if self.train.mapping.is_some() => self.state.group_vars(MAP_GROUP),
             _ => Err(self.bad_phase(phase)),
         }
     }
@@ -382,17 +428,24 @@ impl NfBmr {
         Ok(maps.narrow(1, m, h - 2 * m)?.narrow(2, m, w - 2 * m)?)
     }
 
-    /// The inference pass; `lap` is called after each stage (backbone, flow, map, anomaly map).
+    /// The inference pass, on the fast CPU kernels where `fast` and available; `lap` is called
+    /// after each stage (backbone, flow, map, anomaly map).
     fn forward(
         &self,
         images: &Tensor,
+        fast: bool,
         mut lap: impl FnMut(&'static str) -> Result<()>,
     ) -> Result<Inference> {
         self.input.check_batch(images)?;
-        let features = self.extractor.extract(images)?;
+        let features = if fast {
+            self.extractor.extract(images)?
+        } else {
+            self.extractor.extract_reference(images)?
+        };
         lap("backbone")?;
         self.check_features(&features)?;
-        let per_position = match self.fast_head(&features)? {
+        let head = if fast { self.fast_head(&features)? } else { None };
+        let per_position = match head {
             Some(head) => {
                 let per_position = head.per_position(&features)?;
                 lap("flow and mapping")?;
@@ -501,13 +554,7 @@ impl NfBmr {
 
     /// NF-BMR's own tensors (parameters and statistics), copied.
     fn own_tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        for (name, var) in sorted_vars(&self.flow_vars)?
-            .into_iter()
-            .chain(sorted_vars(&self.map_vars)?)
-        {
-            out.insert(name, var.as_tensor().detach().copy()?);
-        }
+        let mut out = self.state.tensors()?;
         out.insert(
             NORM_MEAN.to_string(),
             self.stats.mean.flatten_all()?.copy()?,
@@ -519,7 +566,7 @@ impl NfBmr {
 
 impl Method for NfBmr {
     fn name(&self) -> &'static str {
-        "nf-bmr"
+        ENTRY.name
     }
 
     fn encode_frozen(&self, images: &Tensor) -> Result<Tensor> {
@@ -528,55 +575,87 @@ impl Method for NfBmr {
 
     fn phases(&self) -> Vec<PhaseSpec> {
         let mut phases = vec![PhaseSpec {
-            name: "flow",
+            name: FLOW_GROUP,
+            input: PhaseInput::Features,
             epochs: self.cfg.flow_epochs,
-            select_best: false,
+            min_steps: self.cfg.flow_min_steps,
+            selection: Selection::Last,
         }];
         if self.cfg.mapping != Mapping::None {
             phases.push(PhaseSpec {
-                name: "map",
+                name: MAP_GROUP,
+                input: PhaseInput::Features,
                 epochs: self.cfg.map_epochs,
-                select_best: false,
+                min_steps: self.cfg.map_min_steps,
+                selection: Selection::Last,
             });
         }
         phases
     }
 
-    fn train_step(&mut self, phase: usize, encoded: &Tensor, _: &mut Rng) -> Result<StepLosses> {
+    fn step_losses(&mut self, batch: &TrainBatch, _: &mut Rng) -> Result<StepLosses> {
+        let encoded = batch
+            .features
+            .as_ref()
+            .ok_or_else(|| Error::invalid("training batch", "NF-BMR trains on cached features"))?;
         // The fast head is a snapshot of weights and statistics this step changes.
         self.fast.drop_snapshot();
-        if phase == FLOW_PHASE {
+        if batch.phase == FLOW_PHASE {
             self.check_features(encoded)?;
             self.stats.accumulate(encoded)?;
         }
-        let loss = self.phase_loss(phase, encoded)?;
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(Error::invalid(
-                "training loss",
-                format!(
-                    "{value} in phase {}; lower the learning rate",
-                    self.phases()[phase].name
-                ),
-            ));
-        }
-        if phase == FLOW_PHASE {
-            self.flow_opt.step(&loss.backward()?)?;
-            Ok(vec![("nll", value)])
+        let loss = self.phase_loss(batch.phase, encoded)?;
+        let (group, logged) = if batch.phase == FLOW_PHASE {
+            (FLOW_GROUP, "nll")
         } else {
-            self.map_opt.step(&loss.backward()?)?;
-            Ok(vec![("mse", value)])
-        }
+            (MAP_GROUP, "mse")
+        };
+        Ok(StepLosses {
+            logged: vec![(logged, loss.clone())],
+            objectives: vec![(group, loss)],
+        })
+    }
+
+    fn train_state(&self) -> &TrainState {
+        &self.state
+    }
+
+    fn train_state_mut(&mut self) -> &mut TrainState {
+        &mut self.state
+    }
+
+    fn weights_changed(&mut self) {
+        self.fast.drop_snapshot();
+    }
+
+    /// The feature statistics and their running sums.
+    fn extra_state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut state = self.stats.accumulators()?;
+        state.insert(
+            NORM_MEAN.to_string(),
+            self.stats.mean.flatten_all()?.copy()?,
+        );
+        state.insert(NORM_STD.to_string(), self.stats.std.flatten_all()?.copy()?);
+        Ok(state)
+    }
+
+    fn restore_extra_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.stats = FeatureStats::restored(state, self.channels, self.stats.mean.device())?;
+        Ok(())
     }
 
     fn infer(&self, images: &Tensor) -> Result<Inference> {
-        self.forward(images, |_| Ok(()))
+        self.forward(images, true, |_| Ok(()))
+    }
+
+    fn infer_reference(&self, images: &Tensor) -> Result<Inference> {
+        self.forward(images, false, |_| Ok(()))
     }
 
     fn infer_timed(&self, images: &Tensor) -> Result<(Inference, Vec<(&'static str, Duration)>)> {
         let mut stages = Vec::with_capacity(4);
         let mut last = Instant::now();
-        let out = self.forward(images, |stage| {
+        let out = self.forward(images, true, |stage| {
             images.device().synchronize()?;
             let now = Instant::now();
             stages.push((stage, now - last));
@@ -592,24 +671,11 @@ impl Method for NfBmr {
         Ok(all)
     }
 
-    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
-        let mut state = self.own_tensors()?;
-        state.extend(self.stats.accumulators()?);
-        state.extend(self.flow_opt.state(FLOW_OPT)?);
-        state.extend(self.map_opt.state(MAP_OPT)?);
-        Ok(state)
+    fn config_json(&self) -> Result<serde_json::Value> {
+        config_check::to_json(ENTRY.name, &self.cfg)
     }
 
-    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.fast.drop_snapshot();
-        load_vars(&self.flow_vars, state)?;
-        load_vars(&self.map_vars, state)?;
-        self.stats = FeatureStats::restored(state, self.channels, self.stats.mean.device())?;
-        self.flow_opt.load_state(FLOW_OPT, state)?;
-        self.map_opt.load_state(MAP_OPT, state)
-    }
-
-    fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).unwrap_or_default()
+    fn backbone_blocks(&self) -> Option<(Vec<usize>, Option<usize>)> {
+        Some((self.cfg.taps.clone(), None))
     }
 }

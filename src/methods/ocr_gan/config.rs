@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::methods::config_check::{at_least, finite_in};
 
 /// Which forgeries the discriminator learns to call positive beside the reconstructions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,8 +71,8 @@ pub struct OcrGanConfig {
     pub epochs: usize,
     /// Gaussian smoothing of the `|I − Î|` heatmap, in pixels.
     pub smoothing_sigma: f32,
-    /// Seed of the parameter initialisation.
-    pub seed: u64,
+    /// The least optimiser steps (a small product trains more epochs; not in the paper).
+    pub min_steps: usize,
 }
 
 impl Default for OcrGanConfig {
@@ -98,26 +99,9 @@ impl Default for OcrGanConfig {
             weight_decay: 1e-4,
             epochs: 15,
             smoothing_sigma: 4.0,
-            seed: 0,
+            min_steps: 0,
         }
     }
-}
-
-fn at_least(field: &str, value: usize, min: usize) -> Result<()> {
-    if value < min {
-        return Err(Error::config(field, format!("{value} is below {min}")));
-    }
-    Ok(())
-}
-
-fn finite_in(field: &str, value: f64, lo: f64, hi: f64) -> Result<()> {
-    if !(value.is_finite() && value >= lo && value <= hi) {
-        return Err(Error::config(
-            field,
-            format!("{value} is outside {lo}..={hi}"),
-        ));
-    }
-    Ok(())
 }
 
 impl OcrGanConfig {

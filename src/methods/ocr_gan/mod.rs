@@ -18,6 +18,7 @@ pub mod loss;
 pub mod model;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -29,21 +30,54 @@ use self::fast::{FastOcrGan, Maps};
 use self::fd::FrequencyDecoupling;
 use self::loss::{bce_with_logits, content_error, latent_error};
 use self::model::{Builders, Discriminator, Generator};
+use super::config_check;
 use super::fast_snapshot::FastSnapshot;
 use crate::data::anomaly::{AnomalyGenerator, AnomalySynth, CutPasteParams, CutoutParams};
 use crate::data::{batch_tensor, Image, InputSpec};
 use crate::error::{Error, Result};
 use crate::methods::anomaly_map::{top_mean, MapResizer};
-use crate::methods::{Inference, Method, PhaseSpec, StepLosses};
-use crate::nn::init::{detached, load_vars, seeded_var_builder, snapshot};
+use crate::methods::{
+    Inference, Method, MethodEntry, PhaseInput, PhaseSpec, Selection, Setup, StepLosses,
+    TrainBatch,
+};
+use crate::model_file::stored_scalar;
+use crate::nn::init::{detached, seeded_var_builder};
 use crate::nn::kernels::Kernels;
+use crate::nn::optim::{Adam, AdamParams};
+use crate::nn::train_state::TrainState;
 use crate::rng::Rng;
-use crate::train::optim::{Adam, AdamParams};
+
+/// Raised whenever older OCR-GAN model files would load or score differently.
+pub const VERSION: u32 = 1;
+
+pub const ENTRY: MethodEntry = MethodEntry {
+    name: "ocr-gan",
+    summary: "omni-frequency bands, one Skip-GANomaly generator per band with channel selection, \
+              a discriminator; reconstruction + latent error",
+    version: VERSION,
+    learns_from_defects: false,
+    uses_backbone: false,
+    default_config: || config_check::to_json("ocr-gan", &OcrGanConfig::default()),
+    tiny_config: || {
+        serde_json::json!({
+            "bands": 2, "width": 2, "levels": 2, "disc_width": 2, "disc_levels": 2,
+            "cs_min_hidden": 2, "epochs": 1
+        })
+    },
+    create: |setup: &Setup, _backbone: &Path| {
+        let cfg: OcrGanConfig = config_check::parse("ocr-gan", setup.config.clone())?;
+        Ok(Box::new(OcrGan::new(cfg, setup.input, Err(setup.seed), setup.device)?))
+    },
+    load: |setup: &Setup, tensors: &HashMap<String, Tensor>| {
+        let cfg: OcrGanConfig = config_check::parse("ocr-gan", setup.config.clone())?;
+        Ok(Box::new(OcrGan::new(cfg, setup.input, Ok(tensors), setup.device)?))
+    },
+};
 
 const SCORE_MIN: &str = "score.min";
 const SCORE_MAX: &str = "score.max";
-const G_OPT: &str = "optim.g.";
-const D_OPT: &str = "optim.d.";
+const G_GROUP: &str = "g";
+const D_GROUP: &str = "d";
 
 struct Nets {
     generator: Generator,
@@ -95,17 +129,14 @@ pub struct OcrGan {
     cfg: OcrGanConfig,
     input: InputSpec,
     fd: FrequencyDecoupling,
-    g_vars: VarMap,
-    d_vars: VarMap,
-    /// BatchNorm running statistics: saved and loaded, never optimised.
-    buffers: VarMap,
+    /// Generators (group "g") and discriminator (group "d") with their Adam optimisers, and the
+    /// BatchNorm running statistics (buffers: saved and loaded, never optimised).
+    state: TrainState,
     train: Nets,
     /// The same storage through detached views: inference records no backward graph.
     eval: Nets,
     /// `eval` on the fast CPU kernels, built on first use after the weights changed (CPU only).
     fast: FastSnapshot<FastOcrGan>,
-    g_opt: Adam,
-    d_opt: Adam,
     forgers: Vec<AnomalySynth>,
     /// Raw scores of the validation images that map to 0 and 1.
     score_min: f32,
@@ -115,11 +146,12 @@ pub struct OcrGan {
 }
 
 impl OcrGan {
-    /// A fresh detector, or (with `stored`) the one a model file holds.
+    /// The detector a model file's tensors hold (`Ok`), or a fresh one initialised from a seed
+    /// (`Err`).
     pub fn new(
         cfg: OcrGanConfig,
         input: InputSpec,
-        stored: Option<&HashMap<String, Tensor>>,
+        weights: std::result::Result<&HashMap<String, Tensor>, u64>,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
@@ -137,7 +169,9 @@ impl OcrGan {
             ));
         }
         let (g_vars, d_vars, buffers) = (VarMap::new(), VarMap::new(), VarMap::new());
-        let seeded = |vars: &VarMap| seeded_var_builder(vars, cfg.seed, DType::F32, device);
+        // Loaded weights replace the initial values, so any seed will do there.
+        let seed = weights.err().unwrap_or(0);
+        let seeded = |vars: &VarMap| seeded_var_builder(vars, seed, DType::F32, device);
         let train = Nets::new(
             seeded(&g_vars),
             seeded(&d_vars),
@@ -145,12 +179,24 @@ impl OcrGan {
             &cfg,
             input.channels,
         )?;
+        let adam = AdamParams {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        };
+        let state = TrainState::new()
+            .with_group(G_GROUP, g_vars.clone(), Adam::new(&g_vars, adam)?)
+            .with_group(D_GROUP, d_vars.clone(), Adam::new(&d_vars, adam)?)
+            .with_buffers(buffers.clone());
         let (mut score_min, mut score_max) = (0.0, 1.0);
-        if let Some(stored) = stored {
-            for vars in [&g_vars, &d_vars, &buffers] {
-                load_vars(vars, stored)?;
-            }
-            (score_min, score_max) = (scalar(stored, SCORE_MIN)?, scalar(stored, SCORE_MAX)?);
+        if let Ok(stored) = weights {
+            state.load(stored)?;
+            (score_min, score_max) = (
+                stored_scalar(stored, SCORE_MIN)?,
+                stored_scalar(stored, SCORE_MAX)?,
+            );
         }
         let view = |vars: &VarMap| -> Result<VarBuilder<'static>> {
             Ok(VarBuilder::from_tensors(
@@ -166,13 +212,6 @@ impl OcrGan {
             &cfg,
             input.channels,
         )?;
-        let adam = AdamParams {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay,
-        };
         let mut forgers = Vec::new();
         if matches!(cfg.forgeries, Forgeries::Cutout | Forgeries::Both) {
             forgers.push(AnomalySynth::single(AnomalyGenerator::Cutout(
@@ -186,8 +225,6 @@ impl OcrGan {
         }
         Ok(OcrGan {
             fd: FrequencyDecoupling::new(cfg.bands, device)?,
-            g_opt: Adam::new(&g_vars, adam)?,
-            d_opt: Adam::new(&d_vars, adam)?,
             smoother: MapResizer::new(
                 (input.height, input.width),
                 (input.height, input.width),
@@ -196,9 +233,7 @@ impl OcrGan {
             )?,
             cfg,
             input,
-            g_vars,
-            d_vars,
-            buffers,
+            state,
             train,
             eval,
             fast: FastSnapshot::default(),
@@ -220,8 +255,8 @@ impl OcrGan {
 
     /// Every trainable variable, generator then discriminator.
     pub fn trainable_vars(&self) -> Result<Vec<(String, candle_core::Var)>> {
-        let mut all = crate::train::optim::sorted_vars(&self.g_vars)?;
-        all.extend(crate::train::optim::sorted_vars(&self.d_vars)?);
+        let mut all = self.state.group_vars(G_GROUP)?;
+        all.extend(self.state.group_vars(D_GROUP)?);
         Ok(all)
     }
 
@@ -231,33 +266,25 @@ impl OcrGan {
     }
 
     /// CutPaste and/or cutout versions of every image of the batch, `[B·k, C, H, W]` in 0..1.
-    fn forge(&self, images: &Tensor, rng: &mut Rng) -> Result<Option<Tensor>> {
+    fn forge(&self, images: &[&Image], rng: &mut Rng) -> Result<Option<Tensor>> {
         if self.forgers.is_empty() {
             return Ok(None);
         }
-        let (b, c, h, w) = images.dims4()?;
-        let data = images.flatten_all()?.to_vec1::<f32>()?;
-        let plane = c * h * w;
-        let mut forged = Vec::with_capacity(b * self.forgers.len());
-        for i in 0..b {
-            let image = Image {
-                channels: c,
-                height: h,
-                width: w,
-                data: data[i * plane..(i + 1) * plane].to_vec(),
-            };
+        let mut forged = Vec::with_capacity(images.len() * self.forgers.len());
+        for image in images {
             for forger in &self.forgers {
-                forged.push(forger.apply(&image, rng)?.0);
+                forged.push(forger.apply(image, rng)?.0);
             }
         }
         let refs: Vec<&Image> = forged.iter().collect();
-        Ok(Some(batch_tensor(&refs, images.device())?))
+        Ok(Some(batch_tensor(&refs, &self.device)?))
     }
 
     /// The training losses of one batch on the current parameters (eqs. 9–12). Both are computed
     /// before either network steps, as Skip-GANomaly does: the discriminator judges the
     /// reconstructions made before the generators' update.
-    pub fn losses(&self, images: &Tensor, rng: &mut Rng) -> Result<Losses> {
+    pub fn losses(&self, good: &[&Image], rng: &mut Rng) -> Result<Losses> {
+        let images = &batch_tensor(good, &self.device)?;
         self.input.check_batch(images)?;
         // Training-mode BatchNorm updates the running statistics.
         self.fast.drop_snapshot();
@@ -277,7 +304,7 @@ impl OcrGan {
         let (_, logits_detached) = d.forward(&recon.detach(), true)?;
         let mut discriminator =
             (bce_with_logits(&logits_x, 0.0)? + bce_with_logits(&logits_detached, 1.0)?)?;
-        if let Some(forged) = self.forge(images, rng)? {
+        if let Some(forged) = self.forge(good, rng)? {
             let (_, logits_f) = d.forward(&to_signed(&forged)?, true)?;
             discriminator = (discriminator + bce_with_logits(&logits_f, 1.0)?)?;
         }
@@ -344,6 +371,15 @@ impl OcrGan {
     }
 }
 
+impl OcrGan {
+    /// Raw scores min-max scaled with the validation range.
+    fn scaled(&self, raw: Tensor, maps: Tensor) -> Result<Inference> {
+        let range = (self.score_max - self.score_min).max(f32::EPSILON) as f64;
+        let scores = ((raw - self.score_min as f64)? / range)?;
+        Ok(Inference { maps, scores })
+    }
+}
+
 fn to_signed(images: &Tensor) -> Result<Tensor> {
     Ok(((images * 2.0)? - 1.0)?)
 }
@@ -359,69 +395,75 @@ fn sum(tensors: &[Tensor]) -> Result<Tensor> {
     Ok(total)
 }
 
-fn scalar(stored: &HashMap<String, Tensor>, name: &str) -> Result<f32> {
-    let t = stored
-        .get(name)
-        .ok_or_else(|| Error::invalid(format!("model tensor `{name}`"), "missing"))?;
-    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    match values.as_slice() {
-        [v] if v.is_finite() => Ok(*v),
-        _ => Err(Error::invalid(
-            format!("model tensor `{name}`"),
-            format!("{values:?} is not one finite number"),
-        )),
-    }
-}
-
 impl Method for OcrGan {
     fn name(&self) -> &'static str {
-        "ocr-gan"
-    }
-
-    /// Trained from scratch: nothing frozen, the images themselves are cached.
-    fn encode_frozen(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(images.clone())
+        ENTRY.name
     }
 
     fn phases(&self) -> Vec<PhaseSpec> {
+        let trained_on = match self.cfg.forgeries {
+            Forgeries::None => vec![],
+            Forgeries::Cutout => vec!["cutout"],
+            Forgeries::Cutpaste => vec!["cut-paste"],
+            Forgeries::Both => vec!["cutout", "cut-paste"],
+        };
         vec![PhaseSpec {
             name: "gan",
+            input: PhaseInput::Images,
             epochs: self.cfg.epochs,
-            select_best: true,
+            min_steps: self.cfg.min_steps,
+            selection: Selection::Separation { trained_on },
         }]
     }
 
-    fn train_step(&mut self, phase: usize, images: &Tensor, rng: &mut Rng) -> Result<StepLosses> {
-        if phase != 0 {
+    /// Both losses are computed before either network steps, as Skip-GANomaly does (the
+    /// discriminator judges the reconstructions made before the generators' update).
+    fn step_losses(&mut self, batch: &TrainBatch, rng: &mut Rng) -> Result<StepLosses> {
+        if batch.phase != 0 {
             return Err(Error::invalid(
                 "training phase",
-                format!("{phase}; OCR-GAN has one phase"),
+                format!("{}; OCR-GAN has one phase", batch.phase),
             ));
         }
-        let losses = self.losses(images, rng)?;
-        self.g_opt.step(&losses.generator.backward()?)?;
-        self.d_opt.step(&losses.discriminator.backward()?)?;
+        let losses = self.losses(&batch.good, rng)?;
+        Ok(StepLosses {
+            logged: vec![
+                ("con", losses.content),
+                ("adv", losses.adversarial),
+                ("lat", losses.latent),
+                ("d", losses.discriminator.clone()),
+            ],
+            objectives: vec![
+                (G_GROUP, losses.generator),
+                (D_GROUP, losses.discriminator),
+            ],
+        })
+    }
+
+    fn train_state(&self) -> &TrainState {
+        &self.state
+    }
+
+    fn train_state_mut(&mut self) -> &mut TrainState {
+        &mut self.state
+    }
+
+    fn weights_changed(&mut self) {
         self.fast.drop_snapshot();
-        Ok(vec![
-            ("con", losses.content.to_scalar::<f32>()?),
-            ("adv", losses.adversarial.to_scalar::<f32>()?),
-            ("lat", losses.latent.to_scalar::<f32>()?),
-            ("d", losses.discriminator.to_scalar::<f32>()?),
-        ])
     }
 
     fn infer(&self, images: &Tensor) -> Result<Inference> {
         let (raw, maps) = self.raw_scores(images)?;
-        let range = (self.score_max - self.score_min).max(f32::EPSILON) as f64;
-        let scores = ((raw - self.score_min as f64)? / range)?;
-        Ok(Inference { maps, scores })
+        self.scaled(raw, maps)
+    }
+
+    fn infer_reference(&self, images: &Tensor) -> Result<Inference> {
+        let (raw, maps) = self.scores_on(images, None)?;
+        self.scaled(raw, maps)
     }
 
     fn tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        for vars in [&self.g_vars, &self.d_vars, &self.buffers] {
-            snapshot(vars, &mut out)?;
-        }
+        let mut out = self.state.tensors()?;
         out.insert(
             SCORE_MIN.into(),
             Tensor::new(&[self.score_min], &self.device)?,
@@ -431,25 +473,6 @@ impl Method for OcrGan {
             Tensor::new(&[self.score_max], &self.device)?,
         );
         Ok(out)
-    }
-
-    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
-        let mut state = self.tensors()?;
-        state.extend(self.g_opt.state(G_OPT)?);
-        state.extend(self.d_opt.state(D_OPT)?);
-        Ok(state)
-    }
-
-    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        for vars in [&self.g_vars, &self.d_vars, &self.buffers] {
-            load_vars(vars, state)?;
-        }
-        self.g_opt.load_state(G_OPT, state)?;
-        self.d_opt.load_state(D_OPT, state)?;
-        self.fast.drop_snapshot();
-        self.score_min = scalar(state, SCORE_MIN)?;
-        self.score_max = scalar(state, SCORE_MAX)?;
-        Ok(())
     }
 
     /// `validation_scores` are scaled with the current range; recover the raw ones, then map their
@@ -473,8 +496,8 @@ impl Method for OcrGan {
         Ok(())
     }
 
-    fn config_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).unwrap_or_default()
+    fn config_json(&self) -> Result<serde_json::Value> {
+        config_check::to_json(ENTRY.name, &self.cfg)
     }
 }
 
@@ -511,17 +534,34 @@ mod tests {
                 width: 16,
                 channels,
             };
-            let mut model = OcrGan::new(cfg, input, None, &device)?;
+            let mut model = OcrGan::new(cfg, input, Err(0), &device)?;
             let mut rng = Rng::new(3);
-            let mut random_images = |n: usize| -> Result<Tensor> {
-                let values = (0..n * channels * 16 * 16).map(|_| rng.f32()).collect();
-                Ok(Tensor::from_vec(values, (n, channels, 16, 16), &device)?)
+            let mut random_images = |n: usize| -> Vec<Image> {
+                (0..n)
+                    .map(|_| Image {
+                        channels,
+                        height: 16,
+                        width: 16,
+                        data: (0..channels * 16 * 16).map(|_| rng.f32()).collect(),
+                    })
+                    .collect()
             };
-            let batches = [random_images(2)?, random_images(2)?, random_images(2)?];
-            let images = random_images(3)?;
+            let batches = [random_images(2), random_images(2), random_images(2)];
+            let test_images = random_images(3);
+            let images = batch_tensor(&test_images.iter().collect::<Vec<_>>(), &device)?;
             let mut rng = Rng::new(4);
+            let step = |model: &mut OcrGan, batch: &[Image], rng: &mut Rng| {
+                let batch = TrainBatch {
+                    phase: 0,
+                    epoch: 0,
+                    good: batch.iter().collect(),
+                    features: None,
+                    defects: &[],
+                };
+                crate::methods::step(model, &batch, rng)
+            };
             for batch in &batches {
-                model.train_step(0, batch, &mut rng)?;
+                step(&mut model, batch, &mut rng)?;
             }
             for (_, var) in model.trainable_vars()? {
                 var.set(&(var.as_tensor() * 3.0)?)?;
@@ -552,7 +592,7 @@ mod tests {
             assert!(relative_diff(&fast_scores, &scores)? < 1e-4);
             assert!(relative_diff(&fast_maps, &maps)? < 1e-4);
             // A training step replaces the snapshot.
-            model.train_step(0, &images.narrow(0, 0, 2)?, &mut rng)?;
+            step(&mut model, &test_images[..2], &mut rng)?;
             assert!(!Arc::ptr_eq(&fast, &model.fast_nets()?.expect("CPU")));
         }
         Ok(())
