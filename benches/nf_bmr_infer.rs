@@ -25,7 +25,7 @@ fn model(weights: &str, size: usize) -> vigil::Result<NfBmr> {
         width: size,
         channels: 3,
     };
-    NfBmr::new(cfg, input, Box::new(extractor), HashMap::new(), &device)
+    NfBmr::new(cfg, input, Box::new(extractor), HashMap::new(), 0, &device)
 }
 
 fn images(batch: usize, size: usize) -> vigil::Result<Tensor> {

@@ -52,6 +52,8 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
             "bmr_width=32",
             "flow_epochs=8",
             "map_epochs=20",
+            "flow_min_steps=0",
+            "map_min_steps=0",
         ]
         .map(String::from)
         .to_vec(),
@@ -62,6 +64,9 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
         backbone: backbone(),
         checkpoint: None,
         resume: false,
+        few_shot: None,
+        train_limit: None,
+        stop_after_epochs: None,
         run: run(),
     })
     .unwrap();

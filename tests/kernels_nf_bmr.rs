@@ -59,7 +59,7 @@ fn fast_head_equals_the_candle_path() {
                 INPUT,
                 Box::new(TinyExtractor { weight, gain: 3.0 }),
                 HashMap::new(),
-                &Device::Cpu,
+                0, &Device::Cpu,
             )
             .unwrap();
             let images = random(&mut rng, &[3, 1, INPUT.height, INPUT.width], 1.0);
@@ -81,7 +81,7 @@ fn fast_head_equals_the_candle_path() {
                 // Training changes the weights and statistics: the fast head must follow.
                 for phase in 0..model.phases().len() {
                     model
-                        .train_step(phase, &features, &mut Rng::new(0))
+                        .train_on_features(phase, &features)
                         .unwrap();
                 }
             }

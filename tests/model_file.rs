@@ -11,7 +11,9 @@ fn meta() -> ModelMeta {
         format: model_file::FORMAT.into(),
         format_version: model_file::FORMAT_VERSION,
         method: "nf-bmr".into(),
+        method_version: 1,
         config: serde_json::json!({ "flow_blocks": 4 }),
+        backbone: None,
         input: InputSpec {
             height: 64,
             width: 48,
@@ -22,6 +24,7 @@ fn meta() -> ModelMeta {
         training: TrainingInfo {
             data_fingerprint: "f".repeat(64),
             train_images: 3,
+            defects: Vec::new(),
             validation_images: 1,
             seed: 7,
             date: "2026-11-22T00:00:00Z".into(),
@@ -111,7 +114,8 @@ fn mismatched_metadata_is_rejected_with_the_field() {
     model_file::save(&path, &older, &tensors()).unwrap();
     let err = model_file::read_meta(&path).unwrap_err().to_string();
     assert!(
-        err.contains("format_version is Some(1)") && err.contains("reads version 2"),
+        err.contains("format_version is Some(1)")
+            && err.contains(&format!("reads version {}", model_file::FORMAT_VERSION)),
         "{err}"
     );
 

@@ -61,7 +61,7 @@ fn tiny_model(mapping: Mapping) -> NfBmr {
         INPUT,
         Box::new(extractor),
         frozen,
-        &Device::Cpu,
+        0, &Device::Cpu,
     )
     .unwrap()
 }
@@ -331,7 +331,7 @@ fn every_parameter_gets_a_gradient_in_its_phase_and_the_flow_stays_fixed_in_map(
         let encoded = model
             .encode_frozen(&normal_images(&mut rng, 4, INPUT))
             .unwrap();
-        model.train_step(0, &encoded, &mut Rng::new(0)).unwrap();
+        model.train_on_features(0, &encoded).unwrap();
         let phases = model.phases().len();
         assert_eq!(phases, if mapping == Mapping::None { 1 } else { 2 });
         let flow_vars = model.trainable_vars(0).unwrap();
@@ -371,7 +371,7 @@ fn every_parameter_gets_a_gradient_in_its_phase_and_the_flow_stays_fixed_in_map(
                 .as_tensor()
                 .copy()
                 .unwrap();
-            model.train_step(1, &encoded, &mut Rng::new(0)).unwrap();
+            model.train_on_features(1, &encoded).unwrap();
             for ((name, var), old) in flow_vars.iter().zip(&before) {
                 assert_eq!(
                     max_abs_diff(var.as_tensor(), old),
@@ -399,7 +399,7 @@ fn middle_block_is_one_set_of_tensors_shared_by_both_directions() {
     let encoded = model
         .encode_frozen(&normal_images(&mut rng, 2, INPUT))
         .unwrap();
-    model.train_step(0, &encoded, &mut Rng::new(0)).unwrap();
+    model.train_on_features(0, &encoded).unwrap();
     let tensors = model.tensors().unwrap();
     let shared: Vec<&String> = tensors.keys().filter(|k| k.contains("shared")).collect();
     assert_eq!(
@@ -479,7 +479,7 @@ fn tensors_round_trip_gives_identical_inference() {
                 let encoded = model
                     .encode_frozen(&normal_images(&mut rng, 4, INPUT))
                     .unwrap();
-                model.train_step(phase, &encoded, &mut Rng::new(0)).unwrap();
+                model.train_on_features(phase, &encoded).unwrap();
             }
         }
         let saved = model.tensors().unwrap();
@@ -519,19 +519,18 @@ fn bad_inputs_and_model_tensors_are_errors_that_name_them() {
     let mut model = model;
     let wrong_channels = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(model
-        .train_step(0, &wrong_channels, &mut Rng::new(0))
+        .train_on_features(0, &wrong_channels)
         .unwrap_err()
         .to_string()
         .contains("channels"));
     assert!(model
-        .train_step(
+        .train_on_features(
             2,
             &wrong_channels
                 .narrow(1, 0, 1)
                 .unwrap()
                 .repeat((1, FEATURES, 1, 1))
                 .unwrap(),
-            &mut Rng::new(0)
         )
         .is_err());
 
@@ -583,7 +582,7 @@ fn bad_inputs_and_model_tensors_are_errors_that_name_them() {
         INPUT,
         Box::new(extractor),
         clash,
-        &Device::Cpu
+        0, &Device::Cpu
     )
     .is_err());
 }
@@ -660,7 +659,7 @@ fn out_of_distribution_patch_scores_highest_at_its_location() {
             spec,
             Box::new(extractor),
             frozen,
-            &Device::Cpu,
+            0, &Device::Cpu,
         )
         .unwrap();
         let mut rng = Rng::new(7);
@@ -669,7 +668,7 @@ fn out_of_distribution_patch_scores_highest_at_its_location() {
                 let encoded = model
                     .encode_frozen(&normal_images(&mut rng, 8, spec))
                     .unwrap();
-                model.train_step(phase, &encoded, &mut Rng::new(0)).unwrap();
+                model.train_on_features(phase, &encoded).unwrap();
             }
         }
         let normal = normal_images(&mut rng, 4, spec);

@@ -11,7 +11,10 @@ use vigil::data::{Image, InputSpec};
 use vigil::methods::ocr_gan::fd::{gau1, FrequencyDecoupling};
 use vigil::methods::ocr_gan::model::ChannelSelection;
 use vigil::methods::ocr_gan::{ContentPooling, OcrGan, OcrGanConfig};
-use vigil::methods::{self, Inference, Method, PhaseSpec, StepLosses};
+use vigil::methods::{
+    self, Inference, Method, PhaseSpec, StepLosses, TrainBatch, TrainSet,
+};
+use vigil::nn::train_state::TrainState;
 use vigil::metrics::auroc;
 use vigil::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
 use vigil::rng::Rng;
@@ -186,8 +189,9 @@ fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<(
             channel_selection: bands > 1,
             ..tiny_config()
         };
-        let model = OcrGan::new(cfg, input(16, 3), None, &Device::Cpu)?;
-        let losses = model.losses(&images(2, 3, 16, 1), &mut Rng::new(0))?;
+        let model = OcrGan::new(cfg, input(16, 3), Err(0), &Device::Cpu)?;
+        let batch = as_images(&images(2, 3, 16, 1));
+        let losses = model.losses(&batch.iter().collect::<Vec<_>>(), &mut Rng::new(0))?;
         let g_grads = losses.generator.backward()?;
         let d_grads = losses.discriminator.backward()?;
         let vars = model.trainable_vars()?;
@@ -218,7 +222,7 @@ fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<(
 #[test]
 fn bad_configs_and_inputs_are_errors_that_name_them() {
     let err = |cfg: OcrGanConfig, side: usize| {
-        OcrGan::new(cfg, input(side, 1), None, &Device::Cpu)
+        OcrGan::new(cfg, input(side, 1), Err(0), &Device::Cpu)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
@@ -240,7 +244,7 @@ fn bad_configs_and_inputs_are_errors_that_name_them() {
         16
     )
     .contains("lr"));
-    let model = OcrGan::new(tiny_config(), input(16, 1), None, &Device::Cpu).unwrap();
+    let model = OcrGan::new(tiny_config(), input(16, 1), Err(0), &Device::Cpu).unwrap();
     assert!(model
         .infer(&images(1, 3, 16, 0))
         .unwrap_err()
@@ -272,33 +276,43 @@ impl Method for Interrupted {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    fn encode_frozen(&self, images: &Tensor) -> Result<Tensor> {
-        self.inner.encode_frozen(images)
-    }
     fn phases(&self) -> Vec<PhaseSpec> {
         self.inner.phases()
     }
-    fn train_step(&mut self, phase: usize, encoded: &Tensor, rng: &mut Rng) -> Result<StepLosses> {
+    fn step_losses(&mut self, batch: &TrainBatch, rng: &mut Rng) -> Result<StepLosses> {
         self.steps += 1;
         if self.steps == self.fail_at {
             return Err(vigil::Error::invalid("test", "power cut"));
         }
-        self.inner.train_step(phase, encoded, rng)
+        self.inner.step_losses(batch, rng)
+    }
+    fn train_state(&self) -> &TrainState {
+        self.inner.train_state()
+    }
+    fn train_state_mut(&mut self) -> &mut TrainState {
+        self.inner.train_state_mut()
+    }
+    fn weights_changed(&mut self) {
+        self.inner.weights_changed()
     }
     fn infer(&self, images: &Tensor) -> Result<Inference> {
         self.inner.infer(images)
     }
+    fn infer_reference(&self, images: &Tensor) -> Result<Inference> {
+        self.inner.infer_reference(images)
+    }
     fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         self.inner.tensors()
     }
-    fn training_state(&self) -> Result<HashMap<String, Tensor>> {
-        self.inner.training_state()
-    }
-    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.inner.restore_training_state(state)
-    }
-    fn config_json(&self) -> serde_json::Value {
+    fn config_json(&self) -> Result<serde_json::Value> {
         self.inner.config_json()
+    }
+}
+
+fn good(images: &[Image]) -> TrainSet {
+    TrainSet {
+        good: images.to_vec(),
+        defects: Vec::new(),
     }
 }
 
@@ -338,11 +352,12 @@ fn a_resumed_training_continues_from_the_saved_epoch_with_the_same_optimizer_sta
         checkpoint: Some(dir.path().join(ckpt)),
         resume,
         data_fingerprint: "synthetic".into(),
+        stop_after_epochs: None,
     };
-    let mut straight = OcrGan::new(cfg.clone(), spec, None, &Device::Cpu)?;
+    let mut straight = OcrGan::new(cfg.clone(), spec, Err(0), &Device::Cpu)?;
     let full = train::fit(
         &mut straight,
-        &train_images,
+        &good(&train_images),
         &validation,
         &opts("a.ckpt", false),
         &Device::Cpu,
@@ -350,23 +365,23 @@ fn a_resumed_training_continues_from_the_saved_epoch_with_the_same_optimizer_sta
 
     // Two steps per epoch: step 5 is the first of epoch 3.
     let mut stopped = Interrupted {
-        inner: OcrGan::new(cfg.clone(), spec, None, &Device::Cpu)?,
+        inner: OcrGan::new(cfg.clone(), spec, Err(0), &Device::Cpu)?,
         steps: 0,
         fail_at: 5,
     };
     let stop = train::fit(
         &mut stopped,
-        &train_images,
+        &good(&train_images),
         &validation,
         &opts("b.ckpt", false),
         &Device::Cpu,
     );
     assert!(stop.unwrap_err().to_string().contains("power cut"));
 
-    let mut resumed = OcrGan::new(cfg.clone(), spec, None, &Device::Cpu)?;
+    let mut resumed = OcrGan::new(cfg.clone(), spec, Err(0), &Device::Cpu)?;
     let report = train::fit(
         &mut resumed,
-        &train_images,
+        &good(&train_images),
         &validation,
         &opts("b.ckpt", true),
         &Device::Cpu,
@@ -381,10 +396,10 @@ fn a_resumed_training_continues_from_the_saved_epoch_with_the_same_optimizer_sta
     assert_same_state(&resumed.training_state()?, &straight.training_state()?);
 
     // A checkpoint of another config is refused, naming what differs.
-    let mut other = OcrGan::new(OcrGanConfig { lr: 0.001, ..cfg }, spec, None, &Device::Cpu)?;
+    let mut other = OcrGan::new(OcrGanConfig { lr: 0.001, ..cfg }, spec, Err(0), &Device::Cpu)?;
     let err = train::fit(
         &mut other,
-        &train_images,
+        &good(&train_images),
         &validation,
         &opts("b.ckpt", true),
         &Device::Cpu,
@@ -400,13 +415,16 @@ fn meta_for(model: &OcrGan, spec: InputSpec) -> ModelMeta {
         format: model_file::FORMAT.into(),
         format_version: model_file::FORMAT_VERSION,
         method: model.name().into(),
-        config: model.config_json(),
+        method_version: methods::ocr_gan::VERSION,
+        config: model.config_json().unwrap(),
+        backbone: None,
         input: spec,
         preprocessing: Preprocessing::default(),
         validation: ScoreStats::from_values(&[0.0, 1.0], &mut [0.0, 1.0]),
         training: TrainingInfo {
             data_fingerprint: "f".repeat(64),
             train_images: 4,
+            defects: Vec::new(),
             validation_images: 2,
             seed: 0,
             date: "2026-11-23T00:00:00Z".into(),
@@ -421,11 +439,19 @@ fn meta_for(model: &OcrGan, spec: InputSpec) -> ModelMeta {
 fn the_model_file_round_trips_and_scores_identically() -> Result<()> {
     let dir = tempfile::tempdir().unwrap();
     let spec = input(16, 3);
-    let mut model = OcrGan::new(tiny_config(), spec, None, &Device::Cpu)?;
+    let mut model = OcrGan::new(tiny_config(), spec, Err(0), &Device::Cpu)?;
     let batch = images(4, 3, 16, 2);
+    let batch_images = as_images(&batch);
     let mut rng = Rng::new(1);
     for _ in 0..3 {
-        model.train_step(0, &batch, &mut rng)?;
+        let step = TrainBatch {
+            phase: 0,
+            epoch: 0,
+            good: batch_images.iter().collect(),
+            features: None,
+            defects: &[],
+        };
+        methods::step(&mut model, &step, &mut rng)?;
     }
     let validation = model.infer(&batch)?.scores.to_vec1::<f32>()?;
     model.fit_score_scale(&validation)?;
@@ -522,14 +548,20 @@ fn a_tiny_ocr_gan_separates_synthetic_defects() -> Result<()> {
         smoothing_sigma: 1.0,
         ..Default::default()
     };
-    let mut model = OcrGan::new(cfg, spec, None, &Device::Cpu)?;
+    let mut model = OcrGan::new(cfg, spec, Err(0), &Device::Cpu)?;
     let opts = TrainOptions {
         batch_size: 8,
         seed: 0,
         progress: false,
         ..Default::default()
     };
-    train::fit(&mut model, &train_images, &validation, &opts, &Device::Cpu)?;
+    train::fit(
+        &mut model,
+        &good(&train_images),
+        &validation,
+        &opts,
+        &Device::Cpu,
+    )?;
     let mut scores = Vec::new();
     let mut labels = Vec::new();
     for chunk in test.chunks(8) {

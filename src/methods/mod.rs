@@ -60,11 +60,20 @@ pub struct PhaseSpec {
     /// The least number of optimiser steps: a small training set gets more epochs, so that a
     /// product of 50 images trains as long as one of 700 (epochs are rounded up to whole passes).
     pub min_steps: usize,
+    /// The images each optimiser step averages over, when more than the training's batch size:
+    /// the gradients of consecutive batches are accumulated (FCDD's 128 on a small machine).
+    pub batch: Option<usize>,
     pub selection: Selection,
 }
 
 impl PhaseSpec {
-    /// The epochs this phase runs with `steps_per_epoch` batches per pass.
+    /// Batches whose gradients make one optimiser step, with `batch_size` images per batch.
+    pub fn accumulation(&self, batch_size: usize) -> usize {
+        self.batch
+            .map_or(1, |b| b.div_ceil(batch_size.max(1)).max(1))
+    }
+
+    /// The epochs this phase runs with `steps_per_epoch` optimiser steps per pass.
     pub fn epochs_for(&self, steps_per_epoch: usize) -> usize {
         self.epochs
             .max(self.min_steps.div_ceil(steps_per_epoch.max(1)))
@@ -211,12 +220,31 @@ pub trait Method: Send {
     }
 }
 
+/// How one step's gradients reach the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Apply {
+    /// The optimiser steps on them at once.
+    Step,
+    /// They are added to the pending sum; [`TrainState::step_accumulated`] steps later.
+    Accumulate,
+}
+
 /// One optimisation step: the method's losses, each objective backpropagated into its parameter
 /// group (in order), then the values it logs.
 pub fn step(
     method: &mut dyn Method,
     batch: &TrainBatch,
     rng: &mut Rng,
+) -> Result<Vec<(&'static str, f32)>> {
+    step_with(method, batch, rng, Apply::Step)
+}
+
+/// [`step`], with the gradients applied as `apply` says.
+pub fn step_with(
+    method: &mut dyn Method,
+    batch: &TrainBatch,
+    rng: &mut Rng,
+    apply: Apply,
 ) -> Result<Vec<(&'static str, f32)>> {
     let losses = method.step_losses(batch, rng)?;
     for (group, loss) in &losses.objectives {
@@ -241,9 +269,14 @@ pub fn step(
         .collect::<Result<Vec<_>>>()?;
     for (group, loss) in losses.objectives {
         let grads = loss.backward()?;
-        method.train_state_mut().step(group, &grads)?;
+        match apply {
+            Apply::Step => method.train_state_mut().step(group, &grads)?,
+            Apply::Accumulate => method.train_state_mut().accumulate(group, &grads)?,
+        }
     }
-    method.weights_changed();
+    if apply == Apply::Step {
+        method.weights_changed();
+    }
     Ok(logged)
 }
 
@@ -270,8 +303,8 @@ pub struct MethodEntry {
     pub uses_backbone: bool,
     /// The config type's defaults, as JSON.
     pub default_config: fn() -> Result<serde_json::Value>,
-    /// A config small enough to train in seconds: the generic all-methods tests use it, so a new
-    /// method cannot skip them.
+    /// A config small enough to train in seconds, with at least 2 epochs in all: the generic
+    /// all-methods tests (tests/methods.rs) use it, so a new method cannot skip them.
     pub tiny_config: fn() -> serde_json::Value,
     /// A fresh, trainable detector; the path is the pretrained backbone weights file.
     pub create: fn(&Setup, &Path) -> Result<Box<dyn Method>>,

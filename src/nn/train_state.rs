@@ -24,6 +24,8 @@ struct Group {
 pub struct TrainState {
     groups: Vec<Group>,
     buffers: Vec<VarMap>,
+    /// Gradients summed over batches, per group, with the number of batches.
+    pending: Vec<(&'static str, GradStore, usize)>,
 }
 
 fn optimizer_prefix(group: &str) -> String {
@@ -84,6 +86,55 @@ impl TrainState {
             .find(|g| g.name == name)
             .ok_or(unknown)?;
         group.optimizer.step(grads)
+    }
+
+    /// Adds `grads` of group `name`'s variables to the pending sum (gradient accumulation: an
+    /// optimiser step over a larger batch than fits in one pass).
+    pub fn accumulate(&mut self, name: &str, grads: &GradStore) -> Result<()> {
+        let group = self.group(name)?;
+        let name = group.name;
+        let vars = sorted_vars(&group.vars)?;
+        let slot = match self.pending.iter().position(|(n, _, _)| *n == name) {
+            Some(i) => i,
+            None => {
+                let device = vars
+                    .first()
+                    .map(|(_, v)| v.device().clone())
+                    .unwrap_or(candle_core::Device::Cpu);
+                // candle has no public empty store: one of a throw-away scalar serves.
+                let empty = Tensor::zeros((), candle_core::DType::F32, &device)?.backward()?;
+                self.pending.push((name, empty, 0));
+                self.pending.len() - 1
+            }
+        };
+        let (_, sum, count) = &mut self.pending[slot];
+        for (_, var) in vars {
+            if let Some(grad) = grads.get(var.as_tensor()) {
+                let grad = grad.detach();
+                let total = match sum.get(var.as_tensor()) {
+                    Some(previous) => (previous + grad)?,
+                    None => grad,
+                };
+                sum.insert(var.as_tensor(), total);
+            }
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Steps every group with pending gradients, averaged over their batches, and clears them.
+    pub fn step_accumulated(&mut self) -> Result<()> {
+        for (name, mut sum, count) in std::mem::take(&mut self.pending) {
+            let vars = self.group_vars(name)?;
+            for (_, var) in vars {
+                if let Some(total) = sum.get(var.as_tensor()) {
+                    let mean = (total / count as f64)?;
+                    sum.insert(var.as_tensor(), mean);
+                }
+            }
+            self.step(name, &sum)?;
+        }
+        Ok(())
     }
 
     pub fn optimizer_mut(&mut self, name: &str) -> Result<&mut dyn Optimizer> {
@@ -174,6 +225,39 @@ mod tests {
         b.step("g", &wb.sqr()?.sum_all()?.backward()?)?;
         assert_eq!(wa.to_vec1::<f32>()?, wb.to_vec1::<f32>()?);
         assert!(a.step("nope", &wa.sqr()?.sum_all()?.backward()?).is_err());
+        Ok(())
+    }
+
+    /// Two accumulated batches step like one batch of their mean loss.
+    #[test]
+    fn accumulated_gradients_step_like_the_mean_loss() -> Result<()> {
+        let dev = Device::Cpu;
+        let build = || -> Result<(TrainState, Tensor)> {
+            let vars = VarMap::new();
+            let w = vars.get((2,), "w", candle_nn::Init::Const(0.5), DType::F32, &dev)?;
+            let opt = crate::nn::optim::Sgd::new(
+                &vars,
+                crate::nn::optim::SgdParams {
+                    lr: 0.1,
+                    momentum: 0.9,
+                    nesterov: true,
+                    weight_decay: 1e-4,
+                },
+            )?;
+            Ok((TrainState::new().with_group("g", vars, opt), w))
+        };
+        let x1 = Tensor::new(&[1f32, -2.0], &dev)?;
+        let x2 = Tensor::new(&[3f32, 0.5], &dev)?;
+        let loss = |w: &Tensor, x: &Tensor| (w * x)?.sqr()?.sum_all();
+        let (mut a, wa) = build()?;
+        a.accumulate("g", &loss(&wa, &x1)?.backward()?)?;
+        a.accumulate("g", &loss(&wa, &x2)?.backward()?)?;
+        a.step_accumulated()?;
+        let (mut b, wb) = build()?;
+        let mean = ((loss(&wb, &x1)? + loss(&wb, &x2)?)? / 2.0)?;
+        b.step("g", &mean.backward()?)?;
+        let (va, vb) = (wa.to_vec1::<f32>()?, wb.to_vec1::<f32>()?);
+        assert!(va.iter().zip(&vb).all(|(p, q)| (p - q).abs() < 1e-6), "{va:?} {vb:?}");
         Ok(())
     }
 }

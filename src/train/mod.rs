@@ -16,7 +16,7 @@ use crate::data::anomaly::{
 use crate::data::{batch_tensor, Image};
 use crate::error::{Error, Result};
 use crate::eval::score_images;
-use crate::methods::{self, Method, PhaseInput, Selection, TrainBatch, TrainSet};
+use crate::methods::{self, Apply, Method, PhaseInput, Selection, TrainBatch, TrainSet};
 use crate::metrics::auroc;
 use crate::rng::Rng;
 
@@ -288,8 +288,9 @@ pub fn fit(
             }
             Selection::Last => None,
         };
-        let steps_per_epoch = images.len().div_ceil(opts.batch_size);
-        let epochs = spec.epochs_for(steps_per_epoch);
+        let batches_per_epoch = images.len().div_ceil(opts.batch_size);
+        let accumulation = spec.accumulation(opts.batch_size);
+        let epochs = spec.epochs_for(batches_per_epoch.div_ceil(accumulation));
         if epochs > spec.epochs {
             log::info!(
                 "{} {}: {epochs} epochs instead of {} to reach {} steps on {} images",
@@ -300,7 +301,11 @@ pub fn fit(
                 images.len()
             );
         }
-        let bar = progress_bar((epochs * steps_per_epoch) as u64, spec.name, opts.progress);
+        let bar = progress_bar(
+            (epochs * batches_per_epoch) as u64,
+            spec.name,
+            opts.progress,
+        );
         if report.phases.len() <= phase {
             report.phases.push(PhaseReport {
                 name: spec.name.to_string(),
@@ -312,14 +317,14 @@ pub fn fit(
         if phase != first_phase {
             best = None;
         }
-        bar.set_position((resume_epoch * steps_per_epoch) as u64);
+        bar.set_position((resume_epoch * batches_per_epoch) as u64);
         for epoch in resume_epoch..epochs {
             // Seeded per (phase, epoch), so a resumed training draws exactly what it would have.
             let mut rng = Rng::new(opts.seed).fork(((phase as u64) << 32) | epoch as u64);
             let mut order: Vec<u32> = (0..images.len() as u32).collect();
             rng.shuffle(&mut order);
             let mut sums: Vec<(&'static str, f32)> = Vec::new();
-            for chunk in order.chunks(opts.batch_size) {
+            for (index, chunk) in order.chunks(opts.batch_size).enumerate() {
                 let features = match (&encoded, spec.input) {
                     (Some(encoded), PhaseInput::Features) => {
                         Some(encoded.index_select(&Tensor::new(chunk, device)?, 0)?)
@@ -333,7 +338,17 @@ pub fn fit(
                     features,
                     defects: &set.defects,
                 };
-                let losses = methods::step(method, &batch, &mut rng)?;
+                let losses = if accumulation == 1 {
+                    methods::step(method, &batch, &mut rng)?
+                } else {
+                    // The epoch's last, partial group of batches steps too.
+                    let losses = methods::step_with(method, &batch, &mut rng, Apply::Accumulate)?;
+                    if (index + 1) % accumulation == 0 || index + 1 == batches_per_epoch {
+                        method.train_state_mut().step_accumulated()?;
+                        method.weights_changed();
+                    }
+                    losses
+                };
                 if sums.is_empty() {
                     sums = losses.iter().map(|&(n, _)| (n, 0.0)).collect();
                 }

@@ -75,6 +75,8 @@ pub fn fixture() -> &'static Fixture {
                 "bmr_width=8",
                 "flow_epochs=1",
                 "map_epochs=1",
+            "flow_min_steps=0",
+            "map_min_steps=0",
             ]
             .map(String::from)
             .to_vec(),
@@ -85,6 +87,9 @@ pub fn fixture() -> &'static Fixture {
             backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
             checkpoint: None,
             resume: false,
+            few_shot: None,
+            train_limit: None,
+            stop_after_epochs: None,
             run: run_opts(),
         })
         .unwrap();

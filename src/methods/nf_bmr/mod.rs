@@ -394,6 +394,23 @@ impl NfBmr {
         &self.cfg
     }
 
+    /// One optimisation step of `phase` on cached backbone features `[B, C, h, w]` (what the
+    /// training loop does with each batch); returns the logged loss.
+    pub fn train_on_features(
+        &mut self,
+        phase: usize,
+        features: &Tensor,
+    ) -> Result<Vec<(&'static str, f32)>> {
+        let batch = TrainBatch {
+            phase,
+            epoch: 0,
+            good: Vec::new(),
+            features: Some(features.clone()),
+            defects: &[],
+        };
+        super::step(self, &batch, &mut Rng::new(0))
+    }
+
     /// Per-channel standardisation with the training statistics.
     pub fn standardize(&self, features: &Tensor) -> Result<Tensor> {
         self.stats.standardize(features)
@@ -579,6 +596,7 @@ impl Method for NfBmr {
             input: PhaseInput::Features,
             epochs: self.cfg.flow_epochs,
             min_steps: self.cfg.flow_min_steps,
+            batch: None,
             selection: Selection::Last,
         }];
         if self.cfg.mapping != Mapping::None {
@@ -587,7 +605,8 @@ impl Method for NfBmr {
                 input: PhaseInput::Features,
                 epochs: self.cfg.map_epochs,
                 min_steps: self.cfg.map_min_steps,
-                selection: Selection::Last,
+                batch: None,
+            selection: Selection::Last,
             });
         }
         phases

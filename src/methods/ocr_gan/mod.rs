@@ -61,7 +61,7 @@ pub const ENTRY: MethodEntry = MethodEntry {
     tiny_config: || {
         serde_json::json!({
             "bands": 2, "width": 2, "levels": 2, "disc_width": 2, "disc_levels": 2,
-            "cs_min_hidden": 2, "epochs": 1
+            "cs_min_hidden": 2, "epochs": 2
         })
     },
     create: |setup: &Setup, _backbone: &Path| {
@@ -412,6 +412,7 @@ impl Method for OcrGan {
             input: PhaseInput::Images,
             epochs: self.cfg.epochs,
             min_steps: self.cfg.min_steps,
+            batch: None,
             selection: Selection::Separation { trained_on },
         }]
     }
