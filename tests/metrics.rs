@@ -2,8 +2,9 @@
 //! code on seeded random cases (fixture made by tests/reference/make_reference.py).
 use serde::Deserialize;
 use vigil::metrics::{
-    at_threshold, aupro, auroc, f1_max, pixel_auroc, roc, summarize, EvalItem, GOOD,
+    at_threshold, aupro, auroc, f1_max, pixel_ap, pixel_auroc, roc, summarize, EvalItem, GOOD,
 };
+use vigil::rng::Rng;
 
 const T: bool = true;
 const F: bool = false;
@@ -257,6 +258,172 @@ fn pixel_auroc_pools_all_images() {
 }
 
 #[test]
+fn pixel_ap_by_hand_with_ties_across_images() {
+    // Pixels (score, defect): image 1 (0.7 T) (0.7 F) (0.4 T) (0.2 F), image 2 (0.7 F) (0.4 T)
+    // (0.4 F) (0.2 F); 3 defects. Thresholds, each tie group at once:
+    //   >= 0.7: {T, F, F}: tp 1, fp 2 -> recall 1/3, precision 1/3
+    //   >= 0.4: {T, T, F}: tp 3, fp 3 -> recall 1,   precision 1/2
+    //   >= 0.2: no defect, no recall gained.
+    // AP = 1/3 * 1/3 + 2/3 * 1/2 = 4/9. (Defects first within a tie would give 2/3.)
+    let maps: [&[f32]; 2] = [&[0.7, 0.7, 0.4, 0.2], &[0.7, 0.4, 0.4, 0.2]];
+    let masks: [&[u8]; 2] = [&[1, 0, 1, 0], &[0, 255, 0, 0]];
+    close(
+        pixel_ap(&maps, &masks).unwrap(),
+        4.0 / 9.0,
+        1e-15,
+        "pixel ap",
+    );
+    // AUROC of the same pixels: 4 + 2.5 + 2.5 of 15 pairs = 0.6.
+    close(
+        pixel_auroc(&maps, &masks).unwrap(),
+        0.6,
+        1e-15,
+        "pixel auroc",
+    );
+
+    // One tie group holding two defects and one good pixel: precision 2/3 at recall 1.
+    close(
+        pixel_ap(&[&[0.5, 0.5, 0.5]], &[&[1, 1, 0]]).unwrap(),
+        2.0 / 3.0,
+        1e-15,
+        "one group",
+    );
+}
+
+#[test]
+fn pixel_ap_differs_from_auroc_under_imbalance() {
+    // One defect pixel among ten, ranked second: it beats 8 of the 9 good pixels (AUROC 8/9),
+    // but at the only threshold that finds it precision is 1/2, so AP is 1/2.
+    let maps: [&[f32]; 2] = [&[0.9, 0.8, 0.1, 0.1, 0.1], &[0.1; 5]];
+    let masks: [&[u8]; 2] = [&[0, 1, 0, 0, 0], &[0; 5]];
+    close(pixel_ap(&maps, &masks).unwrap(), 0.5, 1e-15, "pixel ap");
+    close(
+        pixel_auroc(&maps, &masks).unwrap(),
+        8.0 / 9.0,
+        1e-15,
+        "pixel auroc",
+    );
+    // Pooled as in pixel_auroc_pools_all_images: 0.9 T (P 1, R 1/2), 0.5 F, 0.3 T (P 2/3, R 1).
+    close(
+        pixel_ap(&[&[0.9, 0.2], &[0.3, 0.5, 0.1]], &[&[1, 0], &[255, 0, 0]]).unwrap(),
+        0.5 + 0.5 * 2.0 / 3.0,
+        1e-15,
+        "pooled",
+    );
+}
+
+#[test]
+fn pixel_ap_of_perfect_and_constant_maps() {
+    // Every defect pixel above every good one: precision 1 at each recall step.
+    let maps: [&[f32]; 2] = [&[0.9, 0.2, 0.6, 0.1], &[0.3, 0.3, 0.2, 0.7]];
+    let masks: [&[u8]; 2] = [&[1, 0, 1, 0], &[0, 0, 0, 1]];
+    close(pixel_ap(&maps, &masks).unwrap(), 1.0, 0.0, "perfect");
+    // Only defect pixels: precision is 1 everywhere.
+    close(
+        pixel_ap(&[&[0.2, 0.4]], &[&[1, 1]]).unwrap(),
+        1.0,
+        0.0,
+        "no good pixel",
+    );
+    // A constant map is one threshold at recall 1: AP is the defect fraction, 3 of 16 here.
+    let constant = [0.25f32; 8];
+    let maps: [&[f32]; 2] = [&constant, &constant];
+    let masks: [&[u8]; 2] = [&[0, 1, 0, 0, 1, 0, 0, 0], &[0, 0, 0, 0, 0, 0, 0, 7]];
+    close(
+        pixel_ap(&maps, &masks).unwrap(),
+        3.0 / 16.0,
+        1e-15,
+        "constant",
+    );
+    // -0.0 and 0.0 are one score.
+    close(
+        pixel_ap(&[&[0.0, -0.0, 0.0, -0.0]], &[&[1, 0, 0, 0]]).unwrap(),
+        0.25,
+        1e-15,
+        "signed zeros",
+    );
+}
+
+#[test]
+fn pixel_ap_is_undefined_without_defect_pixels_or_with_bad_shapes() {
+    assert_eq!(pixel_ap(&[&[0.1, 0.2]], &[&[0, 0]]), None, "no defect");
+    assert_eq!(pixel_ap(&[], &[]), None, "empty");
+    assert_eq!(pixel_ap(&[&[0.1, 0.2]], &[&[0, 1, 0]]), None, "lengths");
+    assert_eq!(pixel_ap(&[&[0.1, 0.2]], &[]), None, "counts");
+}
+
+/// AP straight from its definition: for every distinct score, highest first, count the pixels
+/// scoring at least that much, and add the recall gained times the precision.
+fn brute_force_ap(maps: &[Vec<f32>], masks: &[Vec<u8>]) -> Option<f64> {
+    let pixels: Vec<(f32, bool)> = maps
+        .iter()
+        .zip(masks)
+        .flat_map(|(map, mask)| map.iter().zip(mask).map(|(&s, &m)| (s, m != 0)))
+        .collect();
+    let positives = pixels.iter().filter(|p| p.1).count();
+    if positives == 0 {
+        return None;
+    }
+    let mut thresholds: Vec<f32> = pixels.iter().map(|p| p.0).collect();
+    thresholds.sort_by(|a, b| b.total_cmp(a));
+    thresholds.dedup();
+    let (mut ap, mut previous_recall) = (0.0, 0.0);
+    for t in thresholds {
+        let called: Vec<&(f32, bool)> = pixels.iter().filter(|p| p.0 >= t).collect();
+        let tp = called.iter().filter(|p| p.1).count();
+        let recall = tp as f64 / positives as f64;
+        let precision = tp as f64 / called.len() as f64;
+        ap += (recall - previous_recall) * precision;
+        previous_recall = recall;
+    }
+    Some(ap)
+}
+
+#[test]
+fn pixel_ap_matches_a_brute_force_reference_on_random_maps() {
+    let mut rng = Rng::new(20_240_611);
+    for case in 0..24 {
+        let images = rng.range_usize(1, 5);
+        let pixels = rng.range_usize(1, 60);
+        // Even cases draw from few levels (many ties), odd ones are continuous.
+        let levels = if case % 2 == 0 {
+            rng.range_usize(1, 8)
+        } else {
+            0
+        };
+        let defect_rate = [0.02, 0.1, 0.3, 0.7][case % 4];
+        let mut maps = Vec::new();
+        let mut masks = Vec::new();
+        for _ in 0..images {
+            let mask: Vec<u8> = (0..pixels)
+                .map(|_| u8::from(rng.bool(defect_rate)))
+                .collect();
+            let map: Vec<f32> = mask
+                .iter()
+                .map(|&m| {
+                    let s = rng.f32() + 0.3 * f32::from(m);
+                    if levels == 0 {
+                        s
+                    } else {
+                        (s * levels as f32).floor() / levels as f32
+                    }
+                })
+                .collect();
+            maps.push(map);
+            masks.push(mask);
+        }
+        let map_refs: Vec<&[f32]> = maps.iter().map(Vec::as_slice).collect();
+        let mask_refs: Vec<&[u8]> = masks.iter().map(Vec::as_slice).collect();
+        let expected = brute_force_ap(&maps, &masks);
+        let actual = pixel_ap(&map_refs, &mask_refs);
+        match (actual, expected) {
+            (Some(a), Some(e)) => close(a, e, 1e-12, &format!("case {case}")),
+            (a, e) => assert_eq!(a, e, "case {case}"),
+        }
+    }
+}
+
+#[test]
 fn summary_per_type_and_overall() {
     // 2x2 images. Good: scores 0.1, 0.3. Scratch (masked): 0.5, 0.2. Dent (no mask): 0.9.
     let good_a = [0.1, 0.1, 0.2, 0.1];
@@ -297,6 +464,12 @@ fn summary_per_type_and_overall() {
         &[&[0; 4], &[0; 4], &mask_a, &mask_b],
     );
     assert_eq!(summary.pixel_auroc, expected_pixel);
+    let expected_ap = pixel_ap(
+        &[&good_a, &good_b, &scratch_a, &scratch_b],
+        &[&[0; 4], &[0; 4], &mask_a, &mask_b],
+    );
+    assert!(expected_ap.is_some());
+    assert_eq!(summary.pixel_ap, expected_ap);
     assert!(summary.aupro.is_some());
 
     assert_eq!(
@@ -307,15 +480,73 @@ fn summary_per_type_and_overall() {
     assert_eq!(dent_metrics.count, 1);
     close(dent_metrics.image_auroc.unwrap(), 1.0, 0.0, "dent auroc");
     assert_eq!((dent_metrics.pixel_auroc, dent_metrics.aupro), (None, None));
+    assert_eq!(dent_metrics.pixel_ap, None);
     let scratch = &summary.per_type["scratch"];
     assert_eq!(scratch.count, 2);
     // Scratch {0.5, 0.2} vs good {0.1, 0.3}: 2 + 1 of 4 pairs.
     close(scratch.image_auroc.unwrap(), 0.75, 1e-15, "scratch auroc");
     assert_eq!(scratch.pixel_auroc, summary.pixel_auroc);
+    assert_eq!(scratch.pixel_ap, summary.pixel_ap);
 
     let json = serde_json::to_string(&summary).unwrap();
     let back: vigil::metrics::Summary = serde_json::from_str(&json).unwrap();
     assert_eq!(back, summary);
+}
+
+#[test]
+fn summary_pixel_ap_per_type_uses_that_type_and_all_good_images() {
+    // 1x4 images. Good: one hot pixel. Crack and hole are masked and rank differently.
+    let good = [0.6, 0.1, 0.1, 0.1];
+    let crack = [0.9, 0.2, 0.1, 0.1];
+    let hole = [0.5, 0.5, 0.1, 0.1];
+    let crack_mask = [1, 0, 0, 0];
+    let hole_mask = [0, 1, 0, 0];
+    let items = [
+        EvalItem {
+            defect_type: GOOD,
+            score: 0.6,
+            map: &good,
+            mask: None,
+        },
+        EvalItem {
+            defect_type: "crack",
+            score: 0.9,
+            map: &crack,
+            mask: Some(&crack_mask),
+        },
+        EvalItem {
+            defect_type: "hole",
+            score: 0.5,
+            map: &hole,
+            mask: Some(&hole_mask),
+        },
+    ];
+    let summary = summarize(&items, 1, 4);
+    let zeros = [0u8; 4];
+    // Crack: its pixel 0.9 is the highest of good + crack: AP 1.
+    close(
+        summary.per_type["crack"].pixel_ap.unwrap(),
+        1.0,
+        0.0,
+        "crack",
+    );
+    // Hole: 0.6 (good) first, then 0.5 {T, F}: precision 1/3 at recall 1.
+    close(
+        summary.per_type["hole"].pixel_ap.unwrap(),
+        1.0 / 3.0,
+        1e-15,
+        "hole",
+    );
+    // Overall: 0.9 T (P 1, R 1/2), 0.6 F, 0.5 {T, F} (P 2/4, R 1): 1/2 + 1/4.
+    close(summary.pixel_ap.unwrap(), 0.75, 1e-15, "overall");
+    assert_eq!(
+        summary.pixel_ap,
+        pixel_ap(&[&good, &crack, &hole], &[&zeros, &crack_mask, &hole_mask])
+    );
+    // The key is in the JSON, top level and per type.
+    let json = serde_json::to_value(&summary).unwrap();
+    assert_eq!(json["pixel_ap"].as_f64(), Some(0.75));
+    assert_eq!(json["per_type"]["crack"]["pixel_ap"].as_f64(), Some(1.0));
 }
 
 #[test]
@@ -334,6 +565,18 @@ fn summary_without_good_images_has_no_image_auroc() {
     // A wrongly sized map leaves pixel metrics undefined instead of panicking.
     let summary = summarize(&items, 3, 3);
     assert_eq!((summary.pixel_auroc, summary.aupro), (None, None));
+    assert_eq!(summary.pixel_ap, None);
+    // Good images only: no defect pixel, so no AP (and it is null in the JSON).
+    let good = [EvalItem {
+        defect_type: GOOD,
+        score: 0.5,
+        map: &map,
+        mask: None,
+    }];
+    let summary = summarize(&good, 2, 2);
+    assert_eq!(summary.pixel_ap, None);
+    let json = serde_json::to_value(&summary).unwrap();
+    assert!(json["pixel_ap"].is_null() && json.get("pixel_ap").is_some());
 }
 
 // ---- the independent reference ----

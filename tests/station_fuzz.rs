@@ -2,14 +2,15 @@
 //! gets arbitrary bytes, every line builder arbitrary text, and the station file loader arbitrary
 //! and mutated files. Bounded cases and no persistence files, so that this runs in seconds in
 //! `cargo test`.
-use std::time::{Duration, Instant, SystemTime};
+mod station_decided;
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
+use station_decided::decided;
 use vigil::error::Error;
 use vigil::station::protocol::{self, Command, MAX_TEXT};
-use vigil::station::{Decided, Event, StationConfig, Verdict};
+use vigil::station::{Event, StationConfig, Verdict};
 
 fn cases(cases: u32) -> ProptestConfig {
     ProptestConfig {
@@ -148,21 +149,6 @@ fn blank() -> impl Strategy<Value = String> {
     "[ \t\r\n]{0,4}"
 }
 
-fn decided(id: u64, verdict: Verdict, score: Option<f32>, reason: Option<String>) -> Decided {
-    Decided {
-        id,
-        name: format!("{id:03}.png"),
-        verdict,
-        score,
-        normalized: score.map(|_| 0.25),
-        reason,
-        captured: Instant::now(),
-        captured_wall: SystemTime::now(),
-        timings: [Duration::ZERO; 5],
-        evidence: None,
-    }
-}
-
 proptest! {
     #![proptest_config(cases(2000))]
 
@@ -226,7 +212,7 @@ proptest! {
         repeat in any::<bool>(),
     ) {
         let mut line = String::new();
-        protocol::result_line(&decided(id, verdict, score, reason.clone()), run, repeat, &mut line);
+        protocol::result_line(&decided(id, verdict, score, reason.as_deref()), run, repeat, &mut line);
         let body = one_printable_line(&line)?;
         let fields: Vec<&str> = body.splitn(7, ' ').collect();
         prop_assert_eq!(fields[0], if repeat { "REP" } else { "RES" });

@@ -1,13 +1,16 @@
 //! Station pieces that need no model: config validation, the line protocol, reject-pulse timing,
 //! the audit folder's bounds, the stall check.
+mod station_decided;
+
 use std::time::{Duration, Instant, SystemTime};
 
+use station_decided::decided;
 use vigil::error::Result;
 use vigil::station::audit::Audit;
 use vigil::station::gpio::{GpioOutputs, OutputLine, RejectTimer};
 use vigil::station::protocol::{self, Command};
 use vigil::station::status::{StallCheck, Stats};
-use vigil::station::{Decided, Event, StationConfig, Verdict};
+use vigil::station::{Event, StationConfig, Verdict};
 
 const MINIMAL: &str = "model = \"m.safetensors\"\ncalibration = \"c.toml\"\n[source]\nkind = \"folder\"\npath = \"parts\"\n";
 
@@ -383,21 +386,6 @@ fn state_dir_is_taken_from_the_station_files_folder() {
     std::fs::write(&path, format!("state_dir = \"/var/lib/vigil\"\n{MINIMAL}")).unwrap();
     let cfg = StationConfig::load(&path).unwrap();
     assert_eq!(cfg.state_dir, Some("/var/lib/vigil".into()));
-}
-
-fn decided(id: u64, verdict: Verdict, score: Option<f32>, reason: Option<&str>) -> Decided {
-    Decided {
-        id,
-        name: format!("{id:03}.png"),
-        verdict,
-        score,
-        normalized: score.map(|_| 0.25),
-        reason: reason.map(String::from),
-        captured: Instant::now(),
-        captured_wall: SystemTime::now(),
-        timings: [Duration::ZERO; 5],
-        evidence: None,
-    }
 }
 
 #[test]

@@ -74,7 +74,8 @@ pub fn score_images(
 /// `metrics.json` as `vigil eval` writes it.
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
-    /// `image_auroc`, `pixel_auroc`, `aupro`, `image_f1_max`, `f1_threshold`, `per_type`.
+    /// `image_auroc`, `pixel_auroc`, `pixel_ap`, `aupro`, `image_f1_max`, `f1_threshold`,
+    /// `per_type`.
     #[serde(flatten)]
     pub metrics: Summary,
     pub images_per_second: f64,
@@ -257,7 +258,8 @@ fn summary_markdown(r: &EvalReport) -> String {
     let mut s = format!(
         "# vigil eval: {}\n\nmodel `{}`, data `{}`, {} images ({} good, {} defective), \
          {:.1} images/s on {} at batch {}\n\n| metric | value |\n|---|---|\n\
-         | image AUROC | {} |\n| pixel AUROC | {} |\n| AUPRO (FPR ≤ 0.3) | {} |\n\
+         | image AUROC | {} |\n| pixel AUROC | {} |\n| pixel AP | {} |\n\
+         | AUPRO (FPR ≤ 0.3) | {} |\n\
          | image F1-max | {} |\n\n",
         r.method,
         r.model,
@@ -270,18 +272,21 @@ fn summary_markdown(r: &EvalReport) -> String {
         r.batch_size,
         fmt(r.metrics.image_auroc),
         fmt(r.metrics.pixel_auroc),
+        fmt(r.metrics.pixel_ap),
         fmt(r.metrics.aupro),
         fmt(r.metrics.image_f1_max),
     );
     s.push_str(
-        "| defect type | images | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|\n",
+        "| defect type | images | image AUROC | pixel AUROC | pixel AP | AUPRO |\n\
+         |---|---|---|---|---|---|\n",
     );
     for (name, t) in &r.metrics.per_type {
         s.push_str(&format!(
-            "| {name} | {} | {} | {} | {} |\n",
+            "| {name} | {} | {} | {} | {} | {} |\n",
             t.count,
             fmt(t.image_auroc),
             fmt(t.pixel_auroc),
+            fmt(t.pixel_ap),
             fmt(t.aupro)
         ));
     }
@@ -296,4 +301,65 @@ fn summary_markdown(r: &EvalReport) -> String {
     }
     s.push_str("\nEvery part's score: `scores.csv`. Pictures: `roc.png`, `histogram.png`, `worst/` (highest-scored good and lowest-scored defective parts).\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::TypeMetrics;
+
+    #[test]
+    fn summary_markdown_has_pixel_ap_row_and_column() {
+        let per_type = [(
+            "scratch".to_string(),
+            TypeMetrics {
+                count: 2,
+                image_auroc: Some(0.5),
+                pixel_auroc: Some(0.75),
+                pixel_ap: Some(0.125),
+                aupro: None,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let report = EvalReport {
+            metrics: Summary {
+                image_auroc: Some(0.5),
+                pixel_auroc: Some(0.75),
+                pixel_ap: Some(0.25),
+                aupro: Some(0.5),
+                image_f1_max: None,
+                f1_threshold: None,
+                per_type,
+            },
+            images_per_second: 1.0,
+            images: 4,
+            good: 2,
+            defective: 2,
+            skipped: Vec::new(),
+            method: "m".into(),
+            model: "model".into(),
+            data: "data".into(),
+            device: "Cpu".into(),
+            batch_size: 1,
+        };
+        let md = summary_markdown(&report);
+        assert!(md.contains("| pixel AP | 0.2500 |\n"), "{md}");
+        assert!(
+            md.contains(
+                "| defect type | images | image AUROC | pixel AUROC | pixel AP | AUPRO |\n"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| scratch | 2 | 0.5000 | 0.7500 | 0.1250 | n/a |\n"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["pixel_ap"].as_f64(), Some(0.25));
+        assert_eq!(
+            json["per_type"]["scratch"]["pixel_ap"].as_f64(),
+            Some(0.125)
+        );
+    }
 }

@@ -1,4 +1,5 @@
-//! Detection metrics: ROC/AUROC (image and pixel level), AUPRO, F1 and the evaluation summary.
+//! Detection metrics: ROC/AUROC (image and pixel level), pixel average precision, AUPRO, F1 and
+//! the evaluation summary.
 //!
 //! Every curve is exact: all scores are sorted once and swept threshold by threshold (each distinct
 //! score is a threshold, `score >= threshold` means defect), with counts kept as integers and
@@ -86,6 +87,21 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
 /// AUROC over all pixels of all images (mask value != 0 = defect); `None` when a map and its mask
 /// differ in length, the counts of maps and masks differ, or a class is missing.
 pub fn pixel_auroc(maps: &[&[f32]], masks: &[&[u8]]) -> Option<f64> {
+    ranking::auroc_of_sorted(&pixel_keys(maps, masks)?)
+}
+
+/// Average precision over all pixels of all images (mask value != 0 = defect), as scikit-learn's
+/// `average_precision_score` on the flattened maps and masks: `sum_k (R_k - R_{k-1}) * P_k` over
+/// the thresholds at each distinct score, highest first (equal scores are one threshold). `None`
+/// when a map and its mask differ in length, the counts of maps and masks differ, or there is no
+/// defect pixel; with no defect-free pixel it is 1.
+pub fn pixel_ap(maps: &[&[f32]], masks: &[&[u8]]) -> Option<f64> {
+    ranking::average_precision_of_sorted(&pixel_keys(maps, masks)?)
+}
+
+/// The sorted keys of every pixel of every image, payload 1 for a defect (mask value != 0);
+/// `None` when a map and its mask differ in length or the counts of maps and masks differ.
+pub(crate) fn pixel_keys(maps: &[&[f32]], masks: &[&[u8]]) -> Option<Vec<u64>> {
     if maps.len() != masks.len() || maps.iter().zip(masks).any(|(m, k)| m.len() != k.len()) {
         return None;
     }
@@ -99,7 +115,7 @@ pub fn pixel_auroc(maps: &[&[f32]], masks: &[&[u8]]) -> Option<f64> {
         );
     }
     keys.sort_unstable();
-    ranking::auroc_of_sorted(&keys)
+    Some(keys)
 }
 
 /// Counts and scores of `score >= threshold` = defect over the pairs of `scores` and `labels`

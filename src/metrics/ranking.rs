@@ -81,6 +81,28 @@ pub(crate) fn auroc_of_sorted(keys: &[u64]) -> Option<f64> {
     Some(doubled_area as f64 / (2 * tp * fp) as f64)
 }
 
+/// Average precision of sorted keys whose payload is 1 for a defect, as scikit-learn's
+/// `average_precision_score`: the sum over thresholds (each distinct score, highest first) of the
+/// recall gained there times the precision there, `sum_k (R_k - R_{k-1}) * P_k`, without
+/// interpolation. `None` when there is no defect.
+pub(crate) fn average_precision_of_sorted(keys: &[u64]) -> Option<f64> {
+    let (mut fp, mut tp) = (0u64, 0u64);
+    // Sum of (recall gained) * precision, in units of one true positive.
+    let mut sum = 0.0f64;
+    for_each_group(keys, |_, group| {
+        let positives = group.iter().filter(|&&k| k & 1 == 1).count() as u64;
+        tp += positives;
+        fp += group.len() as u64 - positives;
+        if positives > 0 {
+            sum += positives as f64 * tp as f64 / (tp + fp) as f64;
+        }
+    });
+    if tp == 0 {
+        return None;
+    }
+    Some(sum / tp as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{auroc, f1_max, pixel_auroc, pro::aupro};
+use super::{auroc, f1_max, pixel_keys, pro::aupro, ranking};
 
 /// The defect type of defect-free images.
 pub const GOOD: &str = "good";
@@ -30,6 +30,8 @@ pub struct TypeMetrics {
     pub count: usize,
     pub image_auroc: Option<f64>,
     pub pixel_auroc: Option<f64>,
+    /// Pixel average precision; `None` when no pixel of this type is a defect.
+    pub pixel_ap: Option<f64>,
     pub aupro: Option<f64>,
 }
 
@@ -39,6 +41,8 @@ pub struct TypeMetrics {
 pub struct Summary {
     pub image_auroc: Option<f64>,
     pub pixel_auroc: Option<f64>,
+    /// Pixel average precision (see [`super::pixel_ap`]); `None` when no pixel is a defect.
+    pub pixel_ap: Option<f64>,
     /// Up to a false positive rate of [`AUPRO_FPR_LIMIT`].
     pub aupro: Option<f64>,
     pub image_f1_max: Option<f64>,
@@ -54,7 +58,7 @@ pub fn summarize(items: &[EvalItem], height: usize, width: usize) -> Summary {
     let zeros = vec![0u8; height * width];
     let all: Vec<&EvalItem> = items.iter().collect();
     let (image_auroc, image_f1) = image_metrics(&all);
-    let (pixel, pro) = pixel_metrics(&all, &zeros, height, width);
+    let pixel = pixel_metrics(&all, &zeros, height, width);
 
     let mut by_type: BTreeMap<&str, Vec<&EvalItem>> = BTreeMap::new();
     for item in items.iter().filter(|i| i.defect_type != GOOD) {
@@ -68,12 +72,13 @@ pub fn summarize(items: &[EvalItem], height: usize, width: usize) -> Summary {
             let mut subset = good.clone();
             subset.extend(defects);
             let (image_auroc, _) = image_metrics(&subset);
-            let (pixel_auroc, aupro) = pixel_metrics(&subset, &zeros, height, width);
+            let pixel = pixel_metrics(&subset, &zeros, height, width);
             let metrics = TypeMetrics {
                 count,
                 image_auroc,
-                pixel_auroc,
-                aupro,
+                pixel_auroc: pixel.auroc,
+                pixel_ap: pixel.ap,
+                aupro: pixel.aupro,
             };
             (name.to_string(), metrics)
         })
@@ -81,8 +86,9 @@ pub fn summarize(items: &[EvalItem], height: usize, width: usize) -> Summary {
 
     Summary {
         image_auroc,
-        pixel_auroc: pixel,
-        aupro: pro,
+        pixel_auroc: pixel.auroc,
+        pixel_ap: pixel.ap,
+        aupro: pixel.aupro,
         image_f1_max: image_f1.map(|s| s.f1),
         f1_threshold: image_f1.map(|s| s.threshold),
         per_type,
@@ -95,12 +101,15 @@ fn image_metrics(items: &[&EvalItem]) -> (Option<f64>, Option<super::ThresholdSt
     (auroc(&scores, &labels), f1_max(&scores, &labels))
 }
 
-fn pixel_metrics(
-    items: &[&EvalItem],
-    zeros: &[u8],
-    height: usize,
-    width: usize,
-) -> (Option<f64>, Option<f64>) {
+/// The pixel metrics of one set of images.
+#[derive(Default)]
+struct PixelMetrics {
+    auroc: Option<f64>,
+    ap: Option<f64>,
+    aupro: Option<f64>,
+}
+
+fn pixel_metrics(items: &[&EvalItem], zeros: &[u8], height: usize, width: usize) -> PixelMetrics {
     let mut maps = Vec::with_capacity(items.len());
     let mut masks = Vec::with_capacity(items.len());
     for item in items {
@@ -113,10 +122,14 @@ fn pixel_metrics(
         masks.push(mask);
     }
     if maps.iter().any(|m| m.len() != height * width) {
-        return (None, None);
+        return PixelMetrics::default();
     }
-    (
-        pixel_auroc(&maps, &masks),
-        aupro(&maps, &masks, height, width, AUPRO_FPR_LIMIT),
-    )
+    // AUROC and AP share one sort of the pixels.
+    let keys = pixel_keys(&maps, &masks);
+    let keys = keys.as_deref();
+    PixelMetrics {
+        auroc: keys.and_then(ranking::auroc_of_sorted),
+        ap: keys.and_then(ranking::average_precision_of_sorted),
+        aupro: aupro(&maps, &masks, height, width, AUPRO_FPR_LIMIT),
+    }
 }

@@ -227,8 +227,6 @@ impl Audit {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant, SystemTime};
-
     use super::*;
     use crate::data::Image;
     use crate::station::Verdict;
@@ -240,16 +238,9 @@ mod tests {
         }
         let map = (0..64).map(|i| i as f32 / 64.0).collect();
         Decided {
-            id,
-            name: format!("{id:03}.png"),
-            verdict: Verdict::Ng,
-            score: Some(0.9),
             normalized: Some(0.75),
-            reason: None,
-            captured: Instant::now(),
-            captured_wall: SystemTime::now(),
-            timings: [Duration::ZERO; 5],
             evidence: Some((image, map)),
+            ..Decided::for_test(id, Verdict::Ng, Some(0.9), None)
         }
     }
 

@@ -136,6 +136,28 @@ impl Decided {
     pub fn latency(&self) -> Duration {
         self.captured.elapsed()
     }
+
+    /// A part for unit tests: captured now, no timings, no normalised score, no evidence.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        id: u64,
+        verdict: Verdict,
+        score: Option<f32>,
+        reason: Option<&str>,
+    ) -> Decided {
+        Decided {
+            id,
+            name: format!("{id:03}.png"),
+            verdict,
+            score,
+            normalized: None,
+            reason: reason.map(String::from),
+            captured: Instant::now(),
+            captured_wall: SystemTime::now(),
+            timings: [Duration::ZERO; 5],
+            evidence: None,
+        }
+    }
 }
 
 /// Station-level events sent to the PLC and the log.

@@ -219,28 +219,16 @@ fn excerpt(line: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant, SystemTime};
-
     use super::*;
     use crate::station::Verdict;
 
     fn decided(id: u64, score: Option<f32>, reason: Option<&str>) -> Decided {
-        Decided {
-            id,
-            name: format!("{id:03}.png"),
-            verdict: if reason.is_some() {
-                Verdict::Ng
-            } else {
-                Verdict::Ok
-            },
-            score,
-            normalized: None,
-            reason: reason.map(String::from),
-            captured: Instant::now(),
-            captured_wall: SystemTime::now(),
-            timings: [Duration::ZERO; 5],
-            evidence: None,
-        }
+        let verdict = if reason.is_some() {
+            Verdict::Ng
+        } else {
+            Verdict::Ok
+        };
+        Decided::for_test(id, verdict, score, reason)
     }
 
     fn is_one_printable_line(line: &str) -> bool {
