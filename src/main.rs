@@ -364,9 +364,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let r = commands::eval(&args).context("evaluation failed")?;
             println!(
-                "image AUROC {}  pixel AUROC {}  AUPRO {}  F1-max {}  {:.1} images/s  ({} images, {} skipped) -> {}",
+                "image AUROC {}  pixel AUROC {}  pixel AP {}  AUPRO {}  F1-max {}  {:.1} images/s  ({} images, {} skipped) -> {}",
                 fmt(r.metrics.image_auroc),
                 fmt(r.metrics.pixel_auroc),
+                fmt(r.metrics.pixel_ap),
                 fmt(r.metrics.aupro),
                 fmt(r.metrics.image_f1_max),
                 r.images_per_second,
