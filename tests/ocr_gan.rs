@@ -555,13 +555,22 @@ fn a_tiny_ocr_gan_separates_synthetic_defects() -> Result<()> {
         progress: false,
         ..Default::default()
     };
-    train::fit(
+    let report = train::fit(
         &mut model,
         &good(&train_images),
         &validation,
         &opts,
         &Device::Cpu,
     )?;
+    let separations: Vec<f32> = report.phases[0]
+        .epochs
+        .iter()
+        .filter_map(|e| e.validation_separation)
+        .collect();
+    eprintln!(
+        "kept epoch {:?}, validation separation by epoch {separations:?}",
+        report.phases[0].kept_epoch
+    );
     let mut scores = Vec::new();
     let mut labels = Vec::new();
     for chunk in test.chunks(8) {

@@ -219,15 +219,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         device: &device,
     };
     let entry = methods::entry(&args.method)?;
-    if !data.train_defects.is_empty() && !entry.learns_from_defects {
-        return Err(Error::invalid(
-            "defective training images",
-            format!(
-                "{} learns from defect-free images only: drop --defect / --few-shot",
-                entry.name
-            ),
-        ));
-    }
+    methods::check_defects_allowed(
+        entry.name,
+        entry.learns_from_defects,
+        data.train_defects.len(),
+    )?;
     let mut method = (entry.create)(&setup, &args.backbone)?;
     let train_set = load(&data.train, &input, &args.run, "load")?;
     let val_set = load(&data.validation, &input, &args.run, "load val")?;

@@ -358,6 +358,17 @@ pub fn from_model_file(
     (entry.load)(&setup, &tensors).map_err(|e| in_file(e.to_string()))
 }
 
+/// Refuses defective training images for a method that cannot learn from them.
+pub fn check_defects_allowed(method: &str, learns_from_defects: bool, defects: usize) -> Result<()> {
+    if defects > 0 && !learns_from_defects {
+        return Err(Error::invalid(
+            "defective training images",
+            format!("{method} learns from defect-free images only: drop --defect / --few-shot"),
+        ));
+    }
+    Ok(())
+}
+
 /// Prefix of the pretrained backbone's tensors inside a model file.
 pub(crate) const BACKBONE_PREFIX: &str = "backbone.";
 

@@ -210,15 +210,11 @@ pub fn fit(
     if opts.batch_size == 0 {
         return Err(Error::config("batch_size", "must be at least 1"));
     }
-    if !set.defects.is_empty() && !method.learns_from_defects() {
-        return Err(Error::invalid(
-            "defective training images",
-            format!(
-                "{} learns from defect-free images only: drop --defect / --few-shot",
-                method.name()
-            ),
-        ));
-    }
+    methods::check_defects_allowed(
+        method.name(),
+        method.learns_from_defects(),
+        set.defects.len(),
+    )?;
     if opts.stop_after_epochs.is_some() && opts.checkpoint.is_none() {
         return Err(Error::invalid(
             "stop after epochs",
