@@ -15,6 +15,7 @@ use crate::rng::Rng;
 
 pub mod anomaly_map;
 mod fast_snapshot;
+pub mod fcdd;
 pub mod nf_bmr;
 pub mod ocr_gan;
 
