@@ -571,7 +571,11 @@ impl ConfettiBlob {
     /// The square's centre in pixel coordinates (x, y). An even side has no centre pixel; as in
     /// FCDD it then reaches one pixel further right and down than left and up.
     fn centre(&self) -> (f32, f32) {
-        let shift = if self.side % 2 == 0 { 0.5 } else { 0.0 };
+        let shift = if self.side.is_multiple_of(2) {
+            0.5
+        } else {
+            0.0
+        };
         (self.col as f32 + shift, self.row as f32 + shift)
     }
 
