@@ -95,24 +95,36 @@ impl Default for CutPasteParams {
     }
 }
 
-/// FCDD's confetti noise: small random-coloured rectangles and ellipses, optionally smudged.
+/// FCDD's confetti noise (Liznerski et al. 2021, the MVTec-AD `confetti` mode as the HSC paper's
+/// runs used it): square blobs added to the image, then clamped; see [`confetti_noise`].
+///
+/// Defaults are FCDD's, whose images are 240×240 when the noise is drawn: sides scale with the
+/// image's shorter side over `reference_size`, rates are per pixel (so the expected number of
+/// blobs is proportional to the image area: about 1.04 coloured and 0.69 dark ones at 240×240,
+/// with at least one of each always drawn).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConfettiParams {
-    /// Number of blobs, inclusive range.
-    pub blobs: [usize; 2],
-    /// Blob side as a fraction of the shorter image side.
-    pub blob_size: Range,
-    /// Probability that the blobs are blurred into their surroundings.
-    pub smudge_probability: f32,
+    /// Per-pixel probability of a coloured blob's centre (FCDD: 1.8e-5).
+    pub colour_rate: f32,
+    /// Per-pixel probability of a dark blob's centre (FCDD: 1.2e-5).
+    pub dark_rate: f32,
+    /// Blob side range in pixels, inclusive, at `reference_size` (FCDD: 8 to 54).
+    pub side_px: [usize; 2],
+    /// The shorter image side `side_px` refers to (FCDD: 240).
+    pub reference_size: usize,
+    /// Coloured blobs are rotated by a uniform angle up to this, either way (FCDD: 45°).
+    pub max_rotation_deg: f32,
 }
 
 impl Default for ConfettiParams {
     fn default() -> Self {
         ConfettiParams {
-            blobs: [3, 12],
-            blob_size: [0.02, 0.08],
-            smudge_probability: 0.5,
+            colour_rate: 1.8e-5,
+            dark_rate: 1.2e-5,
+            side_px: [8, 54],
+            reference_size: 240,
+            max_rotation_deg: 45.0,
         }
     }
 }
@@ -195,15 +207,30 @@ impl AnomalyGenerator {
                 check_range(&f("jitter"), [0.0, p.jitter], 0.0, 0.5)
             }
             AnomalyGenerator::Confetti(p) => {
-                let [a, b] = p.blobs;
-                if a == 0 || a > b || b > 1000 {
+                for (name, rate) in [("colour_rate", p.colour_rate), ("dark_rate", p.dark_rate)] {
+                    if !(rate > 0.0 && rate <= 1.0) {
+                        return Err(Error::config(
+                            f(name),
+                            format!("{rate} (need a probability above 0 and at most 1)"),
+                        ));
+                    }
+                }
+                let [a, b] = p.side_px;
+                if a == 0 || a > b || b > 10_000 {
                     return Err(Error::config(
-                        f("blobs"),
-                        format!("[{a}, {b}] (need 1 <= min <= max <= 1000)"),
+                        f("side_px"),
+                        format!("[{a}, {b}] (need 1 <= min <= max <= 10000)"),
                     ));
                 }
-                check_range(&f("blob_size"), p.blob_size, 0.0, 0.5)?;
-                check_probability(&f("smudge_probability"), p.smudge_probability)
+                if p.reference_size == 0 {
+                    return Err(Error::config(f("reference_size"), "must be at least 1"));
+                }
+                check_range(
+                    &f("max_rotation_deg"),
+                    [0.0, p.max_rotation_deg],
+                    0.0,
+                    180.0,
+                )
             }
             AnomalyGenerator::PerlinBlend(p) => {
                 let [a, b] = p.scale_pow;
@@ -516,123 +543,216 @@ fn cut_paste(original: &Image, out: &mut Image, p: &CutPasteParams, rng: &mut Rn
     mask
 }
 
-fn box_blur(plane: &[f32], h: usize, w: usize, radius: usize) -> Vec<f32> {
-    let pass = |src: &[f32], horizontal: bool| -> Vec<f32> {
-        let mut dst = vec![0.0; h * w];
-        for y in 0..h {
-            for x in 0..w {
-                let (pos, len) = if horizontal { (x, w) } else { (y, h) };
-                let (lo, hi) = (pos.saturating_sub(radius), (pos + radius + 1).min(len));
-                let sum: f32 = (lo..hi)
-                    .map(|k| {
-                        if horizontal {
-                            src[y * w + k]
-                        } else {
-                            src[k * w + x]
-                        }
-                    })
-                    .sum();
-                dst[y * w + x] = sum / (2 * radius + 1) as f32;
-            }
-        }
-        dst
-    };
-    pass(&pass(plane, true), false)
+/// Which of confetti's two layers a blob belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfettiLayer {
+    /// Random colour, rotated.
+    Colour,
+    /// −1 in every channel, axis-aligned.
+    Dark,
 }
 
+/// One square of confetti noise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfettiBlob {
+    pub layer: ConfettiLayer,
+    /// The pixel (row, column) the blob was centred on.
+    pub row: usize,
+    pub col: usize,
+    /// Side in pixels of the image it was drawn for (already scaled from the reference size).
+    pub side: usize,
+    /// Rotation about the centre, degrees.
+    pub angle_deg: f32,
+    /// The value this blob adds, per channel (before the invert rule).
+    pub value: Vec<f32>,
+}
+
+impl ConfettiBlob {
+    /// The square's centre in pixel coordinates (x, y). An even side has no centre pixel; as in
+    /// FCDD it then reaches one pixel further right and down than left and up.
+    fn centre(&self) -> (f32, f32) {
+        let shift = if self.side.is_multiple_of(2) {
+            0.5
+        } else {
+            0.0
+        };
+        (self.col as f32 + shift, self.row as f32 + shift)
+    }
+
+    /// Whether pixel (x, y) lies inside the (rotated) square: its centre, rotated back by the
+    /// blob's angle, falls within half a side of the blob's centre on both axes (nearest-pixel
+    /// rendering, like FCDD's order-0 rotation).
+    pub fn covers(&self, x: usize, y: usize) -> bool {
+        let (cx, cy) = self.centre();
+        let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+        let (sin_a, cos_a) = self.angle_deg.to_radians().sin_cos();
+        let u = dx * cos_a + dy * sin_a;
+        let v = -dx * sin_a + dy * cos_a;
+        let half = self.side as f32 / 2.0;
+        u.abs() <= half && v.abs() <= half
+    }
+
+    /// The pixels the blob covers, clipped to an `h`×`w` image, as row-major indices.
+    fn pixels(&self, h: usize, w: usize) -> impl Iterator<Item = usize> + '_ {
+        // A rotated square reaches at most half its diagonal from the centre.
+        let reach = (self.side as f32 * std::f32::consts::FRAC_1_SQRT_2).ceil() as usize + 1;
+        let rows = self.row.saturating_sub(reach)..(self.row + reach + 1).min(h);
+        let cols = self.col.saturating_sub(reach)..(self.col + reach + 1).min(w);
+        rows.flat_map(move |y| cols.clone().map(move |x| (y, x)))
+            .filter(|&(y, x)| self.covers(x, y))
+            .map(move |(y, x)| y * w + x)
+    }
+}
+
+/// Confetti noise for one image: the blobs and their sum, before the invert rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfettiNoise {
+    /// C×H×W values to add to the image (in 0..=1 units; negative where dark).
+    pub noise: Image,
+    pub blobs: Vec<ConfettiBlob>,
+}
+
+/// Uniform in [0, 1) with 53 bits, for geometric gaps at rates far below f32's resolution.
+fn uniform_f64(rng: &mut Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The pixels (row-major, ascending) of `n` where a Bernoulli(`p`) draw per pixel succeeds,
+/// conditioned on at least one success: FCDD's `ensureblob` redraws a blob-less mask, which is
+/// this conditional law. Drawn as geometric gaps (the first one truncated to the image), so a
+/// rate of 1e-5 costs a few draws rather than one per pixel, and no redraw loop can stall.
+fn bernoulli_positions(n: usize, p: f64, rng: &mut Rng) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    if p >= 1.0 {
+        return (0..n).collect();
+    }
+    let log_q = (-p).ln_1p();
+    // P(first success at index < k) = 1 - q^k; conditioned on one below n it is that over 1 - q^n.
+    let any = -(n as f64 * log_q).exp_m1();
+    let u = uniform_f64(rng) * any;
+    let first = ((-u).ln_1p() / log_q).ceil() as usize;
+    let mut positions = vec![first.saturating_sub(1).min(n - 1)];
+    loop {
+        let gap = ((-uniform_f64(rng)).ln_1p() / log_q).ceil().max(1.0);
+        let next = positions[positions.len() - 1] as f64 + gap;
+        if next >= n as f64 {
+            return positions;
+        }
+        positions.push(next as usize);
+    }
+}
+
+/// Draws FCDD's confetti noise for a `channels`×`height`×`width` image.
+///
+/// Two layers, as FCDD's MVTec-AD `confetti` mode: coloured blobs (rate `colour_rate`, one random
+/// value per channel in {0, 1/255, …, 1} like FCDD's `randint(0, 256)`, rotated by up to
+/// `max_rotation_deg` either way) and dark blobs (rate `dark_rate`, −1 everywhere, FCDD's fill
+/// value −255, not rotated). Within a layer a later blob overwrites an earlier one (FCDD assigns
+/// by index); the layers add. Each layer has at least one blob.
+pub fn confetti_noise(
+    channels: usize,
+    height: usize,
+    width: usize,
+    p: &ConfettiParams,
+    rng: &mut Rng,
+) -> ConfettiNoise {
+    let n = height * width;
+    let scale = height.min(width) as f32 / p.reference_size.max(1) as f32;
+    let mut noise = Image::zeros(channels, height, width);
+    let mut blobs = Vec::new();
+    for layer in [ConfettiLayer::Colour, ConfettiLayer::Dark] {
+        let rate = match layer {
+            ConfettiLayer::Colour => p.colour_rate,
+            ConfettiLayer::Dark => p.dark_rate,
+        };
+        let mut plane = vec![0.0f32; channels * n];
+        for position in bernoulli_positions(n, rate as f64, rng) {
+            let side_ref = rng.range_usize(p.side_px[0], p.side_px[1] + 1);
+            let side = ((side_ref as f32 * scale).round() as usize).max(1);
+            let (value, angle_deg) = match layer {
+                ConfettiLayer::Colour => {
+                    let value = (0..channels)
+                        .map(|_| rng.range_usize(0, 256) as f32 / 255.0)
+                        .collect();
+                    let max = p.max_rotation_deg;
+                    (value, rng.range_f32(-max, max))
+                }
+                ConfettiLayer::Dark => (vec![-1.0; channels], 0.0),
+            };
+            let blob = ConfettiBlob {
+                layer,
+                row: position / width,
+                col: position % width,
+                side,
+                angle_deg,
+                value,
+            };
+            for i in blob.pixels(height, width) {
+                for (ch, &v) in blob.value.iter().enumerate() {
+                    plane[ch * n + i] = v;
+                }
+            }
+            blobs.push(blob);
+        }
+        for (sum, v) in noise.data.iter_mut().zip(plane) {
+            *sum += v;
+        }
+    }
+    ConfettiNoise { noise, blobs }
+}
+
+/// The mean change (over all values) that adding `noise` and clamping makes to `image`.
+fn mean_clamped_change(image: &Image, noise: &[f32], sign: f32) -> f32 {
+    let total: f64 = image
+        .data
+        .iter()
+        .zip(noise)
+        .map(|(&v, &d)| ((v + sign * d).clamp(0.0, 1.0) - v) as f64)
+        .sum();
+    (total / image.data.len().max(1) as f64) as f32
+}
+
+/// FCDD's invert threshold, 0.025 on its 0..=255 scale.
+const CONFETTI_INVERT_THRESHOLD: f32 = 0.025 / 255.0;
+
+/// Adds confetti noise to `out` and clamps. FCDD's invert rule: when the noise changes the image
+/// by less than [`CONFETTI_INVERT_THRESHOLD`] on average (signed, over all values) and the negated
+/// noise would change it more, the negated noise is added. No border smoothing (the HSC paper's
+/// runs did not smooth). The region is exactly the pixels that changed in some channel; should
+/// none change (a dark blob under a white coloured one on a saturated image, say), it is redrawn,
+/// and after a few tries the blobs' pixels are marked for the exact-change step to push.
 fn confetti(out: &mut Image, p: &ConfettiParams, rng: &mut Rng) -> Mask {
     let (c, h, w) = (out.channels, out.height, out.width);
     let n = h * w;
-    let side = h.min(w) as f32;
-    let mean = mean_colour(out);
-    let mut alpha = vec![0.0f32; n];
-    let mut colour = vec![0.0f32; c * n];
-    for _ in 0..rng.range_usize(p.blobs[0], p.blobs[1] + 1) {
-        let half =
-            |rng: &mut Rng| (rng.range_f32(p.blob_size[0], p.blob_size[1]) * side / 2.0).max(0.5);
-        let (half_w, half_h) = (half(rng), half(rng));
-        let ellipse = rng.bool(0.5);
-        let (sin_a, cos_a) = rng.range_f32(0.0, TAU).sin_cos();
-        let (cx, cy) = (
-            rng.range_usize(0, w) as isize,
-            rng.range_usize(0, h) as isize,
-        );
-        let blob_colour = distinct_colour(&mean, rng);
-        let reach = (half_w.max(half_h) * SQRT_2).ceil() as isize;
-        for dy in -reach..=reach {
-            for dx in -reach..=reach {
-                let (x, y) = (cx + dx, cy + dy);
-                if x < 0 || y < 0 || x >= w as isize || y >= h as isize {
-                    continue;
-                }
-                let u = (dx as f32 * cos_a + dy as f32 * sin_a) / half_w;
-                let v = (-dx as f32 * sin_a + dy as f32 * cos_a) / half_h;
-                let inside = if ellipse {
-                    u * u + v * v <= 1.0
-                } else {
-                    u.abs() <= 1.0 && v.abs() <= 1.0
-                };
-                if inside {
-                    let i = y as usize * w + x as usize;
-                    alpha[i] = 1.0;
-                    for (ch, &col) in blob_colour.iter().enumerate() {
-                        colour[ch * n + i] = col;
-                    }
-                }
-            }
-        }
-    }
-    if rng.bool(p.smudge_probability) {
-        smudge(
-            &mut alpha,
-            &mut colour,
-            c,
-            h,
-            w,
-            ((side / 128.0).round() as usize).max(1),
-        );
-    }
+    let original = out.clone();
     let mut mask = Mask::zeros(h, w);
-
-    for (i, &a) in alpha.iter().enumerate() {
-        if a > 0.0 {
+    let mut last = None;
+    for _ in 0..8 {
+        let ConfettiNoise { mut noise, blobs } = confetti_noise(c, h, w, p, rng);
+        let diff = mean_clamped_change(&original, &noise.data, 1.0);
+        let diff_inverted = mean_clamped_change(&original, &noise.data, -1.0);
+        if diff.abs() < CONFETTI_INVERT_THRESHOLD && diff_inverted.abs() > diff.abs() {
+            noise.data.iter_mut().for_each(|v| *v = -*v);
+        }
+        for ((o, &v), &d) in out.data.iter_mut().zip(&original.data).zip(&noise.data) {
+            *o = (v + d).clamp(0.0, 1.0);
+        }
+        for (i, m) in mask.data.iter_mut().enumerate() {
+            *m = u8::from((0..c).any(|ch| out.data[ch * n + i] != original.data[ch * n + i]));
+        }
+        if mask.any() {
+            return mask;
+        }
+        last = Some(blobs);
+    }
+    for blob in last.iter().flatten() {
+        for i in blob.pixels(h, w) {
             mask.data[i] = 1;
-            for ch in 0..c {
-                let o = &mut out.data[ch * n + i];
-                *o = *o * (1.0 - a) + colour[ch * n + i] * a;
-            }
         }
     }
     mask
-}
-
-/// Blurs blobs into their surroundings. Colour is blurred premultiplied by alpha so smudged edges
-/// keep the blob's colour; fringes fainter than a quarter are cut off (changes too small to label).
-/// Blobs too small to survive the blur are left sharp.
-fn smudge(alpha: &mut Vec<f32>, colour: &mut [f32], c: usize, h: usize, w: usize, radius: usize) {
-    let n = h * w;
-    let mut smudged_alpha = box_blur(alpha, h, w, radius);
-    for a in smudged_alpha.iter_mut() {
-        if *a < 0.25 {
-            *a = 0.0;
-        }
-    }
-    if smudged_alpha.iter().all(|&a| a == 0.0) {
-        return;
-    }
-    for ch in 0..c {
-        let plane = &mut colour[ch * n..(ch + 1) * n];
-        let premultiplied: Vec<f32> = plane
-            .iter()
-            .zip(alpha.iter())
-            .map(|(col, a)| col * a)
-            .collect();
-        let blurred = box_blur(&premultiplied, h, w, radius);
-        for ((dst, b), &a) in plane.iter_mut().zip(blurred).zip(&smudged_alpha) {
-            *dst = if a > 0.0 { b / a } else { 0.0 };
-        }
-    }
-    *alpha = smudged_alpha;
 }
 
 /// Classic gradient noise on an unbounded lattice (hashed gradients), roughly in -0.71..0.71.

@@ -15,6 +15,7 @@ use crate::nn::train_state::TrainState;
 pub mod anomaly_map;
 pub(crate) mod config_check;
 mod fast_snapshot;
+pub mod fcdd;
 pub mod nf_bmr;
 pub mod ocr_gan;
 

@@ -7,12 +7,16 @@
 //! On CPU the feature path runs on the fast kernels instead ([`FastLite0`], channels-last, no
 //! autograd graph, reused buffers); the candle ops stay the reference
 //! ([`EfficientNetLite0::forward_taps_candle`]) and the path on CUDA.
+//!
+//! For fine-tuning ([`EfficientNetLite0::new_trainable`]) the folded weights and biases of the
+//! later blocks are variables instead; the BatchNorm statistics stay folded (eval mode), as when
+//! a network is fine-tuned with frozen BN.
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::error::{Error, Result};
 use crate::nn::depthwise::{depthwise_conv2d, SamePad};
@@ -201,6 +205,88 @@ fn fold_batch_norm(
     Ok((weight.detach(), bias.detach()))
 }
 
+/// Where each block's folded weights come from: folded from the pretrained tensors and frozen,
+/// or, from block `first_trainable` on, variables of `vars`.
+struct Folder<'a> {
+    vb: &'a VarBuilder<'a>,
+    trainable: Option<Trainable<'a>>,
+}
+
+struct Trainable<'a> {
+    first: usize,
+    vars: &'a VarMap,
+    /// Folded values by variable name, instead of folding the pretrained tensors.
+    stored: Option<&'a HashMap<String, Tensor>>,
+}
+
+/// The variable names of a trainable block's folded convolution `kind` (`expand`, `depthwise`
+/// or `project`): `blocks.{index}.{kind}.weight` and `.bias`.
+fn variable_names(index: usize, kind: &str) -> [String; 2] {
+    [
+        format!("blocks.{index}.{kind}.weight"),
+        format!("blocks.{index}.{kind}.bias"),
+    ]
+}
+
+fn stored_tensor(stored: &HashMap<String, Tensor>, name: &str, dims: &[usize]) -> Result<Tensor> {
+    let tensor = stored
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("backbone tensor `{name}`"), "missing"))?;
+    if tensor.dims() != dims {
+        return Err(Error::invalid(
+            format!("backbone tensor `{name}`"),
+            format!("shape {:?}, expected {dims:?}", tensor.dims()),
+        ));
+    }
+    Ok(tensor.to_dtype(DType::F32)?)
+}
+
+impl Folder<'_> {
+    /// Folded weight (`shape`) and bias of convolution `conv` + BatchNorm `bn` of block `index`.
+    /// A trainable block's pair is a variable of the map, reused when the map already has it.
+    fn get(
+        &self,
+        index: usize,
+        kind: &str,
+        (conv, bn): (&str, &str),
+        shape: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        let trainable = match &self.trainable {
+            Some(t) if index >= t.first => t,
+            _ => return fold_batch_norm(self.vb, conv, bn, shape),
+        };
+        let names = variable_names(index, kind);
+        let mut vars = trainable
+            .vars
+            .data()
+            .lock()
+            .map_err(|_| Error::invalid("variable map", "lock poisoned"))?;
+        if let (Some(w), Some(b)) = (vars.get(&names[0]), vars.get(&names[1])) {
+            if w.dims() != shape || b.dims() != [shape[0]] {
+                return Err(Error::invalid(
+                    format!("backbone variable `{}`", names[0]),
+                    format!("shape {:?}, expected {shape:?}", w.dims()),
+                ));
+            }
+            return Ok((w.as_tensor().clone(), b.as_tensor().clone()));
+        }
+        let (weight, bias) = match trainable.stored {
+            Some(stored) => (
+                stored_tensor(stored, &names[0], shape)?,
+                stored_tensor(stored, &names[1], &shape[..1])?,
+            ),
+            None => fold_batch_norm(self.vb, conv, bn, shape)?,
+        };
+        let weight = Var::from_tensor(&weight.to_device(self.vb.device())?)?;
+        let bias = Var::from_tensor(&bias.to_device(self.vb.device())?)?;
+        let tensors = (weight.as_tensor().clone(), bias.as_tensor().clone());
+        let [w_name, b_name] = names;
+        vars.insert(w_name, weight);
+        vars.insert(b_name, bias);
+        Ok(tensors)
+    }
+}
+
 /// 1×1 convolution + folded BN (+ ReLU6), as `[C_out, C_in] × [B, C_in, H·W]`.
 #[derive(Clone, Debug)]
 struct Pointwise {
@@ -210,20 +296,23 @@ struct Pointwise {
 }
 
 impl Pointwise {
-    fn new(
-        vb: &VarBuilder,
-        conv: &str,
-        bn: &str,
-        out_c: usize,
-        in_c: usize,
-        relu6: bool,
-    ) -> Result<Self> {
-        let (weight, bias) = fold_batch_norm(vb, conv, bn, &[out_c, in_c, 1, 1])?;
+    /// From a folded `[out_c, in_c, 1, 1]` weight and its `[out_c]` bias (views, so that
+    /// variables behind them keep their gradients and their in-place updates).
+    fn from_folded((weight, bias): (Tensor, Tensor), relu6: bool) -> Result<Self> {
+        let (out_c, in_c) = (weight.dim(0)?, weight.dim(1)?);
         Ok(Self {
             weight: weight.reshape((out_c, in_c))?,
             bias: bias.reshape((out_c, 1))?,
             relu6,
         })
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            relu6: self.relu6,
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -250,6 +339,14 @@ struct Depthwise {
 }
 
 impl Depthwise {
+    fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            ..*self
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let pad = SamePad::new(height, width, self.kernel, self.stride);
@@ -268,25 +365,24 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: &VarBuilder, index: usize, spec: &BlockSpec) -> Result<Self> {
+    fn new(folder: &Folder, index: usize, spec: &BlockSpec) -> Result<Self> {
         let p = format!("_blocks.{index}");
         let hidden = spec.in_channels * spec.expansion;
         let expand = (spec.expansion != 1)
             .then(|| {
-                Pointwise::new(
-                    vb,
-                    &format!("{p}._expand_conv"),
-                    &format!("{p}._bn0"),
-                    hidden,
-                    spec.in_channels,
-                    true,
-                )
+                let folded = folder.get(
+                    index,
+                    "expand",
+                    (&format!("{p}._expand_conv"), &format!("{p}._bn0")),
+                    &[hidden, spec.in_channels, 1, 1],
+                )?;
+                Pointwise::from_folded(folded, true)
             })
             .transpose()?;
-        let (weight, bias) = fold_batch_norm(
-            vb,
-            &format!("{p}._depthwise_conv"),
-            &format!("{p}._bn1"),
+        let (weight, bias) = folder.get(
+            index,
+            "depthwise",
+            (&format!("{p}._depthwise_conv"), &format!("{p}._bn1")),
             &[hidden, 1, spec.kernel, spec.kernel],
         )?;
         let depthwise = Depthwise {
@@ -295,12 +391,13 @@ impl Block {
             kernel: spec.kernel,
             stride: spec.stride,
         };
-        let project = Pointwise::new(
-            vb,
-            &format!("{p}._project_conv"),
-            &format!("{p}._bn2"),
-            spec.out_channels,
-            hidden,
+        let project = Pointwise::from_folded(
+            folder.get(
+                index,
+                "project",
+                (&format!("{p}._project_conv"), &format!("{p}._bn2")),
+                &[spec.out_channels, hidden, 1, 1],
+            )?,
             false,
         )?;
         Ok(Self {
@@ -309,6 +406,15 @@ impl Block {
             project,
             residual: spec.stride == 1 && spec.in_channels == spec.out_channels,
         })
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            expand: self.expand.as_ref().map(Pointwise::detached),
+            depthwise: self.depthwise.detached(),
+            project: self.project.detached(),
+            residual: self.residual,
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -326,6 +432,15 @@ struct Head {
     conv: Pointwise,
     fc_weight: Tensor,
     fc_bias: Tensor,
+}
+
+/// The cells of a feature map along one input axis: cell `i` is centred on input pixel
+/// `offset + jump·i`, for `i < cells`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CellGrid {
+    pub cells: usize,
+    pub offset: usize,
+    pub jump: usize,
 }
 
 /// EfficientNet-Lite0 truncated after `last_block`, optionally with its ImageNet classifier.
@@ -361,41 +476,103 @@ impl EfficientNetLite0 {
     /// Builds the network from PyTorch-named weights (`_conv_stem.weight`, `_blocks.N....`).
     /// `with_head` needs `last_block == 15` and the `_conv_head`, `_bn1` and `_fc` tensors.
     pub fn new(vb: VarBuilder, last_block: usize, with_head: bool) -> Result<Self> {
-        // Validates `last_block` and the head/last_block combination before any lookup.
-        parameter_shapes(last_block, with_head)?;
-        let (stem_rgb, stem_bias) =
-            fold_batch_norm(&vb, "_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
-        let stem_grey = stem_rgb.sum_keepdim(1)?;
-        let blocks = BLOCKS[..=last_block]
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| Block::new(&vb, index, spec))
-            .collect::<Result<Vec<_>>>()?;
-        let head = if with_head {
-            let in_c = BLOCKS[LAST_BLOCK].out_channels;
-            Some(Head {
-                conv: Pointwise::new(&vb, "_conv_head", "_bn1", HEAD_CHANNELS, in_c, true)?,
-                fc_weight: vb.get((CLASSES, HEAD_CHANNELS), "_fc.weight")?.detach(),
-                fc_bias: vb.get(CLASSES, "_fc.bias")?.detach(),
-            })
-        } else {
-            None
-        };
-        let mut net = Self {
-            stem_rgb,
-            stem_grey,
-            stem_bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
-            blocks,
-            head,
-            fast: None,
-        };
+        let mut net = Self::build(&vb, last_block, with_head, None)?;
         if vb.device().is_cpu() {
             net.fast = Some(Arc::new(net.fast_engine(Kernels::detect())?));
         }
         Ok(net)
     }
 
-    /// This network's folded weights on the fast CPU kernels of instruction set `kernels`.
+    /// The network up to `last_block` for fine-tuning: blocks `first_trainable..=last_block` hold
+    /// their folded weights and biases as variables of `vars` (named `blocks.{i}.{expand |
+    /// depthwise | project}.{weight | bias}`, weights in PyTorch's `[out, in, k, k]` shape, BN
+    /// statistics folded in, as in eval mode); the stem and earlier blocks stay frozen and detached.
+    ///
+    /// The variables start from the folded pretrained tensors of `vb`, or, with `stored`, from
+    /// the values stored under their names (then `vb` needs only the frozen part's tensors); a
+    /// variable `vars` already holds is reused. There is no built-in fast engine (its weights would
+    /// go stale as training updates the variables): [`EfficientNetLite0::forward_taps`] runs
+    /// candle's ops and records the graph; for fast inference take a snapshot of the current
+    /// values with [`EfficientNetLite0::fast_engine`].
+    pub fn new_trainable(
+        vb: VarBuilder,
+        last_block: usize,
+        first_trainable: usize,
+        vars: &VarMap,
+        stored: Option<&HashMap<String, Tensor>>,
+    ) -> Result<Self> {
+        if first_trainable > last_block {
+            return Err(Error::invalid(
+                "backbone first trainable block",
+                format!("{first_trainable} is past the last block {last_block}"),
+            ));
+        }
+        let trainable = Trainable {
+            first: first_trainable,
+            vars,
+            stored,
+        };
+        Self::build(&vb, last_block, false, Some(trainable))
+    }
+
+    /// The same network on detached views of its tensors: it records no graph, and sees every
+    /// in-place update of the variables behind them (`Var::set`, as the optimisers do), as
+    /// [`crate::nn::init::detached`] does for a variable map. No built-in fast engine either.
+    pub fn detached(&self) -> Self {
+        Self {
+            stem_rgb: self.stem_rgb.detach(),
+            stem_grey: self.stem_grey.detach(),
+            stem_bias: self.stem_bias.detach(),
+            blocks: self.blocks.iter().map(Block::detached).collect(),
+            head: self.head.as_ref().map(|head| Head {
+                conv: head.conv.detached(),
+                fc_weight: head.fc_weight.detach(),
+                fc_bias: head.fc_bias.detach(),
+            }),
+            fast: None,
+        }
+    }
+
+    fn build(
+        vb: &VarBuilder,
+        last_block: usize,
+        with_head: bool,
+        trainable: Option<Trainable>,
+    ) -> Result<Self> {
+        // Validates `last_block` and the head/last_block combination before any lookup.
+        parameter_shapes(last_block, with_head)?;
+        let (stem_rgb, stem_bias) =
+            fold_batch_norm(vb, "_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
+        let stem_grey = stem_rgb.sum_keepdim(1)?;
+        let folder = Folder { vb, trainable };
+        let blocks = BLOCKS[..=last_block]
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| Block::new(&folder, index, spec))
+            .collect::<Result<Vec<_>>>()?;
+        let head = if with_head {
+            let in_c = BLOCKS[LAST_BLOCK].out_channels;
+            let folded = fold_batch_norm(vb, "_conv_head", "_bn1", &[HEAD_CHANNELS, in_c, 1, 1])?;
+            Some(Head {
+                conv: Pointwise::from_folded(folded, true)?,
+                fc_weight: vb.get((CLASSES, HEAD_CHANNELS), "_fc.weight")?.detach(),
+                fc_bias: vb.get(CLASSES, "_fc.bias")?.detach(),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            stem_rgb,
+            stem_grey,
+            stem_bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
+            blocks,
+            head,
+            fast: None,
+        })
+    }
+
+    /// This network's folded weights, as they are now, on the fast CPU kernels of instruction set
+    /// `kernels` (a snapshot: later updates of trainable weights do not reach it).
     pub fn fast_engine(&self, kernels: Kernels) -> Result<FastLite0> {
         let values = crate::nn::init::f32_values;
         let pair = |p: &Pointwise| -> Result<(Vec<f32>, Vec<f32>)> {
@@ -436,6 +613,53 @@ impl EfficientNetLite0 {
     /// Output stride of the feature map after `block` (input size / feature size, rounded up).
     pub fn block_stride(block: usize) -> Result<usize> {
         Ok(block_spec(block)?.net_stride)
+    }
+
+    /// Receptive field, in input pixels, of a cell of the map after `block`: 3 for the stem, and
+    /// each depthwise `k`×`k` convolution adds `(k - 1)` times the stride before it (67 after
+    /// block 4, the stride-8 stage).
+    pub fn receptive_field(block: usize) -> Result<usize> {
+        block_spec(block)?;
+        let (mut field, mut jump) = (3, 2);
+        for spec in &BLOCKS[..=block] {
+            field += (spec.kernel - 1) * jump;
+            jump *= spec.stride;
+        }
+        Ok(field)
+    }
+
+    /// Where the cells of the map after `block` sit along an input axis of `size` pixels.
+    ///
+    /// A cell's receptive centre is the centre of its window, traced back through every strided
+    /// layer (the stem and the stride-2 depthwise convolutions; 1×1 and stride-1 layers keep
+    /// centres). Under TensorFlow "same" padding a stride-2 layer on an even input pads one pixel
+    /// less before than after, which moves the centres by one of its input cells: for 224 pixels
+    /// after block 4, cell `i` is centred on pixel `7 + 8i` (1 + 2 + 4); an odd input size at a
+    /// stage pads symmetrically and adds nothing there.
+    pub fn cell_grid(size: usize, block: usize) -> Result<CellGrid> {
+        block_spec(block)?;
+        if size == 0 {
+            return Err(Error::invalid("backbone input", "an axis of 0 pixels"));
+        }
+        let (mut offset, mut jump, mut cells) = (0usize, 1usize, size);
+        let layers =
+            std::iter::once((3, 2)).chain(BLOCKS[..=block].iter().map(|s| (s.kernel, s.stride)));
+        for (kernel, stride) in layers {
+            let before = SamePad::new(cells, cells, kernel, stride).top;
+            // The window of output 0 starts `before` cells ahead of input 0 (never past its
+            // centre: "same" padding adds at most half a window before).
+            let shift = ((kernel - 1) / 2).checked_sub(before).ok_or_else(|| {
+                Error::invalid("backbone geometry", "padding beyond half a window")
+            })?;
+            offset += jump * shift;
+            jump *= stride;
+            cells = cells.div_ceil(stride);
+        }
+        Ok(CellGrid {
+            cells,
+            offset,
+            jump,
+        })
     }
 
     /// Multiply-accumulates of the features up to `last_block` for one `height`×`width` image

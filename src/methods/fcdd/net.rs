@@ -1,0 +1,216 @@
+//! The FCDD network on Lite0: the pretrained trunk cut after block 4 (stride 8, 40 channels),
+//! fine-tuned from a configurable block on, a 1×1 convolution with bias to one channel, and the
+//! pseudo-Huber function: a low-resolution anomaly map, upsampled by FCDD's Gaussian stamps.
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder, VarMap};
+
+use crate::error::{Error, Result};
+use crate::methods::fcdd::loss::pseudo_huber;
+use crate::methods::fcdd::upsample::{GaussianUpsampler, FCDD_SIGMA_224};
+use crate::nn::backbone::EfficientNetLite0;
+use crate::nn::init::{load_vars, seeded_var_builder};
+use crate::nn::kernels::lite0::FastLite0;
+use crate::nn::kernels::Kernels;
+
+/// The trunk's last block: stride 8, 40 channels, a 67-pixel receptive field.
+pub const CUT_BLOCK: usize = 4;
+
+/// The first fine-tuned block by default: block 3 opens the stride-8 stage. The paper's VGG-11 is
+/// frozen up to its third max-pool and cut before the fourth, so that only the stride-8 stage
+/// learns; on Lite0 that stage is blocks 3 and 4.
+pub const DEFAULT_FIRST_TRAINABLE: usize = 3;
+
+const HEAD_WEIGHT: &str = "head.weight";
+const HEAD_BIAS: &str = "head.bias";
+
+/// How to build an [`FcddNet`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct FcddNetParams {
+    /// The input size the upsampler is built for.
+    pub height: usize,
+    pub width: usize,
+    /// Blocks from this one to [`CUT_BLOCK`] are fine-tuned.
+    pub first_trainable: usize,
+    /// The upsampling σ at 224×224 (scaled with the shorter input side; FCDD: 12).
+    pub sigma_224: f64,
+    /// Seeds the head's initial weights.
+    pub seed: u64,
+}
+
+impl FcddNetParams {
+    /// FCDD's choices for `height`×`width` inputs.
+    pub fn new(height: usize, width: usize) -> Self {
+        FcddNetParams {
+            height,
+            width,
+            first_trainable: DEFAULT_FIRST_TRAINABLE,
+            sigma_224: FCDD_SIGMA_224,
+            seed: 0,
+        }
+    }
+}
+
+/// Trunk → 1×1 head → pseudo-Huber, and the upsampler for the input size.
+#[derive(Clone, Debug)]
+pub struct FcddNet {
+    trunk: EfficientNetLite0,
+    /// `[1, 40]`.
+    head_weight: Tensor,
+    /// `[1]`.
+    head_bias: Tensor,
+    upsampler: GaussianUpsampler,
+    input: (usize, usize),
+}
+
+impl FcddNet {
+    /// A trainable network whose variables (the trunk's blocks `first_trainable..=4` and the head
+    /// `head.weight` `[1, 40]`, `head.bias` `[1]`) go into `vars`.
+    ///
+    /// `pretrained`: the backbone tensors ([`crate::nn::backbone::load_tensors`] up to block 4).
+    /// Without `stored`, the trunk's variables start from the folded pretrained weights and the
+    /// head from PyTorch's default for a convolution (uniform in ±1/√fan_in, seeded); with
+    /// `stored` (a trained model's tensors, by variable name) every variable of `vars` is set from
+    /// it and `pretrained` needs only the frozen blocks.
+    pub fn new(
+        pretrained: &HashMap<String, Tensor>,
+        vars: &VarMap,
+        stored: Option<&HashMap<String, Tensor>>,
+        params: &FcddNetParams,
+        device: &Device,
+    ) -> Result<Self> {
+        if params.height == 0 || params.width == 0 {
+            return Err(Error::invalid(
+                "FCDD input",
+                format!("{}x{} pixels", params.height, params.width),
+            ));
+        }
+        let vb = VarBuilder::from_tensors(pretrained.clone(), DType::F32, device);
+        let trunk =
+            EfficientNetLite0::new_trainable(vb, CUT_BLOCK, params.first_trainable, vars, stored)?;
+        let channels = EfficientNetLite0::block_channels(CUT_BLOCK)?;
+        let bound = 1.0 / (channels as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let head = seeded_var_builder(vars, params.seed, DType::F32, device);
+        let head_weight = head.get_with_hints((1, channels), HEAD_WEIGHT, init)?;
+        let head_bias = head.get_with_hints(1, HEAD_BIAS, init)?;
+        if let Some(stored) = stored {
+            load_vars(vars, stored)?;
+        }
+        let upsampler = GaussianUpsampler::lite0(
+            params.height,
+            params.width,
+            CUT_BLOCK,
+            params.sigma_224,
+            device,
+        )?;
+        Ok(Self {
+            trunk,
+            head_weight,
+            head_bias,
+            upsampler,
+            input: (params.height, params.width),
+        })
+    }
+
+    /// The same network on detached views of the variables: no graph, and every optimiser
+    /// update (in place) shows through. The inference copy next to the training one.
+    pub fn detached(&self) -> Self {
+        Self {
+            trunk: self.trunk.detached(),
+            head_weight: self.head_weight.detach(),
+            head_bias: self.head_bias.detach(),
+            upsampler: self.upsampler.clone(),
+            input: self.input,
+        }
+    }
+
+    fn check_input(&self, images: &Tensor) -> Result<(usize, usize)> {
+        let (batch, channels, height, width) = images.dims4().map_err(|_| {
+            Error::invalid(
+                "FCDD input",
+                format!("shape {:?} is not [B, C, H, W]", images.dims()),
+            )
+        })?;
+        if (height, width) != self.input {
+            return Err(Error::invalid(
+                "FCDD input",
+                format!(
+                    "{height}x{width} images, the network was built for {}x{}",
+                    self.input.0, self.input.1
+                ),
+            ));
+        }
+        Ok((batch, channels))
+    }
+
+    /// The 1×1 head and pseudo-Huber on `[B, 40, h, w]` features: `[B, h, w]`.
+    fn head(&self, features: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (batch, channels, h, w) = features.dims4()?;
+        let scores = weight
+            .broadcast_left(batch)?
+            .matmul(&features.reshape((batch, channels, h * w))?)?
+            .broadcast_add(&bias.reshape((1, 1, 1))?)?;
+        pseudo_huber(&scores.reshape((batch, h, w))?)
+    }
+
+    /// The low-resolution map `[B, h, w]` of preprocessed images `[B, 1 | 3, H, W]`, on candle's
+    /// ops (recording the graph when built on variables).
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        self.check_input(images)?;
+        let features = self.trunk.forward_taps(images, &[CUT_BLOCK])?;
+        self.head(&features[0], &self.head_weight, &self.head_bias)
+    }
+
+    /// The anomaly map at the input size, `[B, H, W]`.
+    pub fn upsampled(&self, images: &Tensor) -> Result<Tensor> {
+        self.upsample(&self.forward(images)?)
+    }
+
+    /// The trunk (Lite0 up to [`CUT_BLOCK`]), e.g. for its intermediate maps.
+    pub fn trunk(&self) -> &EfficientNetLite0 {
+        &self.trunk
+    }
+
+    /// Upsamples a low-resolution map `[B, h, w]` to the input size.
+    pub fn upsample(&self, low: &Tensor) -> Result<Tensor> {
+        self.upsampler.forward(low)
+    }
+
+    /// The trunk as it is now on the fast CPU kernels (rebuild after training changes it).
+    pub fn fast_engine(&self) -> Result<FastLite0> {
+        self.trunk.fast_engine(Kernels::detect())
+    }
+
+    /// [`FcddNet::upsampled`] with the trunk on `engine` (from [`FcddNet::fast_engine`]) and the
+    /// head and upsampling on candle's ops, without a graph. CPU images only.
+    pub fn upsampled_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
+        let (batch, channels) = self.check_input(images)?;
+        if !images.device().is_cpu() {
+            return Err(Error::invalid(
+                "FCDD fast path",
+                "the fast kernels take CPU tensors",
+            ));
+        }
+        let values = images
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let dims = [batch, channels, self.input.0, self.input.1];
+        let map = engine
+            .forward_taps(&values, dims, &[CUT_BLOCK])?
+            .pop()
+            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
+        let features = Tensor::from_vec(map.data, map.dims.to_vec(), images.device())?;
+        let low = self.head(
+            &features,
+            &self.head_weight.detach(),
+            &self.head_bias.detach(),
+        )?;
+        self.upsample(&low)
+    }
+}
