@@ -314,7 +314,7 @@ pub struct MethodEntry {
 }
 
 /// Every method vigil implements.
-pub const REGISTRY: &[MethodEntry] = &[nf_bmr::ENTRY, ocr_gan::ENTRY];
+pub const REGISTRY: &[MethodEntry] = &[nf_bmr::ENTRY, ocr_gan::ENTRY, fcdd::ENTRY];
 
 /// The registered method `name`.
 pub fn entry(name: &str) -> Result<&'static MethodEntry> {

@@ -812,9 +812,9 @@ impl Lite0Features {
     }
 }
 
-impl FeatureExtractor for Lite0Features {
-    fn extract(&self, images: &Tensor) -> Result<Tensor> {
-        let maps = self.net.forward_taps(images, &self.taps)?;
+impl Lite0Features {
+    /// The tapped maps, resized to the finest one and concatenated on channels.
+    fn concatenated(maps: Vec<Tensor>) -> Result<Tensor> {
         if maps.len() == 1 {
             return Ok(maps[0].clone());
         }
@@ -837,6 +837,16 @@ impl FeatureExtractor for Lite0Features {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&resized, 1)?)
+    }
+}
+
+impl FeatureExtractor for Lite0Features {
+    fn extract(&self, images: &Tensor) -> Result<Tensor> {
+        Self::concatenated(self.net.forward_taps(images, &self.taps)?)
+    }
+
+    fn extract_reference(&self, images: &Tensor) -> Result<Tensor> {
+        Self::concatenated(self.net.forward_taps_candle(images, &self.taps)?)
     }
 
     fn out_channels(&self) -> usize {

@@ -7,7 +7,7 @@ use super::loss::PixelLoss;
 use crate::data::anomaly::{AnomalyGenerator, ConfettiParams};
 use crate::error::{Error, Result};
 use crate::methods::config_check::{at_least, finite_in};
-use crate::nn::backbone::LAST_BLOCK;
+use super::net::CUT_BLOCK;
 
 /// How the station's image score pools the anomaly map.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,11 +23,10 @@ pub enum ScorePooling {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FcddConfig {
-    /// The Lite0 block the network is cut after: 4 ends the stride-8 stage (40 channels), as the
-    /// paper cuts VGG-11 before its fourth max-pool (stride 8).
-    pub cut_block: usize,
     /// The first block fine-tuned; the stem and the blocks before stay frozen. 3 starts the
-    /// stride-8 stage, as the paper freezes VGG-11 up to its third max-pool.
+    /// stride-8 stage, as the paper freezes VGG-11 up to its third max-pool. The network is cut
+    /// after block 4 ([`super::net::CUT_BLOCK`]: the end of that stage, 40 channels), as the paper
+    /// cuts VGG-11 before its fourth max-pool.
     pub trainable_from: usize,
     /// `hsc`: the paper's eq. 5; `fcdd`: FCDD's eq. 4 (the baseline).
     pub loss: PixelLoss,
@@ -60,8 +59,7 @@ pub struct FcddConfig {
 impl Default for FcddConfig {
     fn default() -> Self {
         FcddConfig {
-            cut_block: 4,
-            trainable_from: 3,
+            trainable_from: super::net::DEFAULT_FIRST_TRAINABLE,
             loss: PixelLoss::Hsc,
             epochs: 50,
             passes_per_epoch: 10,
@@ -82,18 +80,12 @@ impl Default for FcddConfig {
 
 impl FcddConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.cut_block > LAST_BLOCK {
-            return Err(Error::config(
-                "cut_block",
-                format!("block {} does not exist (0..={LAST_BLOCK})", self.cut_block),
-            ));
-        }
-        if self.trainable_from > self.cut_block + 1 {
+        if self.trainable_from > CUT_BLOCK {
             return Err(Error::config(
                 "trainable_from",
                 format!(
-                    "{} is past the cut after block {} (cut_block + 1 fine-tunes only the head)",
-                    self.trainable_from, self.cut_block
+                    "{} is past the cut after block {CUT_BLOCK}",
+                    self.trainable_from
                 ),
             ));
         }

@@ -186,9 +186,9 @@ impl FcddNet {
         self.trunk.fast_engine(Kernels::detect())
     }
 
-    /// [`FcddNet::upsampled`] with the trunk on `engine` (from [`FcddNet::fast_engine`]) and the
-    /// head and upsampling on candle's ops, without a graph. CPU images only.
-    pub fn upsampled_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
+    /// The trunk's features `[B, 40, h, w]` on `engine` (from [`FcddNet::fast_engine`]), without a
+    /// graph. CPU images only.
+    pub fn features_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
         let (batch, channels) = self.check_input(images)?;
         if !images.device().is_cpu() {
             return Err(Error::invalid(
@@ -205,12 +205,22 @@ impl FcddNet {
             .forward_taps(&values, dims, &[CUT_BLOCK])?
             .pop()
             .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
-        let features = Tensor::from_vec(map.data, map.dims.to_vec(), images.device())?;
+        Ok(Tensor::from_vec(map.data, map.dims.to_vec(), images.device())?)
+    }
+
+    /// The head, pseudo-Huber and upsampling on trunk features, without a graph: `[B, H, W]`.
+    pub fn map_from_features(&self, features: &Tensor) -> Result<Tensor> {
         let low = self.head(
-            &features,
+            features,
             &self.head_weight.detach(),
             &self.head_bias.detach(),
         )?;
         self.upsample(&low)
+    }
+
+    /// [`FcddNet::upsampled`] with the trunk on `engine` and the head and upsampling on candle's
+    /// ops, without a graph. CPU images only.
+    pub fn upsampled_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
+        self.map_from_features(&self.features_fast(engine, images)?)
     }
 }
