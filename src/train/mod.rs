@@ -137,8 +137,8 @@ fn kind(generator: &AnomalyGenerator) -> &'static str {
     }
 }
 
-/// Synthetic anomalies (CutPaste scar, cutout, Perlin-masked blend, less the kinds the phase
-/// trains on) of every validation image, drawn once from the training seed: the label-free
+/// Synthetic anomalies (CutPaste scar, cutout, Perlin-masked blend, confetti noise, less the kinds
+/// the phase trains on) of every validation image, drawn once from the training seed: the label-free
 /// yardstick for choosing an epoch.
 fn forge_validation(validation: &[Image], seed: u64, trained_on: &[&str]) -> Result<Vec<Image>> {
     let generators: Vec<WeightedGenerator> = [
@@ -148,6 +148,7 @@ fn forge_validation(validation: &[Image], seed: u64, trained_on: &[&str]) -> Res
         }),
         AnomalyGenerator::Cutout(Default::default()),
         AnomalyGenerator::PerlinBlend(Default::default()),
+        AnomalyGenerator::Confetti(Default::default()),
     ]
     .into_iter()
     .filter(|g| !trained_on.contains(&kind(g)))
