@@ -728,6 +728,27 @@ impl EfficientNetLite0 {
             .collect()
     }
 
+    /// The blocks `first..=last_block()` on candle's ops from `features`, the output of block
+    /// `first − 1`: the trainable part of a network whose frozen front ran elsewhere (on the fast
+    /// kernels). Returns the output of the last block.
+    pub fn forward_from(&self, features: &Tensor, first: usize) -> Result<Tensor> {
+        if first == 0 || first > self.last_block() {
+            return Err(Error::invalid(
+                "backbone block",
+                format!(
+                    "cannot start at block {first} (1..={} for a cut after block {})",
+                    self.last_block(),
+                    self.last_block()
+                ),
+            ));
+        }
+        let mut x = features.clone();
+        for block in &self.blocks[first..] {
+            x = block.forward(&x)?;
+        }
+        Ok(x)
+    }
+
     /// ImageNet logits `[B, 1000]` (apply a softmax for probabilities).
     pub fn classify(&self, x: &Tensor) -> Result<Tensor> {
         let head = self.head.as_ref().ok_or_else(|| {

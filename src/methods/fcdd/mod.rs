@@ -227,7 +227,7 @@ impl Fcdd {
             lap("backbone")?;
             self.eval.map_from_features(&features)?
         } else {
-            let maps = self.eval.upsampled(&x)?;
+            let maps = self.eval.upsample(&self.eval.forward_candle(&x)?)?;
             lap("backbone")?;
             maps
         };

@@ -2,6 +2,7 @@
 //! fine-tuned from a configurable block on, a 1×1 convolution with bias to one channel, and the
 //! pseudo-Huber function: a low-resolution anomaly map, upsampled by FCDD's Gaussian stamps.
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -62,6 +63,10 @@ pub struct FcddNet {
     head_bias: Tensor,
     upsampler: GaussianUpsampler,
     input: (usize, usize),
+    first_trainable: usize,
+    /// The frozen front (stem and blocks before `first_trainable`) on the fast CPU kernels: its
+    /// weights never change, and it needs no graph, so training runs it there (CPU only).
+    frozen_front: Option<Arc<FastLite0>>,
 }
 
 impl FcddNet {
@@ -108,12 +113,18 @@ impl FcddNet {
             params.sigma_224,
             device,
         )?;
+        // Built from the pretrained values before any step; only its frozen blocks are ever run.
+        let frozen_front = (device.is_cpu() && params.first_trainable > 0)
+            .then(|| trunk.fast_engine(Kernels::detect()).map(Arc::new))
+            .transpose()?;
         Ok(Self {
             trunk,
             head_weight,
             head_bias,
             upsampler,
             input: (params.height, params.width),
+            first_trainable: params.first_trainable,
+            frozen_front,
         })
     }
 
@@ -126,6 +137,8 @@ impl FcddNet {
             head_bias: self.head_bias.detach(),
             upsampler: self.upsampler.clone(),
             input: self.input,
+            first_trainable: self.first_trainable,
+            frozen_front: self.frozen_front.clone(),
         }
     }
 
@@ -162,8 +175,43 @@ impl FcddNet {
     /// ops (recording the graph when built on variables).
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         self.check_input(images)?;
+        let features = match &self.frozen_front {
+            Some(front) if images.device().is_cpu() => {
+                let frozen = self.tap_fast(front, images, self.first_trainable - 1)?;
+                self.trunk.forward_from(&frozen, self.first_trainable)?
+            }
+            _ => self.trunk.forward_taps(images, &[CUT_BLOCK])?.remove(0),
+        };
+        self.head(&features, &self.head_weight, &self.head_bias)
+    }
+
+    /// [`FcddNet::forward`] with the whole trunk on candle's ops (the reference of the fast
+    /// frozen front).
+    pub fn forward_candle(&self, images: &Tensor) -> Result<Tensor> {
+        self.check_input(images)?;
         let features = self.trunk.forward_taps(images, &[CUT_BLOCK])?;
         self.head(&features[0], &self.head_weight, &self.head_bias)
+    }
+
+    /// The output of block `tap` on `engine`, without a graph. CPU images only.
+    fn tap_fast(&self, engine: &FastLite0, images: &Tensor, tap: usize) -> Result<Tensor> {
+        let (batch, channels) = self.check_input(images)?;
+        if !images.device().is_cpu() {
+            return Err(Error::invalid(
+                "FCDD fast path",
+                "the fast kernels take CPU tensors",
+            ));
+        }
+        let values = images
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let dims = [batch, channels, self.input.0, self.input.1];
+        let map = engine
+            .forward_taps(&values, dims, &[tap])?
+            .pop()
+            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
+        Ok(Tensor::from_vec(map.data, map.dims.to_vec(), images.device())?)
     }
 
     /// The anomaly map at the input size, `[B, H, W]`.
@@ -189,23 +237,7 @@ impl FcddNet {
     /// The trunk's features `[B, 40, h, w]` on `engine` (from [`FcddNet::fast_engine`]), without a
     /// graph. CPU images only.
     pub fn features_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
-        let (batch, channels) = self.check_input(images)?;
-        if !images.device().is_cpu() {
-            return Err(Error::invalid(
-                "FCDD fast path",
-                "the fast kernels take CPU tensors",
-            ));
-        }
-        let values = images
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let dims = [batch, channels, self.input.0, self.input.1];
-        let map = engine
-            .forward_taps(&values, dims, &[CUT_BLOCK])?
-            .pop()
-            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
-        Ok(Tensor::from_vec(map.data, map.dims.to_vec(), images.device())?)
+        self.tap_fast(engine, images, CUT_BLOCK)
     }
 
     /// The head, pseudo-Huber and upsampling on trunk features, without a graph: `[B, H, W]`.
