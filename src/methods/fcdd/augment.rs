@@ -227,24 +227,23 @@ pub fn gaussian_noise(image: &Image, rng: &mut Rng) -> Image {
 /// FCDD's `local_contrast_normalization(x, 'l1')`: subtract the mean over all pixels and
 /// channels, divide by the mean absolute value of the result. A flat image becomes all zeros.
 pub fn local_contrast_normalization(image: &Image) -> Image {
-    let n = image.data.len().max(1) as f64;
-    let mean = image.data.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let scale = image
-        .data
-        .iter()
-        .map(|&v| (v as f64 - mean).abs())
-        .sum::<f64>()
-        / n;
     let mut out = image.clone();
-    let inv = if scale < FLAT as f64 {
-        0.0
-    } else {
-        1.0 / scale
-    };
-    out.data
-        .iter_mut()
-        .for_each(|v| *v = ((*v as f64 - mean) * inv) as f32);
+    normalize_in_place(&mut out.data, 0.0, 1.0);
     out
+}
+
+/// LCN then min-max with `(min, max)` of one image's values (all channels), in place: the
+/// inference path's preprocessing without an intermediate allocation.
+pub fn normalize_in_place(values: &mut [f32], min: f32, max: f32) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let scale = values.iter().map(|&v| (v as f64 - mean).abs()).sum::<f64>() / n;
+    let lcn = if scale < FLAT as f64 { 0.0 } else { 1.0 / scale };
+    let inv = 1.0 / (max - min).max(f32::EPSILON) as f64;
+    let (gain, offset) = (lcn * inv, -(min as f64) * inv);
+    values
+        .iter_mut()
+        .for_each(|v| *v = ((*v as f64 - mean) * gain + offset) as f32);
 }
 
 /// The (min, max) of the LCN'd values of `images`: FCDD's min-max constants, computed on the

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
-use self::augment::{augment_train, lcn_range, preprocess, preprocess_tensor};
+use self::augment::{augment_train, lcn_range, normalize_in_place, preprocess, preprocess_tensor};
 use self::net::CUT_BLOCK;
 use super::config_check;
 use super::fast_snapshot::FastSnapshot;
@@ -220,13 +220,23 @@ impl Fcdd {
         mut lap: impl FnMut(&'static str) -> Result<()>,
     ) -> Result<Inference> {
         self.input.check_batch(images)?;
-        let x = preprocess_tensor(images, self.range.0, self.range.1)?;
-        lap("preprocess")?;
         let maps = if fast && images.device().is_cpu() {
-            let features = self.eval.features_fast(&*self.fast_engine()?, &x)?;
+            // One copy of the batch, normalised in place, straight into the fast kernels.
+            let dims: [usize; 4] = images.dims4()?.into();
+            let mut values = images.flatten_all()?.to_vec1::<f32>()?;
+            let plane = dims[1] * dims[2] * dims[3];
+            for image in values.chunks_mut(plane.max(1)) {
+                normalize_in_place(image, self.range.0, self.range.1);
+            }
+            lap("preprocess")?;
+            let features = self
+                .eval
+                .features_from_values(&*self.fast_engine()?, &values, dims)?;
             lap("backbone")?;
             self.eval.map_from_features(&features)?
         } else {
+            let x = preprocess_tensor(images, self.range.0, self.range.1)?;
+            lap("preprocess")?;
             let maps = self.eval.upsample(&self.eval.forward_candle(&x)?)?;
             lap("backbone")?;
             maps

@@ -234,6 +234,21 @@ impl FcddNet {
         self.trunk.fast_engine(Kernels::detect())
     }
 
+    /// The trunk's features `[B, 40, h, w]` on `engine` of `[B, C, H, W]` values already
+    /// preprocessed (row-major), on the CPU.
+    pub fn features_from_values(
+        &self,
+        engine: &FastLite0,
+        values: &[f32],
+        dims: [usize; 4],
+    ) -> Result<Tensor> {
+        let map = engine
+            .forward_taps(values, dims, &[CUT_BLOCK])?
+            .pop()
+            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
+        Ok(Tensor::from_vec(map.data, map.dims.to_vec(), &Device::Cpu)?)
+    }
+
     /// The trunk's features `[B, 40, h, w]` on `engine` (from [`FcddNet::fast_engine`]), without a
     /// graph. CPU images only.
     pub fn features_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
