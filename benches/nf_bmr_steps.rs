@@ -10,7 +10,6 @@ use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::{NfBmr, NfBmrConfig};
 use vigil::methods::Method;
 use vigil::nn::FeatureExtractor;
-use vigil::rng::Rng;
 
 /// Average-pools the image to the feature grid and repeats it over the channels: cheap, so the
 /// timings are NF-BMR's own.
@@ -62,6 +61,7 @@ fn main() -> vigil::Result<()> {
             stride,
         }),
         HashMap::new(),
+        0,
         &device,
     )?;
     let encoded = Tensor::randn(0f32, 1.0, (b, c, h, w), &device)?;
@@ -72,14 +72,14 @@ fn main() -> vigil::Result<()> {
         cfg.flow_hidden, cfg.flow_kernel, cfg.bmr_width
     );
     for (phase, name) in [(0, "flow"), (1, "map")] {
-        model.train_step(phase, &encoded, &mut Rng::new(0))?;
+        model.train_on_features(phase, &encoded)?;
         let reps = 3;
         let start = Instant::now();
         for _ in 0..reps {
-            model.train_step(phase, &encoded, &mut Rng::new(0))?;
+            model.train_on_features(phase, &encoded)?;
         }
         println!(
-            "train_step {name}: {:.1} ms",
+            "train step {name}: {:.1} ms",
             start.elapsed().as_secs_f64() * 1e3 / reps as f64
         );
     }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use vigil::bench::BenchArgs;
-use vigil::data::InputSpec;
+use vigil::data::{Image, InputSpec};
 use vigil::methods::ocr_gan::{OcrGan, OcrGanConfig};
 use vigil::methods::Method;
 use vigil::rng::Rng;
@@ -27,8 +27,18 @@ fn main() -> vigil::Result<()> {
         channels: 3,
     };
     let device = Device::Cpu;
-    let mut model = OcrGan::new(cfg.clone(), input, None, &device)?;
+    let mut model = OcrGan::new(cfg.clone(), input, Err(0), &device)?;
     let images = Tensor::rand(0f32, 1.0, (b, 3, h, w), &device)?;
+    let values = images.flatten_all()?.to_vec1::<f32>()?;
+    let batch: Vec<Image> = values
+        .chunks(3 * h * w)
+        .map(|data| Image {
+            channels: 3,
+            height: h,
+            width: w,
+            data: data.to_vec(),
+        })
+        .collect();
     println!(
         "ocr-gan width {} levels {} disc {}x{} at 3x{h}x{w}:",
         cfg.width, cfg.levels, cfg.disc_width, cfg.disc_levels
@@ -36,10 +46,10 @@ fn main() -> vigil::Result<()> {
     let train_steps = args.number(7, 3);
     if train_steps > 0 {
         let mut rng = Rng::new(0);
-        model.train_step(0, &images, &mut rng)?;
+        model.train_on_images(&batch, &mut rng)?;
         let start = Instant::now();
         for _ in 0..train_steps {
-            model.train_step(0, &images, &mut rng)?;
+            model.train_on_images(&batch, &mut rng)?;
         }
         let ms = start.elapsed().as_secs_f64() * 1e3 / (train_steps * b) as f64;
         println!("  train_step batch {b}: {ms:.1} ms/image");

@@ -347,7 +347,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if m.learns_from_defects {
                     traits.push("learns from defects (--few-shot, --defect/--masks)".into());
                 }
-                println!("{:<8} {}\n         ({})", m.name, m.summary, traits.join("; "));
+                println!(
+                    "{:<8} {}\n         ({})",
+                    m.name,
+                    m.summary,
+                    traits.join("; ")
+                );
             }
         }
         Command::Eval {

@@ -622,7 +622,10 @@ fn fast_and_candle_paths_agree() {
     // Training runs the frozen front on the fast kernels and the rest on candle's ops.
     let all_candle = view.upsample(&view.forward_candle(&x).unwrap()).unwrap();
     let diff = max_abs_diff(&reference, &all_candle) / range(&all_candle);
-    assert!(diff < 1e-3, "fast frozen front vs candle: max diff {diff} of the range");
+    assert!(
+        diff < 1e-3,
+        "fast frozen front vs candle: max diff {diff} of the range"
+    );
     assert!(net.upsampled(&image_batch(1, 64, 95, 0)).is_err());
 }
 

@@ -59,7 +59,8 @@ fn fast_head_equals_the_candle_path() {
                 INPUT,
                 Box::new(TinyExtractor { weight, gain: 3.0 }),
                 HashMap::new(),
-                0, &Device::Cpu,
+                0,
+                &Device::Cpu,
             )
             .unwrap();
             let images = random(&mut rng, &[3, 1, INPUT.height, INPUT.width], 1.0);
@@ -80,9 +81,7 @@ fn fast_head_equals_the_candle_path() {
                 );
                 // Training changes the weights and statistics: the fast head must follow.
                 for phase in 0..model.phases().len() {
-                    model
-                        .train_on_features(phase, &features)
-                        .unwrap();
+                    model.train_on_features(phase, &features).unwrap();
                 }
             }
             // `infer` (what score, eval and bench call) takes the fast path on the CPU.

@@ -97,16 +97,10 @@ fn build(entry: &MethodEntry, channels: usize) -> Result<Box<dyn Method>> {
     (entry.create)(&setup, &backbone())
 }
 
-fn batch<'a>(
-    method: &dyn Method,
-    phase: usize,
-    set: &'a TrainSet,
-) -> Result<TrainBatch<'a>> {
+fn batch<'a>(method: &dyn Method, phase: usize, set: &'a TrainSet) -> Result<TrainBatch<'a>> {
     let good: Vec<&Image> = set.good.iter().take(4).collect();
     let features = match method.phases()[phase].input {
-        PhaseInput::Features => {
-            Some(method.encode_frozen(&batch_tensor(&good, &Device::Cpu)?)?)
-        }
+        PhaseInput::Features => Some(method.encode_frozen(&batch_tensor(&good, &Device::Cpu)?)?),
         PhaseInput::Images => None,
     };
     Ok(TrainBatch {
@@ -222,11 +216,7 @@ fn assert_same(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &
         "{what}"
     );
     for (name, t) in a {
-        assert_eq!(
-            max_abs_diff(t, &b[name]),
-            0.0,
-            "{what}: `{name}` differs"
-        );
+        assert_eq!(max_abs_diff(t, &b[name]), 0.0, "{what}: `{name}` differs");
     }
 }
 
@@ -311,7 +301,11 @@ fn a_trained_model_round_trips_resumes_exactly_and_its_fast_path_agrees() -> Res
             .collect();
         let probe = batch_tensor(&probe.iter().collect::<Vec<_>>(), &Device::Cpu)?;
         let (a, b) = (straight.infer(&probe)?, loaded.infer(&probe)?);
-        assert_eq!(values(&a.scores), values(&b.scores), "{what}: loaded scores");
+        assert_eq!(
+            values(&a.scores),
+            values(&b.scores),
+            "{what}: loaded scores"
+        );
         assert_eq!(values(&a.maps), values(&b.maps), "{what}: loaded maps");
         assert_eq!(a.maps.dims(), &[4, SIDE, SIDE], "{what}");
 

@@ -61,7 +61,8 @@ fn tiny_model(mapping: Mapping) -> NfBmr {
         INPUT,
         Box::new(extractor),
         frozen,
-        0, &Device::Cpu,
+        0,
+        &Device::Cpu,
     )
     .unwrap()
 }
@@ -582,7 +583,8 @@ fn bad_inputs_and_model_tensors_are_errors_that_name_them() {
         INPUT,
         Box::new(extractor),
         clash,
-        0, &Device::Cpu
+        0,
+        &Device::Cpu
     )
     .is_err());
 }
@@ -659,7 +661,8 @@ fn out_of_distribution_patch_scores_highest_at_its_location() {
             spec,
             Box::new(extractor),
             frozen,
-            0, &Device::Cpu,
+            0,
+            &Device::Cpu,
         )
         .unwrap();
         let mut rng = Rng::new(7);

@@ -11,12 +11,10 @@ use vigil::data::{Image, InputSpec};
 use vigil::methods::ocr_gan::fd::{gau1, FrequencyDecoupling};
 use vigil::methods::ocr_gan::model::ChannelSelection;
 use vigil::methods::ocr_gan::{ContentPooling, OcrGan, OcrGanConfig};
-use vigil::methods::{
-    self, Inference, Method, PhaseSpec, StepLosses, TrainBatch, TrainSet,
-};
-use vigil::nn::train_state::TrainState;
+use vigil::methods::{self, Inference, Method, PhaseSpec, StepLosses, TrainBatch, TrainSet};
 use vigil::metrics::auroc;
 use vigil::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
+use vigil::nn::train_state::TrainState;
 use vigil::rng::Rng;
 use vigil::train::{self, TrainOptions};
 use vigil::Result;
@@ -396,7 +394,12 @@ fn a_resumed_training_continues_from_the_saved_epoch_with_the_same_optimizer_sta
     assert_same_state(&resumed.training_state()?, &straight.training_state()?);
 
     // A checkpoint of another config is refused, naming what differs.
-    let mut other = OcrGan::new(OcrGanConfig { lr: 0.001, ..cfg }, spec, Err(0), &Device::Cpu)?;
+    let mut other = OcrGan::new(
+        OcrGanConfig { lr: 0.001, ..cfg },
+        spec,
+        Err(0),
+        &Device::Cpu,
+    )?;
     let err = train::fit(
         &mut other,
         &good(&train_images),

@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 use crate::data::{Image, InputSpec, Mask};
 use crate::error::{Error, Result};
 use crate::model_file::ModelMeta;
-use crate::rng::Rng;
 use crate::nn::train_state::TrainState;
+use crate::rng::Rng;
 
 pub mod anomaly_map;
 pub(crate) mod config_check;
@@ -291,6 +291,9 @@ pub struct Setup<'a> {
     pub device: &'a Device,
 }
 
+/// Tensors by name, as a model file holds them.
+pub type Tensors = HashMap<String, Tensor>;
+
 /// One registered method: adding a method is one folder and one line in [`REGISTRY`].
 pub struct MethodEntry {
     /// As `--method` and the model file spell it.
@@ -310,7 +313,7 @@ pub struct MethodEntry {
     /// A fresh, trainable detector; the path is the pretrained backbone weights file.
     pub create: fn(&Setup, &Path) -> Result<Box<dyn Method>>,
     /// The detector a model file's tensors hold (frozen backbone included).
-    pub load: fn(&Setup, &HashMap<String, Tensor>) -> Result<Box<dyn Method>>,
+    pub load: fn(&Setup, &Tensors) -> Result<Box<dyn Method>>,
 }
 
 /// Every method vigil implements.
@@ -360,7 +363,11 @@ pub fn from_model_file(
 }
 
 /// Refuses defective training images for a method that cannot learn from them.
-pub fn check_defects_allowed(method: &str, learns_from_defects: bool, defects: usize) -> Result<()> {
+pub fn check_defects_allowed(
+    method: &str,
+    learns_from_defects: bool,
+    defects: usize,
+) -> Result<()> {
     if defects > 0 && !learns_from_defects {
         return Err(Error::invalid(
             "defective training images",

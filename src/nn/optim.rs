@@ -285,8 +285,8 @@ impl Optimizer for Sgd {
         for (name, var, buffer) in &mut self.slots {
             let b = stored_like(state, format!("{prefix}{name}.b"), var.as_tensor())?;
             let flag = Tensor::new(&[0f32], var.device())?;
-            let started = stored_like(state, format!("{prefix}{name}.started"), &flag)?
-                .to_vec1::<f32>()?[0];
+            let started =
+                stored_like(state, format!("{prefix}{name}.started"), &flag)?.to_vec1::<f32>()?[0];
             *buffer = (started > 0.5).then_some(b);
         }
         self.step = stored_step(state, prefix)?;

@@ -257,7 +257,10 @@ mod tests {
         let mean = ((loss(&wb, &x1)? + loss(&wb, &x2)?)? / 2.0)?;
         b.step("g", &mean.backward()?)?;
         let (va, vb) = (wa.to_vec1::<f32>()?, wb.to_vec1::<f32>()?);
-        assert!(va.iter().zip(&vb).all(|(p, q)| (p - q).abs() < 1e-6), "{va:?} {vb:?}");
+        assert!(
+            va.iter().zip(&vb).all(|(p, q)| (p - q).abs() < 1e-6),
+            "{va:?} {vb:?}"
+        );
         Ok(())
     }
 }

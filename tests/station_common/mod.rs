@@ -75,8 +75,8 @@ pub fn fixture() -> &'static Fixture {
                 "bmr_width=8",
                 "flow_epochs=1",
                 "map_epochs=1",
-            "flow_min_steps=0",
-            "map_min_steps=0",
+                "flow_min_steps=0",
+                "map_min_steps=0",
             ]
             .map(String::from)
             .to_vec(),

@@ -238,7 +238,11 @@ pub fn normalize_in_place(values: &mut [f32], min: f32, max: f32) {
     let n = values.len().max(1) as f64;
     let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
     let scale = values.iter().map(|&v| (v as f64 - mean).abs()).sum::<f64>() / n;
-    let lcn = if scale < FLAT as f64 { 0.0 } else { 1.0 / scale };
+    let lcn = if scale < FLAT as f64 {
+        0.0
+    } else {
+        1.0 / scale
+    };
     let inv = 1.0 / (max - min).max(f32::EPSILON) as f64;
     let (gain, offset) = (lcn * inv, -(min as f64) * inv);
     values

@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::loss::PixelLoss;
+use super::net::CUT_BLOCK;
 use crate::data::anomaly::{AnomalyGenerator, ConfettiParams};
 use crate::error::{Error, Result};
 use crate::methods::config_check::{at_least, finite_in};
-use super::net::CUT_BLOCK;
 
 /// How the station's image score pools the anomaly map.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,8 +35,8 @@ use crate::data::anomaly::{AnomalyGenerator, AnomalySynth};
 use crate::data::{batch_tensor, Image, InputSpec, Mask};
 use crate::error::Result;
 use crate::methods::{
-    pretrained_backbone, stored_backbone, Inference, Method, MethodEntry, PhaseInput, PhaseSpec,
-    Defective, Selection, Setup, StepLosses, TrainBatch, TrainSet, BACKBONE_PREFIX,
+    pretrained_backbone, stored_backbone, Defective, Inference, Method, MethodEntry, PhaseInput,
+    PhaseSpec, Selection, Setup, StepLosses, TrainBatch, TrainSet, BACKBONE_PREFIX,
 };
 use crate::model_file::stored_scalar;
 use crate::nn::kernels::lite0::FastLite0;
@@ -319,7 +319,10 @@ impl Method for Fcdd {
     }
 
     fn restore_extra_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.range = (stored_scalar(state, NORM_MIN)?, stored_scalar(state, NORM_MAX)?);
+        self.range = (
+            stored_scalar(state, NORM_MIN)?,
+            stored_scalar(state, NORM_MAX)?,
+        );
         Ok(())
     }
 
@@ -359,4 +362,3 @@ impl Method for Fcdd {
         Some((vec![CUT_BLOCK], Some(self.cfg.trainable_from)))
     }
 }
-

@@ -211,7 +211,11 @@ impl FcddNet {
             .forward_taps(&values, dims, &[tap])?
             .pop()
             .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
-        Ok(Tensor::from_vec(map.data, map.dims.to_vec(), images.device())?)
+        Ok(Tensor::from_vec(
+            map.data,
+            map.dims.to_vec(),
+            images.device(),
+        )?)
     }
 
     /// The anomaly map at the input size, `[B, H, W]`.

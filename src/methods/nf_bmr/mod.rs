@@ -28,8 +28,8 @@ pub use config::{Mapping, NfBmrConfig};
 
 use self::fast::FastHead;
 use self::model::MappingNets;
-use super::fast_snapshot::FastSnapshot;
 use super::config_check;
+use super::fast_snapshot::FastSnapshot;
 use crate::data::InputSpec;
 use crate::error::{Error, Result};
 use crate::methods::anomaly_map::MapResizer;
@@ -342,7 +342,11 @@ impl NfBmr {
             channels,
         )?;
         let state = TrainState::new()
-            .with_group(FLOW_GROUP, flow_vars.clone(), adam(&flow_vars, cfg.flow_lr)?)
+            .with_group(
+                FLOW_GROUP,
+                flow_vars.clone(),
+                adam(&flow_vars, cfg.flow_lr)?,
+            )
             .with_group(MAP_GROUP, map_vars.clone(), adam(&map_vars, cfg.map_lr)?);
         let stats = match weights {
             Err(_) => FeatureStats::identity(channels, device)?,
@@ -461,7 +465,11 @@ impl NfBmr {
         };
         lap("backbone")?;
         self.check_features(&features)?;
-        let head = if fast { self.fast_head(&features)? } else { None };
+        let head = if fast {
+            self.fast_head(&features)?
+        } else {
+            None
+        };
         let per_position = match head {
             Some(head) => {
                 let per_position = head.per_position(&features)?;
@@ -606,7 +614,7 @@ impl Method for NfBmr {
                 epochs: self.cfg.map_epochs,
                 min_steps: self.cfg.map_min_steps,
                 batch: None,
-            selection: Selection::Last,
+                selection: Selection::Last,
             });
         }
         phases

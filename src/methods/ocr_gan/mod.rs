@@ -37,8 +37,7 @@ use crate::data::{batch_tensor, Image, InputSpec};
 use crate::error::{Error, Result};
 use crate::methods::anomaly_map::{top_mean, MapResizer};
 use crate::methods::{
-    Inference, Method, MethodEntry, PhaseInput, PhaseSpec, Selection, Setup, StepLosses,
-    TrainBatch,
+    Inference, Method, MethodEntry, PhaseInput, PhaseSpec, Selection, Setup, StepLosses, TrainBatch,
 };
 use crate::model_file::stored_scalar;
 use crate::nn::init::{detached, seeded_var_builder};
@@ -66,11 +65,21 @@ pub const ENTRY: MethodEntry = MethodEntry {
     },
     create: |setup: &Setup, _backbone: &Path| {
         let cfg: OcrGanConfig = config_check::parse("ocr-gan", setup.config.clone())?;
-        Ok(Box::new(OcrGan::new(cfg, setup.input, Err(setup.seed), setup.device)?))
+        Ok(Box::new(OcrGan::new(
+            cfg,
+            setup.input,
+            Err(setup.seed),
+            setup.device,
+        )?))
     },
     load: |setup: &Setup, tensors: &HashMap<String, Tensor>| {
         let cfg: OcrGanConfig = config_check::parse("ocr-gan", setup.config.clone())?;
-        Ok(Box::new(OcrGan::new(cfg, setup.input, Ok(tensors), setup.device)?))
+        Ok(Box::new(OcrGan::new(
+            cfg,
+            setup.input,
+            Ok(tensors),
+            setup.device,
+        )?))
     },
 };
 
@@ -246,6 +255,23 @@ impl OcrGan {
 
     pub fn config(&self) -> &OcrGanConfig {
         &self.cfg
+    }
+
+    /// One optimisation step on defect-free `images` (what the training loop does with each
+    /// batch); returns the logged losses.
+    pub fn train_on_images(
+        &mut self,
+        images: &[Image],
+        rng: &mut Rng,
+    ) -> Result<Vec<(&'static str, f32)>> {
+        let batch = TrainBatch {
+            phase: 0,
+            epoch: 0,
+            good: images.iter().collect(),
+            features: None,
+            defects: &[],
+        };
+        super::step(self, &batch, rng)
     }
 
     /// The generators and the discriminator on the trainable variables (for gradient tests).
@@ -434,10 +460,7 @@ impl Method for OcrGan {
                 ("lat", losses.latent),
                 ("d", losses.discriminator.clone()),
             ],
-            objectives: vec![
-                (G_GROUP, losses.generator),
-                (D_GROUP, losses.discriminator),
-            ],
+            objectives: vec![(G_GROUP, losses.generator), (D_GROUP, losses.discriminator)],
         })
     }
 
@@ -551,18 +574,8 @@ mod tests {
             let test_images = random_images(3);
             let images = batch_tensor(&test_images.iter().collect::<Vec<_>>(), &device)?;
             let mut rng = Rng::new(4);
-            let step = |model: &mut OcrGan, batch: &[Image], rng: &mut Rng| {
-                let batch = TrainBatch {
-                    phase: 0,
-                    epoch: 0,
-                    good: batch.iter().collect(),
-                    features: None,
-                    defects: &[],
-                };
-                crate::methods::step(model, &batch, rng)
-            };
             for batch in &batches {
-                step(&mut model, batch, &mut rng)?;
+                model.train_on_images(batch, &mut rng)?;
             }
             for (_, var) in model.trainable_vars()? {
                 var.set(&(var.as_tensor() * 3.0)?)?;
@@ -593,7 +606,7 @@ mod tests {
             assert!(relative_diff(&fast_scores, &scores)? < 1e-4);
             assert!(relative_diff(&fast_maps, &maps)? < 1e-4);
             // A training step replaces the snapshot.
-            step(&mut model, &test_images[..2], &mut rng)?;
+            model.train_on_images(&test_images[..2], &mut rng)?;
             assert!(!Arc::ptr_eq(&fast, &model.fast_nets()?.expect("CPU")));
         }
         Ok(())
