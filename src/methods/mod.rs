@@ -221,6 +221,24 @@ pub trait Method: Send {
     }
 }
 
+/// Runs `forward` with a lap callback that records each stage's wall time, after a device
+/// synchronisation so CUDA times are real: [`Method::infer_timed`] for methods with stages.
+pub(crate) fn time_stages(
+    device: &Device,
+    forward: impl FnOnce(&mut dyn FnMut(&'static str) -> Result<()>) -> Result<Inference>,
+) -> Result<(Inference, Vec<(&'static str, Duration)>)> {
+    let mut stages = Vec::with_capacity(4);
+    let mut last = Instant::now();
+    let out = forward(&mut |stage| {
+        device.synchronize()?;
+        let now = Instant::now();
+        stages.push((stage, now - last));
+        last = now;
+        Ok(())
+    })?;
+    Ok((out, stages))
+}
+
 /// How one step's gradients reach the parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Apply {

@@ -22,7 +22,7 @@ pub use config::{FcddConfig, ScorePooling};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -335,16 +335,7 @@ impl Method for Fcdd {
     }
 
     fn infer_timed(&self, images: &Tensor) -> Result<(Inference, Vec<(&'static str, Duration)>)> {
-        let mut stages = Vec::with_capacity(3);
-        let mut last = Instant::now();
-        let out = self.forward(images, true, |stage| {
-            images.device().synchronize()?;
-            let now = Instant::now();
-            stages.push((stage, now - last));
-            last = now;
-            Ok(())
-        })?;
-        Ok((out, stages))
+        super::time_stages(images.device(), |lap| self.forward(images, true, lap))
     }
 
     fn tensors(&self) -> Result<HashMap<String, Tensor>> {

@@ -19,7 +19,7 @@ pub mod model;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -680,16 +680,7 @@ impl Method for NfBmr {
     }
 
     fn infer_timed(&self, images: &Tensor) -> Result<(Inference, Vec<(&'static str, Duration)>)> {
-        let mut stages = Vec::with_capacity(4);
-        let mut last = Instant::now();
-        let out = self.forward(images, true, |stage| {
-            images.device().synchronize()?;
-            let now = Instant::now();
-            stages.push((stage, now - last));
-            last = now;
-            Ok(())
-        })?;
-        Ok((out, stages))
+        super::time_stages(images.device(), |lap| self.forward(images, true, lap))
     }
 
     fn tensors(&self) -> Result<HashMap<String, Tensor>> {
