@@ -12,7 +12,7 @@ use crate::methods::fcdd::loss::pseudo_huber;
 use crate::methods::fcdd::upsample::{GaussianUpsampler, FCDD_SIGMA_224};
 use crate::nn::backbone::EfficientNetLite0;
 use crate::nn::init::{load_vars, seeded_var_builder};
-use crate::nn::kernels::lite0::FastLite0;
+use crate::nn::kernels::lite0::{FastLite0, FeatureMap};
 use crate::nn::kernels::Kernels;
 
 /// The trunk's last block: stride 8, 40 channels, a 67-pixel receptive field.
@@ -238,40 +238,56 @@ impl FcddNet {
         self.trunk.fast_engine(Kernels::detect())
     }
 
-    /// The trunk's features `[B, 40, h, w]` on `engine` of `[B, C, H, W]` values already
-    /// preprocessed (row-major), on the CPU.
+    /// The trunk's features after [`CUT_BLOCK`] on `engine`, of `[B, C, H, W]` preprocessed
+    /// values (row-major, CPU), without a graph.
     pub fn features_from_values(
         &self,
         engine: &FastLite0,
         values: &[f32],
         dims: [usize; 4],
-    ) -> Result<Tensor> {
-        let map = engine
+    ) -> Result<FeatureMap> {
+        engine
             .forward_taps(values, dims, &[CUT_BLOCK])?
             .pop()
-            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
-        Ok(Tensor::from_vec(map.data, map.dims.to_vec(), &Device::Cpu)?)
+            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))
     }
 
-    /// The trunk's features `[B, 40, h, w]` on `engine` (from [`FcddNet::fast_engine`]), without a
-    /// graph. CPU images only.
-    pub fn features_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
-        self.tap_fast(engine, images, CUT_BLOCK)
+    /// The anomaly map `[B, H, W]` of fast-kernel features: the 1×1 head and pseudo-Huber in one
+    /// loop over the low-resolution cells (a handful of candle ops less per part), then the
+    /// upsampling. No graph.
+    pub fn map_from_features(&self, features: &FeatureMap) -> Result<Tensor> {
+        let [batch, channels, h, w] = features.dims;
+        let weight = self.head_weight.flatten_all()?.to_vec1::<f32>()?;
+        let bias = self.head_bias.flatten_all()?.to_vec1::<f32>()?[0];
+        let cells = h * w;
+        let mut low = vec![bias; batch * cells];
+        for (b, out) in low.chunks_mut(cells).enumerate() {
+            let image = &features.data[b * channels * cells..(b + 1) * channels * cells];
+            for (plane, &wc) in image.chunks(cells).zip(&weight) {
+                out.iter_mut().zip(plane).for_each(|(o, &f)| *o += wc * f);
+            }
+            // Pseudo-Huber, as `loss::pseudo_huber`.
+            out.iter_mut()
+                .for_each(|x| *x = (*x * *x + 1.0).sqrt() - 1.0);
+        }
+        self.upsample(&Tensor::from_vec(low, (batch, h, w), &Device::Cpu)?)
     }
 
-    /// The head, pseudo-Huber and upsampling on trunk features, without a graph: `[B, H, W]`.
-    pub fn map_from_features(&self, features: &Tensor) -> Result<Tensor> {
-        let low = self.head(
-            features,
-            &self.head_weight.detach(),
-            &self.head_bias.detach(),
-        )?;
-        self.upsample(&low)
-    }
-
-    /// [`FcddNet::upsampled`] with the trunk on `engine` and the head and upsampling on candle's
-    /// ops, without a graph. CPU images only.
+    /// [`FcddNet::upsampled`] with the trunk on `engine` and the head and pseudo-Huber in plain
+    /// loops ([`FcddNet::map_from_features`]), without a graph. CPU images only.
     pub fn upsampled_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
-        self.map_from_features(&self.features_fast(engine, images)?)
+        let (batch, channels) = self.check_input(images)?;
+        if !images.device().is_cpu() {
+            return Err(Error::invalid(
+                "FCDD fast path",
+                "the fast kernels take CPU tensors",
+            ));
+        }
+        let values = images
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let dims = [batch, channels, self.input.0, self.input.1];
+        self.map_from_features(&self.features_from_values(engine, &values, dims)?)
     }
 }
