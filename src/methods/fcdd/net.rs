@@ -193,8 +193,8 @@ impl FcddNet {
         self.head(&features[0], &self.head_weight, &self.head_bias)
     }
 
-    /// The output of block `tap` on `engine`, without a graph. CPU images only.
-    fn tap_fast(&self, engine: &FastLite0, images: &Tensor, tap: usize) -> Result<Tensor> {
+    /// A copy of CPU images `[B, C, H, W]` as row-major f32 values, for the fast kernels.
+    fn cpu_values(&self, images: &Tensor) -> Result<(Vec<f32>, [usize; 4])> {
         let (batch, channels) = self.check_input(images)?;
         if !images.device().is_cpu() {
             return Err(Error::invalid(
@@ -206,7 +206,12 @@ impl FcddNet {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let dims = [batch, channels, self.input.0, self.input.1];
+        Ok((values, [batch, channels, self.input.0, self.input.1]))
+    }
+
+    /// The output of block `tap` on `engine`, without a graph. CPU images only.
+    fn tap_fast(&self, engine: &FastLite0, images: &Tensor, tap: usize) -> Result<Tensor> {
+        let (values, dims) = self.cpu_values(images)?;
         let map = engine
             .forward_taps(&values, dims, &[tap])?
             .pop()
@@ -276,18 +281,7 @@ impl FcddNet {
     /// [`FcddNet::upsampled`] with the trunk on `engine` and the head and pseudo-Huber in plain
     /// loops ([`FcddNet::map_from_features`]), without a graph. CPU images only.
     pub fn upsampled_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
-        let (batch, channels) = self.check_input(images)?;
-        if !images.device().is_cpu() {
-            return Err(Error::invalid(
-                "FCDD fast path",
-                "the fast kernels take CPU tensors",
-            ));
-        }
-        let values = images
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let dims = [batch, channels, self.input.0, self.input.1];
+        let (values, dims) = self.cpu_values(images)?;
         self.map_from_features(&self.features_from_values(engine, &values, dims)?)
     }
 }
