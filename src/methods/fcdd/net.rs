@@ -212,10 +212,7 @@ impl FcddNet {
     /// The output of block `tap` on `engine`, without a graph. CPU images only.
     fn tap_fast(&self, engine: &FastLite0, images: &Tensor, tap: usize) -> Result<Tensor> {
         let (values, dims) = self.cpu_values(images)?;
-        let map = engine
-            .forward_taps(&values, dims, &[tap])?
-            .pop()
-            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))?;
+        let map = tap_values(engine, &values, dims, tap)?;
         Ok(Tensor::from_vec(
             map.data,
             map.dims.to_vec(),
@@ -251,10 +248,7 @@ impl FcddNet {
         values: &[f32],
         dims: [usize; 4],
     ) -> Result<FeatureMap> {
-        engine
-            .forward_taps(values, dims, &[CUT_BLOCK])?
-            .pop()
-            .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))
+        tap_values(engine, values, dims, CUT_BLOCK)
     }
 
     /// The anomaly map `[B, H, W]` of fast-kernel features: the 1×1 head and pseudo-Huber in one
@@ -284,4 +278,17 @@ impl FcddNet {
         let (values, dims) = self.cpu_values(images)?;
         self.map_from_features(&self.features_from_values(engine, &values, dims)?)
     }
+}
+
+/// The output of block `tap` on `engine` for row-major `[B, C, H, W]` values.
+fn tap_values(
+    engine: &FastLite0,
+    values: &[f32],
+    dims: [usize; 4],
+    tap: usize,
+) -> Result<FeatureMap> {
+    engine
+        .forward_taps(values, dims, &[tap])?
+        .pop()
+        .ok_or_else(|| Error::invalid("FCDD fast path", "no feature map"))
 }
