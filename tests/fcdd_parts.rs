@@ -9,7 +9,7 @@ use vigil::data::image::{Image, Mask};
 use vigil::data::synth::{product, SynthConfig};
 use vigil::methods::fcdd::augment::{
     augment_train, color_jitter, gaussian_noise, lcn_range, local_contrast_normalization,
-    normalize, preprocess, preprocess_tensor, random_crop_resize,
+    normalize, normalize_into, preprocess, preprocess_tensor, random_crop_resize,
 };
 use vigil::methods::fcdd::loss::{fcdd_loss, hsc_loss, pseudo_huber, push, PUSH_EPSILON};
 use vigil::methods::fcdd::net::{FcddNet, FcddNetParams, CUT_BLOCK};
@@ -225,6 +225,7 @@ fn upsampling_equals_the_transposed_convolution() {
         let reference = transposed_reference(&maps, (rows, cols), (10, 8), k, 2.0);
         let diff = max_abs_diff(&ours, &reference);
         assert!(diff < 1e-5, "k {k}: max diff {diff}");
+        assert_host_upsampling_matches(&up, &maps, (10, 8));
     }
     // Lite0 after block 4 at 64x96: 67-pixel kernel, σ = 12 · 64/224, cells at 7 + 8i.
     let up = GaussianUpsampler::lite0(64, 96, 4, 12.0, &cpu()).unwrap();
@@ -237,7 +238,34 @@ fn upsampling_equals_the_transposed_convolution() {
     let reference = transposed_reference(&maps, grids, (64, 96), 67, 12.0 * 64.0 / 224.0);
     let diff = max_abs_diff(&up.forward(&maps).unwrap(), &reference);
     assert!(diff < 1e-4, "lite0: max diff {diff}");
+    assert_host_upsampling_matches(&up, &maps, (64, 96));
     assert!(up.forward(&random(&mut rng, &[1, 8, 11])).is_err());
+    let mut scratch = Vec::new();
+    assert!(up
+        .upsample_cpu(&[0.0; 8 * 11], &mut scratch, &mut [0.0; 64 * 96])
+        .is_err());
+    assert!(up
+        .upsample_cpu(&[0.0; 8 * 12], &mut scratch, &mut [0.0; 64 * 95])
+        .is_err());
+}
+
+/// The host path (the fast inference's) gives the tensor path's maps, image by image, with one
+/// scratch buffer reused across images.
+fn assert_host_upsampling_matches(up: &GaussianUpsampler, maps: &Tensor, out: (usize, usize)) {
+    let want = values(&up.forward(maps).unwrap());
+    let low = values(maps);
+    let (batch, h, w) = maps.dims3().unwrap();
+    let mut got = vec![f32::NAN; batch * out.0 * out.1];
+    let mut scratch = Vec::new();
+    for (low, map) in low.chunks(h * w).zip(got.chunks_mut(out.0 * out.1)) {
+        up.upsample_cpu(low, &mut scratch, map).unwrap();
+    }
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "host vs tensor upsampling: {diff}");
 }
 
 #[test]
@@ -516,6 +544,17 @@ fn preprocessing_on_tensors_matches_images() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-5, "tensor vs image preprocessing: {diff}");
+    // The inference path's copy-and-normalise (one affine map) gives the training path's values.
+    for image in batch {
+        let mut into = vec![f32::NAN; image.data.len()];
+        normalize_into(&image.data, &mut into, min, max);
+        let diff = into
+            .iter()
+            .zip(&preprocess(image, min, max).data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-6, "normalize_into vs preprocess: {diff}");
+    }
     assert!(lcn_range([&flat]).is_err());
 }
 

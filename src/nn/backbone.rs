@@ -689,20 +689,13 @@ impl EfficientNetLite0 {
     pub fn forward_taps(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
         match &self.fast {
             Some(fast) if x.device().is_cpu() => {
-                let x = x.to_dtype(DType::F32)?.contiguous()?;
                 let dims: [usize; 4] = x.dims().try_into().map_err(|_| {
                     Error::invalid(
                         "backbone input",
                         format!("shape {:?} is not [B, 1 or 3, H, W]", x.dims()),
                     )
                 })?;
-                let (storage, layout) = x.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return self.forward_taps_candle(&x, taps);
-                };
-                let start = layout.start_offset();
-                let values = &cpu.as_slice::<f32>()?[start..start + x.elem_count()];
-                fast.forward_taps(values, dims, taps)?
+                crate::nn::with_cpu_f32(x, |values| fast.forward_taps(values, dims, taps))?
                     .into_iter()
                     .map(|map| Ok(Tensor::from_vec(map.data, map.dims.to_vec(), x.device())?))
                     .collect()

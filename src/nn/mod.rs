@@ -1,7 +1,7 @@
 //! Neural building blocks shared by the methods.
-use candle_core::Tensor;
+use candle_core::{DType, Storage, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub mod backbone;
 pub mod conv;
@@ -27,4 +27,19 @@ pub trait FeatureExtractor: Send + Sync {
     }
     fn out_channels(&self) -> usize;
     fn stride(&self) -> usize;
+}
+
+/// Calls `f` with the values of a CPU tensor as one row-major f32 slice: borrowed from the
+/// tensor's storage when it is contiguous f32 already (the per-part path makes no copy).
+pub fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::invalid(
+            "tensor",
+            format!("on {:?}; the fast kernels take CPU tensors", x.device()),
+        ));
+    };
+    let start = layout.start_offset();
+    f(&cpu.as_slice::<f32>()?[start..start + x.elem_count()])
 }

@@ -232,22 +232,68 @@ pub fn local_contrast_normalization(image: &Image) -> Image {
     out
 }
 
-/// LCN then min-max with `(min, max)` of one image's values (all channels), in place: the
-/// inference path's preprocessing without an intermediate allocation.
+/// LCN then min-max with `(min, max)` of one image's values (all channels), in place.
 pub fn normalize_in_place(values: &mut [f32], min: f32, max: f32) {
+    let (mean, gain, offset) = lcn_affine(values, min, max);
+    values
+        .iter_mut()
+        .for_each(|v| *v = ((*v as f64 - mean) * gain + offset) as f32);
+}
+
+/// [`normalize_in_place`] of `src` written to `dst` (the same length): the inference path's
+/// preprocessing straight from the input tensor, without a separate copy.
+pub fn normalize_into(src: &[f32], dst: &mut [f32], min: f32, max: f32) {
+    let (mean, gain, offset) = lcn_affine(src, min, max);
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, &v)| *d = ((v as f64 - mean) * gain + offset) as f32);
+}
+
+/// `(mean, gain, offset)` such that LCN then min-max maps `v` to `(v - mean)·gain + offset`.
+fn lcn_affine(values: &[f32], min: f32, max: f32) -> (f64, f64, f64) {
     let n = values.len().max(1) as f64;
-    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let scale = values.iter().map(|&v| (v as f64 - mean).abs()).sum::<f64>() / n;
+    let mean = lane_sum(values, |v| v as f64) / n;
+    let scale = lane_sum(values, |v| (v as f64 - mean).abs()) / n;
     let lcn = if scale < FLAT as f64 {
         0.0
     } else {
         1.0 / scale
     };
     let inv = 1.0 / (max - min).max(f32::EPSILON) as f64;
-    let (gain, offset) = (lcn * inv, -(min as f64) * inv);
-    values
-        .iter_mut()
-        .for_each(|v| *v = ((*v as f64 - mean) * gain + offset) as f32);
+    (mean, lcn * inv, -(min as f64) * inv)
+}
+
+/// `Σ f(v)` in f64 over 8 independent accumulators: a plain `sum()` of floats is one serial chain
+/// of dependent adds (the compiler may not reorder them); eight chains let it vectorise.
+pub(crate) fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + rest
+}
+
+/// The maximum of `values` (−∞ for none) over 16 independent lanes, for the same reason as
+/// [`lane_sum`].
+pub(crate) fn lane_max(values: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = a.max(v);
+        }
+    }
+    acc.iter().fold(rest, |m, &v| m.max(v))
 }
 
 /// The (min, max) of the LCN'd values of `images`: FCDD's min-max constants, computed on the

@@ -27,7 +27,9 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
-use self::augment::{augment_train, lcn_range, normalize_in_place, preprocess, preprocess_tensor};
+use self::augment::{
+    augment_train, lane_max, lane_sum, lcn_range, normalize_into, preprocess, preprocess_tensor,
+};
 use self::net::CUT_BLOCK;
 use super::config_check;
 use super::fast_snapshot::FastSnapshot;
@@ -42,6 +44,7 @@ use crate::model_file::stored_scalar;
 use crate::nn::kernels::lite0::FastLite0;
 use crate::nn::optim::{Sgd, SgdParams};
 use crate::nn::train_state::TrainState;
+use crate::nn::with_cpu_f32;
 use crate::rng::Rng;
 
 /// Raised whenever older FCDD model files would load or score differently.
@@ -220,30 +223,71 @@ impl Fcdd {
         mut lap: impl FnMut(&'static str) -> Result<()>,
     ) -> Result<Inference> {
         self.input.check_batch(images)?;
-        let maps = if fast && images.device().is_cpu() {
-            // One copy of the batch, normalised in place, straight into the fast kernels.
-            let dims: [usize; 4] = images.dims4()?.into();
-            let mut values = images.flatten_all()?.to_vec1::<f32>()?;
-            let plane = dims[1] * dims[2] * dims[3];
-            for image in values.chunks_mut(plane.max(1)) {
-                normalize_in_place(image, self.range.0, self.range.1);
-            }
-            lap("preprocess")?;
-            let features = self
-                .eval
-                .features_from_values(&*self.fast_engine()?, &values, dims)?;
-            lap("backbone")?;
-            self.eval.map_from_features(&features)?
-        } else {
-            let x = preprocess_tensor(images, self.range.0, self.range.1)?;
-            lap("preprocess")?;
-            let maps = self.eval.upsample(&self.eval.forward_candle(&x)?)?;
-            lap("backbone")?;
-            maps
-        };
+        if fast && images.device().is_cpu() {
+            return self.forward_fast(images, lap);
+        }
+        let x = preprocess_tensor(images, self.range.0, self.range.1)?;
+        lap("preprocess")?;
+        let maps = self.eval.upsample(&self.eval.forward_candle(&x)?)?;
+        lap("backbone")?;
         let scores = self.score(&maps)?;
         lap("head and map")?;
         Ok(Inference { maps, scores })
+    }
+
+    /// [`Fcdd::forward`] on the fast CPU kernels: the batch normalised straight from the input
+    /// tensor into one buffer, the trunk, then head, map and score in plain loops (what
+    /// [`Fcdd::score`] does on tensors).
+    fn forward_fast(
+        &self,
+        images: &Tensor,
+        mut lap: impl FnMut(&'static str) -> Result<()>,
+    ) -> Result<Inference> {
+        let dims: [usize; 4] = images.dims4()?.into();
+        let [batch, _, height, width] = dims;
+        let plane = dims[1] * height * width;
+        let mut values = vec![0.0f32; batch * plane];
+        with_cpu_f32(images, |src| {
+            for (src, dst) in src.chunks_exact(plane).zip(values.chunks_exact_mut(plane)) {
+                normalize_into(src, dst, self.range.0, self.range.1);
+            }
+            Ok(())
+        })?;
+        lap("preprocess")?;
+        let features = self
+            .eval
+            .features_from_values(&*self.fast_engine()?, &values, dims)?;
+        lap("backbone")?;
+        let mut maps = vec![0.0f32; batch * height * width];
+        self.eval.maps_from_features(&features, &mut maps)?;
+        let scores: Vec<f32> = maps
+            .chunks_exact(height * width)
+            .map(|map| self.score_values(map, height, width))
+            .collect();
+        let device = images.device();
+        let out = Inference {
+            maps: Tensor::from_vec(maps, (batch, height, width), device)?,
+            scores: Tensor::from_vec(scores, batch, device)?,
+        };
+        lap("head and map")?;
+        Ok(out)
+    }
+
+    /// [`Fcdd::score`] of one row-major `height`×`width` map.
+    fn score_values(&self, map: &[f32], height: usize, width: usize) -> f32 {
+        match self.cfg.score {
+            ScorePooling::Mean => (lane_sum(map, f64::from) / map.len().max(1) as f64) as f32,
+            ScorePooling::Max => {
+                let m = self.cfg.score_margin * 8;
+                let (rows, cols) = if 2 * m >= height || 2 * m >= width {
+                    (0..height, 0..width)
+                } else {
+                    (m..height - m, m..width - m)
+                };
+                rows.map(|y| lane_max(&map[y * width..(y + 1) * width][cols.clone()]))
+                    .fold(f32::NEG_INFINITY, f32::max)
+            }
+        }
     }
 }
 

@@ -251,32 +251,52 @@ impl FcddNet {
         tap_values(engine, values, dims, CUT_BLOCK)
     }
 
-    /// The anomaly map `[B, H, W]` of fast-kernel features: the 1×1 head and pseudo-Huber in one
-    /// loop over the low-resolution cells (a handful of candle ops less per part), then the
-    /// upsampling. No graph.
-    pub fn map_from_features(&self, features: &FeatureMap) -> Result<Tensor> {
+    /// The anomaly maps of fast-kernel features into `maps` (`[B, H, W]`, row-major): the 1×1 head
+    /// and pseudo-Huber in one loop over the low-resolution cells, then the upsampling on the
+    /// host ([`GaussianUpsampler::upsample_cpu`]). No graph, no tensor in between.
+    pub fn maps_from_features(&self, features: &FeatureMap, maps: &mut [f32]) -> Result<()> {
         let [batch, channels, h, w] = features.dims;
+        let pixels = self.input.0 * self.input.1;
+        if maps.len() != batch * pixels {
+            return Err(Error::invalid(
+                "FCDD fast path",
+                format!("{} map values for {batch} images", maps.len()),
+            ));
+        }
         let weight = self.head_weight.flatten_all()?.to_vec1::<f32>()?;
         let bias = self.head_bias.flatten_all()?.to_vec1::<f32>()?[0];
         let cells = h * w;
-        let mut low = vec![bias; batch * cells];
-        for (b, out) in low.chunks_mut(cells).enumerate() {
-            let image = &features.data[b * channels * cells..(b + 1) * channels * cells];
+        let mut low = vec![bias; cells];
+        let mut scratch = Vec::new();
+        for (image, map) in features
+            .data
+            .chunks_exact(channels * cells)
+            .zip(maps.chunks_exact_mut(pixels))
+        {
+            low.fill(bias);
             for (plane, &wc) in image.chunks(cells).zip(&weight) {
-                out.iter_mut().zip(plane).for_each(|(o, &f)| *o += wc * f);
+                low.iter_mut().zip(plane).for_each(|(o, &f)| *o += wc * f);
             }
             // Pseudo-Huber, as `loss::pseudo_huber`.
-            out.iter_mut()
+            low.iter_mut()
                 .for_each(|x| *x = (*x * *x + 1.0).sqrt() - 1.0);
+            self.upsampler.upsample_cpu(&low, &mut scratch, map)?;
         }
-        self.upsample(&Tensor::from_vec(low, (batch, h, w), &Device::Cpu)?)
+        Ok(())
     }
 
-    /// [`FcddNet::upsampled`] with the trunk on `engine` and the head and pseudo-Huber in plain
-    /// loops ([`FcddNet::map_from_features`]), without a graph. CPU images only.
+    /// [`FcddNet::upsampled`] with the trunk on `engine` and the head, pseudo-Huber and upsampling
+    /// in plain loops ([`FcddNet::maps_from_features`]), without a graph. CPU images only.
     pub fn upsampled_fast(&self, engine: &FastLite0, images: &Tensor) -> Result<Tensor> {
         let (values, dims) = self.cpu_values(images)?;
-        self.map_from_features(&self.features_from_values(engine, &values, dims)?)
+        let features = self.features_from_values(engine, &values, dims)?;
+        let mut maps = vec![0.0; dims[0] * self.input.0 * self.input.1];
+        self.maps_from_features(&features, &mut maps)?;
+        Ok(Tensor::from_vec(
+            maps,
+            (dims[0], self.input.0, self.input.1),
+            images.device(),
+        )?)
     }
 }
 

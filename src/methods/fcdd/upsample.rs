@@ -5,6 +5,8 @@
 //! That is linear and separable, so here it is two matrix products, `out = Gy · A · Gxᵀ`, with
 //! `Gy[y, i] = g(y - c_i)` for the cell centres `c_i` and `g` the 1-D kernel, truncated to its
 //! window: differentiable, built once per input size, and as fast as the matmuls.
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -53,6 +55,19 @@ fn axis_matrix(grid: CellGrid, out: usize, kernel: &[f32]) -> Vec<f32> {
     m
 }
 
+/// The indices where row `r` of a row-major `[rows, cols]` matrix is non-zero: one contiguous
+/// run, as the kernel's window is.
+fn nonzero_runs(m: &[f32], rows: usize, cols: usize) -> Vec<Range<usize>> {
+    (0..rows)
+        .map(|r| {
+            let row = &m[r * cols..(r + 1) * cols];
+            let first = row.iter().position(|&v| v != 0.0).unwrap_or(cols);
+            let end = row.iter().rposition(|&v| v != 0.0).map_or(first, |i| i + 1);
+            first..end
+        })
+        .collect()
+}
+
 /// Upsamples `[B, h, w]` maps to `[B, H, W]` with FCDD's Gaussian stamps.
 #[derive(Clone, Debug)]
 pub struct GaussianUpsampler {
@@ -61,6 +76,13 @@ pub struct GaussianUpsampler {
     /// `Gxᵀ`, `[w, W]`.
     cols_t: Tensor,
     cells: (usize, usize),
+    out: (usize, usize),
+    /// The same matrices on the host with their non-zero runs, for [`Self::upsample_cpu`]: each
+    /// output pixel depends only on the cells inside the kernel's window.
+    rows_host: Vec<f32>,
+    row_cells: Vec<Range<usize>>,
+    cols_t_host: Vec<f32>,
+    col_pixels: Vec<Range<usize>>,
 }
 
 impl GaussianUpsampler {
@@ -92,12 +114,19 @@ impl GaussianUpsampler {
         let kernel = gaussian_kernel_1d(kernel, sigma);
         let gy = axis_matrix(rows, out.0, &kernel);
         let gx = axis_matrix(cols, out.1, &kernel);
+        let cols_t = Tensor::from_vec(gx, (out.1, cols.cells), device)?
+            .t()?
+            .contiguous()?;
+        let cols_t_host = cols_t.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self {
-            rows: Tensor::from_vec(gy, (out.0, rows.cells), device)?,
-            cols_t: Tensor::from_vec(gx, (out.1, cols.cells), device)?
-                .t()?
-                .contiguous()?,
+            rows: Tensor::from_vec(gy.clone(), (out.0, rows.cells), device)?,
+            cols_t,
             cells: (rows.cells, cols.cells),
+            out,
+            row_cells: nonzero_runs(&gy, out.0, rows.cells),
+            rows_host: gy,
+            col_pixels: nonzero_runs(&cols_t_host, cols.cells, out.1),
+            cols_t_host,
         })
     }
 
@@ -128,6 +157,47 @@ impl GaussianUpsampler {
     /// The low-resolution size (h, w) this upsampler takes.
     pub fn cells(&self) -> (usize, usize) {
         self.cells
+    }
+
+    /// [`Self::forward`] of one map, `low` `[h, w]` into `out` `[H, W]` (row-major), on the host:
+    /// the same product, restricted to the kernel's window. `scratch` holds the `[h, W]`
+    /// intermediate (resized as needed, so a caller can keep it between parts).
+    pub fn upsample_cpu(&self, low: &[f32], scratch: &mut Vec<f32>, out: &mut [f32]) -> Result<()> {
+        let ((h, w), (height, width)) = (self.cells, self.out);
+        if low.len() != h * w || out.len() != height * width {
+            return Err(Error::invalid(
+                "low-resolution maps",
+                format!(
+                    "{} cells into {} pixels, the upsampler takes {h}x{w} into {height}x{width}",
+                    low.len(),
+                    out.len()
+                ),
+            ));
+        }
+        // A · Gxᵀ: each cell adds its column kernel to the pixels of its window.
+        scratch.clear();
+        scratch.resize(h * width, 0.0);
+        for (i, row) in scratch.chunks_exact_mut(width).enumerate() {
+            for (j, pixels) in self.col_pixels.iter().enumerate() {
+                let a = low[i * w + j];
+                let kernel = &self.cols_t_host[j * width..(j + 1) * width];
+                row[pixels.clone()]
+                    .iter_mut()
+                    .zip(&kernel[pixels.clone()])
+                    .for_each(|(o, &g)| *o += a * g);
+            }
+        }
+        // Gy · (A · Gxᵀ): each output row sums the intermediate rows of its window.
+        for (y, row) in out.chunks_exact_mut(width).enumerate() {
+            row.fill(0.0);
+            for i in self.row_cells[y].clone() {
+                let g = self.rows_host[y * h + i];
+                row.iter_mut()
+                    .zip(&scratch[i * width..(i + 1) * width])
+                    .for_each(|(o, &t)| *o += g * t);
+            }
+        }
+        Ok(())
     }
 
     /// `[B, h, w]` → `[B, H, W]`, differentiable.
