@@ -10,7 +10,10 @@ use vigil::data::synth::{self, SynthConfig};
 use vigil::data::{Image, InputSpec};
 use vigil::methods::ocr_gan::fd::{gau1, FrequencyDecoupling};
 use vigil::methods::ocr_gan::model::ChannelSelection;
-use vigil::methods::ocr_gan::{ContentPooling, OcrGan, OcrGanConfig};
+use vigil::methods::ocr_gan::{
+    BandCoding, ChannelSelectionMode, ContentPooling, DiscriminatorNorm, Forgeries, OcrGan,
+    OcrGanConfig,
+};
 use vigil::methods::{self, Inference, Method, PhaseSpec, StepLosses, TrainBatch, TrainSet};
 use vigil::metrics::auroc;
 use vigil::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
@@ -179,25 +182,71 @@ fn channel_selection_weights_sum_to_one_across_branches() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<()> {
+/// The paper's networks with 1–3 bands, and each of the authors' code's switches (the projected
+/// latent behind uncapped widths, L_lat in the discriminator's loss, BatchNorm frozen or joint,
+/// uniform CS, 8-bit bands, the combined forgery), in the first and a later epoch.
+fn gradient_configs() -> Vec<(String, OcrGanConfig, usize)> {
+    let mut configs = Vec::new();
     for bands in [1, 2, 3] {
         let cfg = OcrGanConfig {
             bands,
-            channel_selection: bands > 1,
+            channel_selection: if bands > 1 {
+                ChannelSelectionMode::Learned
+            } else {
+                ChannelSelectionMode::Off
+            },
             ..tiny_config()
         };
+        configs.push((format!("{bands} bands"), cfg, 0));
+    }
+    let code = OcrGanConfig {
+        latent_dim: 10,
+        disc_width_capped: false,
+        disc_latent_loss: true,
+        channel_selection: ChannelSelectionMode::Uniform,
+        band_coding: BandCoding::Opencv,
+        forgeries: Forgeries::Combined,
+        cutout_px: 4,
+        ..tiny_config()
+    };
+    for norm in [
+        DiscriminatorNorm::PerBatch,
+        DiscriminatorNorm::Frozen,
+        DiscriminatorNorm::Joint,
+    ] {
+        for epoch in [0, 1] {
+            let cfg = OcrGanConfig {
+                disc_norm: norm,
+                ..code.clone()
+            };
+            configs.push((
+                format!("code switches, {norm:?}, epoch {epoch}"),
+                cfg,
+                epoch,
+            ));
+        }
+    }
+    configs
+}
+
+#[test]
+fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<()> {
+    for (what, cfg, epoch) in gradient_configs() {
+        let bands = cfg.bands;
+        let learned = cfg.channel_selection == ChannelSelectionMode::Learned;
         let model = OcrGan::new(cfg, input(16, 3), Err(0), &Device::Cpu)?;
         let batch = as_images(&images(2, 3, 16, 1));
-        let losses = model.losses(&batch.iter().collect::<Vec<_>>(), &mut Rng::new(0))?;
+        let losses = model.losses(&batch.iter().collect::<Vec<_>>(), epoch, &mut Rng::new(0))?;
         let g_grads = losses.generator.backward()?;
         let d_grads = losses.discriminator.backward()?;
         let vars = model.trainable_vars()?;
         assert!(vars.iter().any(|(n, _)| n.starts_with("g.")));
         assert!(vars.iter().any(|(n, _)| n.starts_with("d.")));
-        if bands > 1 {
-            assert!(vars.iter().any(|(n, _)| n.contains(".cs0.")));
-        }
+        assert_eq!(
+            vars.iter().any(|(n, _)| n.contains(".cs0.")),
+            bands > 1 && learned,
+            "{what}"
+        );
         for (name, var) in vars {
             let grads = if name.starts_with("g.") {
                 &g_grads
@@ -206,11 +255,11 @@ fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<(
             };
             let g = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{bands} bands: no gradient for {name}"));
+                .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
             let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
             assert!(
                 norm > 0.0 && norm.is_finite(),
-                "{bands} bands: {name} gradient {norm}"
+                "{what}: {name} gradient {norm}"
             );
         }
     }

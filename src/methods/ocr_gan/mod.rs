@@ -4,16 +4,23 @@
 //! discriminator that also learns to call CutPaste/cutout forgeries positive. Trained from scratch:
 //! no pretrained network and no extra data.
 //!
-//! Score: `A = λ·L_con + (1 − λ)·L_lat` per image (mean |I − Î| and the mean squared distance of
-//! the discriminator's latent features), min-max scaled with the defect-free validation scores
+//! Score: `A = λ·L_con + (1 − λ)·L_lat` per image (mean |I − Î|, or another pooling of the error,
+//! and the mean squared distance of the discriminator's latent features), min-max scaled with the
+//! defect-free validation scores
 //! kept in the model file (the paper scales over the test set, which a running line cannot do):
 //! validation parts score in 0..1, defects above. Heatmap: |I − Î| averaged over channels and
 //! smoothed.
 //!
 //! Images enter in 0..1 and are mapped to −1..1 (the generators end in tanh).
+//!
+//! The authors' released code departs from the paper in places; each departure is a config key
+//! (see [`config`]): its optimiser setting, per-image MSE, a projected 100-d latent with uncapped
+//! discriminator widths, `L_lat` in the discriminator's loss, discriminator BatchNorm frozen after
+//! the first epoch, untrained channel selection, one combined forgery and 8-bit OpenCV bands.
 pub mod config;
 mod fast;
 pub mod fd;
+pub mod forgery;
 pub mod loss;
 pub mod model;
 
@@ -24,15 +31,17 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-pub use config::{ContentPooling, Forgeries, OcrGanConfig};
+pub use config::{
+    BandCoding, ChannelSelectionMode, ContentPooling, DiscriminatorNorm, Forgeries, OcrGanConfig,
+};
 
 use self::fast::{FastOcrGan, Maps};
 use self::fd::FrequencyDecoupling;
-use self::loss::{bce_with_logits, content_error, latent_error};
+use self::forgery::Forger;
+use self::loss::{bce_with_logits, content_error, mean_squared_error};
 use self::model::{Builders, Discriminator, Generator};
 use super::config_check;
 use super::fast_snapshot::FastSnapshot;
-use crate::data::anomaly::{AnomalyGenerator, AnomalySynth, CutPasteParams, CutoutParams};
 use crate::data::{batch_tensor, Image, InputSpec};
 use crate::error::{Error, Result};
 use crate::methods::anomaly_map::{top_mean, MapResizer};
@@ -99,7 +108,7 @@ impl Nets {
         d: VarBuilder,
         buffers: VarBuilder,
         cfg: &OcrGanConfig,
-        channels: usize,
+        input: InputSpec,
     ) -> Result<Self> {
         Ok(Nets {
             generator: Generator::new(
@@ -108,7 +117,7 @@ impl Nets {
                     buffers: buffers.pp("g"),
                 },
                 cfg,
-                channels,
+                input.channels,
             )?,
             discriminator: Discriminator::new(
                 Builders {
@@ -116,10 +125,20 @@ impl Nets {
                     buffers: buffers.pp("d"),
                 },
                 cfg,
-                channels,
+                input.channels,
+                (input.height, input.width),
             )?,
         })
     }
+}
+
+/// The discriminator's latent features and logits of one step's images.
+struct Judged {
+    f_x: Tensor,
+    logits_x: Tensor,
+    f_r: Tensor,
+    logits_r: Tensor,
+    logits_f: Option<Tensor>,
 }
 
 /// One batch's losses, as scalar tensors that record the backward graph.
@@ -127,7 +146,7 @@ pub struct Losses {
     /// `λ_con·L_con + λ_adv·L_adv + λ_lat·L_lat`, minimised by the generators.
     pub generator: Tensor,
     /// Cross-entropy of normal images (negative) against reconstructions and forgeries
-    /// (positive), minimised by the discriminator.
+    /// (positive), minimised by the discriminator (plus `λ_lat·L_lat` with `disc_latent_loss`).
     pub discriminator: Tensor,
     pub content: Tensor,
     pub adversarial: Tensor,
@@ -146,7 +165,7 @@ pub struct OcrGan {
     eval: Nets,
     /// `eval` on the fast CPU kernels, built on first use after the weights changed (CPU only).
     fast: FastSnapshot<FastOcrGan>,
-    forgers: Vec<AnomalySynth>,
+    forger: Forger,
     /// Raw scores of the validation images that map to 0 and 1.
     score_min: f32,
     score_max: f32,
@@ -186,7 +205,7 @@ impl OcrGan {
             seeded(&d_vars),
             seeded(&buffers),
             &cfg,
-            input.channels,
+            input,
         )?;
         let adam = AdamParams {
             lr: cfg.lr,
@@ -214,25 +233,9 @@ impl OcrGan {
                 device,
             ))
         };
-        let eval = Nets::new(
-            view(&g_vars)?,
-            view(&d_vars)?,
-            view(&buffers)?,
-            &cfg,
-            input.channels,
-        )?;
-        let mut forgers = Vec::new();
-        if matches!(cfg.forgeries, Forgeries::Cutout | Forgeries::Both) {
-            forgers.push(AnomalySynth::single(AnomalyGenerator::Cutout(
-                CutoutParams::default(),
-            ))?);
-        }
-        if matches!(cfg.forgeries, Forgeries::Cutpaste | Forgeries::Both) {
-            forgers.push(AnomalySynth::single(AnomalyGenerator::CutPaste(
-                CutPasteParams::default(),
-            ))?);
-        }
+        let eval = Nets::new(view(&g_vars)?, view(&d_vars)?, view(&buffers)?, &cfg, input)?;
         Ok(OcrGan {
+            forger: Forger::new(&cfg)?,
             fd: FrequencyDecoupling::new(cfg.bands, device)?,
             smoother: MapResizer::new(
                 (input.height, input.width),
@@ -246,7 +249,6 @@ impl OcrGan {
             train,
             eval,
             fast: FastSnapshot::default(),
-            forgers,
             score_min,
             score_max,
             device: device.clone(),
@@ -288,51 +290,137 @@ impl OcrGan {
 
     /// The omni-frequency bands of `[B, C, H, W]` images in 0..1, in the generators' −1..1 range.
     pub fn bands(&self, images: &Tensor) -> Result<Vec<Tensor>> {
-        self.fd.split(&to_signed(images)?)
+        Ok(self.decouple(images)?.0)
     }
 
-    /// CutPaste and/or cutout versions of every image of the batch, `[B·k, C, H, W]` in 0..1.
-    fn forge(&self, images: &[&Image], rng: &mut Rng) -> Result<Option<Tensor>> {
-        if self.forgers.is_empty() {
-            return Ok(None);
-        }
-        let mut forged = Vec::with_capacity(images.len() * self.forgers.len());
-        for image in images {
-            for forger in &self.forgers {
-                forged.push(forger.apply(image, rng)?.0);
+    /// The bands of `[B, C, H, W]` images in 0..1 and the target the generators' summed output
+    /// reconstructs (the image in −1..1, or the sum of the authors' coded bands).
+    fn decouple(&self, images: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
+        match self.cfg.band_coding {
+            BandCoding::Exact => {
+                let x = to_signed(images)?;
+                Ok((self.fd.split(&x)?, x))
+            }
+            BandCoding::Opencv => {
+                let bands = self.fd.split_opencv(images)?;
+                let target = sum(&bands)?;
+                Ok((bands, target))
             }
         }
-        let refs: Vec<&Image> = forged.iter().collect();
-        Ok(Some(batch_tensor(&refs, &self.device)?))
     }
 
-    /// The training losses of one batch on the current parameters (eqs. 9–12). Both are computed
-    /// before either network steps, as Skip-GANomaly does: the discriminator judges the
-    /// reconstructions made before the generators' update.
-    pub fn losses(&self, good: &[&Image], rng: &mut Rng) -> Result<Losses> {
+    /// The forgeries of the batch's images as the config says, `[B·k, C, H, W]` in −1..1.
+    fn forge(&self, images: &[&Image], rng: &mut Rng) -> Result<Option<Tensor>> {
+        let forged = self.forger.forge(images, rng)?;
+        if forged.is_empty() {
+            return Ok(None);
+        }
+        let refs: Vec<&Image> = forged.iter().collect();
+        Ok(Some(to_signed(&batch_tensor(&refs, &self.device)?)?))
+    }
+
+    /// The discriminator's view of `x`, `recon` and the forgeries normalised together: one
+    /// batch, so one set of BatchNorm statistics (or the running ones, `train` false).
+    fn judge_jointly(
+        &self,
+        x: &Tensor,
+        recon: &Tensor,
+        forged: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Judged> {
+        let n = x.dim(0)?;
+        let mut parts = vec![x, recon];
+        parts.extend(forged);
+        let (f, logits) = self
+            .train
+            .discriminator
+            .forward(&Tensor::cat(&parts, 0)?, train)?;
+        let total = logits.dim(0)?;
+        Ok(Judged {
+            f_x: f.narrow(0, 0, n)?,
+            logits_x: logits.narrow(0, 0, n)?,
+            f_r: f.narrow(0, n, n)?,
+            logits_r: logits.narrow(0, n, n)?,
+            logits_f: if total > 2 * n {
+                Some(logits.narrow(0, 2 * n, total - 2 * n)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The training losses of one batch on the current parameters (eqs. 9–12), in `epoch`
+    /// (0-based) of the training. Both are computed before either network steps, as
+    /// Skip-GANomaly does: the discriminator judges the reconstructions made before the
+    /// generators' update.
+    pub fn losses(&self, good: &[&Image], epoch: usize, rng: &mut Rng) -> Result<Losses> {
         let images = &batch_tensor(good, &self.device)?;
         self.input.check_batch(images)?;
         // Training-mode BatchNorm updates the running statistics.
         self.fast.drop_snapshot();
         let cfg = &self.cfg;
-        let x = to_signed(images)?;
-        let bands = self.fd.split(&x)?;
+        let (bands, x) = self.decouple(images)?;
         let recon = sum(&self.train.generator.forward(&bands, true)?)?;
-        let d = &self.train.discriminator;
-        let (f_x, logits_x) = d.forward(&x, true)?;
-        let (f_r, logits_r) = d.forward(&recon, true)?;
+        let train_d = !(cfg.disc_norm == DiscriminatorNorm::Frozen && epoch >= 1);
+        let joint = cfg.disc_norm == DiscriminatorNorm::Joint;
+        let (generator_view, discriminator_view) = if joint {
+            // Two passes over the same batch: the discriminator's with the reconstructions
+            // detached, so its loss does not backpropagate through the generators.
+            let forged = self.forge(good, rng)?;
+            (
+                self.judge_jointly(&x, &recon, forged.as_ref(), train_d)?,
+                self.judge_jointly(&x, &recon.detach(), forged.as_ref(), train_d)?,
+            )
+        } else {
+            // One pass per kind of image; the discriminator's loss reuses the real images' pass
+            // and judges the reconstructions detached.
+            let d = &self.train.discriminator;
+            let (f_x, logits_x) = d.forward(&x, train_d)?;
+            let (f_r, logits_r) = d.forward(&recon, train_d)?;
+            let (f_rd, logits_rd) = d.forward(&recon.detach(), train_d)?;
+            let logits_f = match self.forge(good, rng)? {
+                Some(forged) => Some(d.forward(&forged, train_d)?.1),
+                None => None,
+            };
+            (
+                Judged {
+                    f_x: f_x.clone(),
+                    logits_x: logits_x.clone(),
+                    f_r,
+                    logits_r,
+                    logits_f: None,
+                },
+                Judged {
+                    f_x,
+                    logits_x,
+                    f_r: f_rd,
+                    logits_r: logits_rd,
+                    logits_f,
+                },
+            )
+        };
         // The generators want their reconstructions judged normal (label 0).
         let content = content_error(&x, &recon)?.mean_all()?;
-        let adversarial = bce_with_logits(&logits_r, 0.0)?;
-        let latent = latent_error(&f_x.detach(), &f_r)?.mean_all()?;
+        let adversarial = bce_with_logits(&generator_view.logits_r, 0.0)?;
+        let latent =
+            mean_squared_error(&generator_view.f_x.detach(), &generator_view.f_r)?.mean_all()?;
         let generator = (((&content * cfg.lambda_con)? + (&adversarial * cfg.lambda_adv)?)?
             + (&latent * cfg.lambda_lat)?)?;
-        let (_, logits_detached) = d.forward(&recon.detach(), true)?;
+        let Judged {
+            f_x,
+            logits_x,
+            f_r,
+            logits_r,
+            logits_f,
+        } = discriminator_view;
         let mut discriminator =
-            (bce_with_logits(&logits_x, 0.0)? + bce_with_logits(&logits_detached, 1.0)?)?;
-        if let Some(forged) = self.forge(good, rng)? {
-            let (_, logits_f) = d.forward(&to_signed(&forged)?, true)?;
+            (bce_with_logits(&logits_x, 0.0)? + bce_with_logits(&logits_r, 1.0)?)?;
+        if let Some(logits_f) = logits_f {
             discriminator = (discriminator + bce_with_logits(&logits_f, 1.0)?)?;
+        }
+        if cfg.disc_latent_loss {
+            let latent_d = mean_squared_error(&f_x, &f_r)?.mean_all()?;
+            discriminator = (discriminator + (latent_d * cfg.lambda_lat)?)?;
         }
         Ok(Losses {
             generator,
@@ -367,8 +455,7 @@ impl OcrGan {
     /// [`OcrGan::raw_scores`] on the fast networks, or on candle's ops without them.
     fn scores_on(&self, images: &Tensor, fast: Option<&FastOcrGan>) -> Result<(Tensor, Tensor)> {
         self.input.check_batch(images)?;
-        let x = to_signed(images)?;
-        let bands = self.fd.split(&x)?;
+        let (bands, x) = self.decouple(images)?;
         let (recon, f_x, f_r) = match fast {
             Some(fast) => {
                 let recon = fast.generator.reconstruct(fast.kernels, &bands)?;
@@ -388,11 +475,12 @@ impl OcrGan {
         let maps = self.smoother.resize(&(&x - &recon)?.abs()?.mean(1)?)?;
         let content = match self.cfg.content_pooling {
             ContentPooling::Mean => content_error(&x, &recon)?,
+            ContentPooling::Mse => mean_squared_error(&x, &recon)?,
             ContentPooling::Max => maps.flatten_from(1)?.max(1)?,
             ContentPooling::Top => top_mean(&maps, self.cfg.top_fraction)?,
         };
         let lambda = self.cfg.score_lambda;
-        let a = ((content * lambda)? + (latent_error(&f_x, &f_r)? * (1.0 - lambda))?)?;
+        let a = ((content * lambda)? + (mean_squared_error(&f_x, &f_r)? * (1.0 - lambda))?)?;
         Ok((a, maps))
     }
 }
@@ -427,12 +515,7 @@ impl Method for OcrGan {
     }
 
     fn phases(&self) -> Vec<PhaseSpec> {
-        let trained_on = match self.cfg.forgeries {
-            Forgeries::None => vec![],
-            Forgeries::Cutout => vec!["cutout"],
-            Forgeries::Cutpaste => vec!["cut-paste"],
-            Forgeries::Both => vec!["cutout", "cut-paste"],
-        };
+        let trained_on = self.cfg.forgeries.kinds();
         vec![PhaseSpec {
             name: "gan",
             input: PhaseInput::Images,
@@ -452,7 +535,7 @@ impl Method for OcrGan {
                 format!("{}; OCR-GAN has one phase", batch.phase),
             ));
         }
-        let losses = self.losses(&batch.good, rng)?;
+        let losses = self.losses(&batch.good, batch.epoch, rng)?;
         Ok(StepLosses {
             logged: vec![
                 ("con", losses.content),
@@ -539,23 +622,40 @@ mod tests {
     /// The fast networks give candle's reconstruction, latent features, scores and maps within
     /// 1e-4, after training steps have moved the weights and BatchNorm statistics from their start
     /// and the weights are scaled up (DCGAN's small initial weights would hide differences), with
-    /// two and three bands (channel selection on), 4 levels (a 1×1 bottleneck at 16²), RGB and
-    /// grey, widths that leave partial GEMM tiles.
+    /// two and three bands (channel selection learned), 4 levels (a 1×1 bottleneck at 16²), RGB
+    /// and grey, widths that leave partial GEMM tiles; and with the authors' code's switches
+    /// (uniform or no CS, 8-bit bands, uncapped widths and the projected latent, whose kernel is
+    /// rectangular on a 32×16 input).
     #[test]
     fn fast_networks_score_as_candle_does() -> Result<()> {
         let device = Device::Cpu;
-        for (bands, channels, width) in [(2, 3, 4), (3, 1, 6)] {
-            let cfg = OcrGanConfig {
-                bands,
-                width,
-                levels: 4,
-                disc_width: 6,
-                disc_levels: 3,
-                ..Default::default()
-            };
+        let paper = |bands, width| OcrGanConfig {
+            bands,
+            width,
+            levels: 4,
+            disc_width: 6,
+            disc_levels: 3,
+            ..Default::default()
+        };
+        let code = |mode| OcrGanConfig {
+            channel_selection: mode,
+            band_coding: BandCoding::Opencv,
+            disc_width_capped: false,
+            disc_levels: 4,
+            latent_dim: 5,
+            ..paper(2, 4)
+        };
+        let cases = [
+            (paper(2, 4), 3, (16, 16)),
+            (paper(3, 6), 1, (16, 16)),
+            (code(ChannelSelectionMode::Uniform), 1, (32, 16)),
+            (code(ChannelSelectionMode::Off), 3, (16, 32)),
+        ];
+        for (cfg, channels, (height, width)) in cases {
+            let what = format!("{cfg:?}");
             let input = InputSpec {
-                height: 16,
-                width: 16,
+                height,
+                width,
                 channels,
             };
             let mut model = OcrGan::new(cfg, input, Err(0), &device)?;
@@ -564,9 +664,9 @@ mod tests {
                 (0..n)
                     .map(|_| Image {
                         channels,
-                        height: 16,
-                        width: 16,
-                        data: (0..channels * 16 * 16).map(|_| rng.f32()).collect(),
+                        height,
+                        width,
+                        data: (0..channels * height * width).map(|_| rng.f32()).collect(),
                     })
                     .collect()
             };
@@ -582,8 +682,7 @@ mod tests {
             }
             model.fast.drop_snapshot();
             let fast = model.fast_nets()?.expect("CPU");
-            let x = to_signed(&images)?;
-            let split = model.fd.split(&x)?;
+            let (split, _) = model.decouple(&images)?;
             let recon = sum(&model.eval.generator.forward(&split, false)?)?;
             let fast_recon = fast.generator.reconstruct(fast.kernels, &split)?;
             let d = fast
@@ -598,13 +697,13 @@ mod tests {
                 ),
                 ("latent", relative_diff(&d, &latent)?),
             ];
-            for (what, diff) in checks {
-                assert!(diff < 1e-4, "{bands} bands: {what} {diff}");
+            for (check, diff) in checks {
+                assert!(diff < 1e-4, "{what}: {check} {diff}");
             }
             let (fast_scores, fast_maps) = model.scores_on(&images, Some(&fast))?;
             let (scores, maps) = model.scores_on(&images, None)?;
-            assert!(relative_diff(&fast_scores, &scores)? < 1e-4);
-            assert!(relative_diff(&fast_maps, &maps)? < 1e-4);
+            assert!(relative_diff(&fast_scores, &scores)? < 1e-4, "{what}");
+            assert!(relative_diff(&fast_maps, &maps)? < 1e-4, "{what}");
             // A training step replaces the snapshot.
             model.train_on_images(&test_images[..2], &mut rng)?;
             assert!(!Arc::ptr_eq(&fast, &model.fast_nets()?.expect("CPU")));
