@@ -710,4 +710,356 @@ mod tests {
         }
         Ok(())
     }
+
+    /// Small networks, the paper's settings otherwise.
+    fn small() -> OcrGanConfig {
+        OcrGanConfig {
+            width: 4,
+            levels: 3,
+            disc_width: 4,
+            disc_levels: 2,
+            cs_min_hidden: 4,
+            ..Default::default()
+        }
+    }
+
+    /// An OCR-GAN on `side`² grey images.
+    fn tiny(cfg: OcrGanConfig, side: usize) -> Result<OcrGan> {
+        let input = InputSpec {
+            height: side,
+            width: side,
+            channels: 1,
+        };
+        OcrGan::new(cfg, input, Err(0), &Device::Cpu)
+    }
+
+    fn noise_images(n: usize, side: usize, seed: u64) -> Vec<Image> {
+        let mut rng = Rng::new(seed);
+        (0..n)
+            .map(|_| Image {
+                channels: 1,
+                height: side,
+                width: side,
+                data: (0..side * side).map(|_| rng.range_f32(0.1, 0.9)).collect(),
+            })
+            .collect()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// `lr` and `weight_decay` reach both Adam optimisers: after one step the first moment is
+    /// `(1 − β1)·(g + wd·θ)` and every parameter moved by at most `lr` (Adam's first step is
+    /// `lr·sign`), the largest by `lr`.
+    #[test]
+    fn learning_rate_and_weight_decay_switch_adams_step() -> Result<()> {
+        let batch = noise_images(2, 16, 1);
+        let refs: Vec<&Image> = batch.iter().collect();
+        for (lr, weight_decay) in [(0.002, 1e-4), (0.0002, 0.0)] {
+            let mut model = tiny(
+                OcrGanConfig {
+                    lr,
+                    weight_decay,
+                    ..small()
+                },
+                16,
+            )?;
+            let before: Vec<(String, Vec<f32>)> = model
+                .trainable_vars()?
+                .iter()
+                .map(|(n, v)| (n.clone(), values(v.as_tensor())))
+                .collect();
+            let losses = model.losses(&refs, 0, &mut Rng::new(5))?;
+            let grads = (
+                losses.generator.backward()?,
+                losses.discriminator.backward()?,
+            );
+            let grad_of: HashMap<String, Vec<f32>> = model
+                .trainable_vars()?
+                .iter()
+                .map(|(n, v)| {
+                    let g = if n.starts_with("g.") {
+                        &grads.0
+                    } else {
+                        &grads.1
+                    };
+                    (n.clone(), values(g.get(v.as_tensor()).expect("a gradient")))
+                })
+                .collect();
+            model.train_on_images(&batch, &mut Rng::new(5))?;
+            let state = model.training_state()?;
+            let mut largest_step = 0.0f32;
+            for (name, theta) in &before {
+                let group = if name.starts_with("g.") { "g" } else { "d" };
+                let m = values(&state[&format!("optim.{group}.{name}.m")]);
+                let after = values(&state[name]);
+                for (((&t0, &t1), &g), &m) in theta.iter().zip(&after).zip(&grad_of[name]).zip(&m) {
+                    let expected = 0.5 * (g + weight_decay as f32 * t0);
+                    assert!(
+                        (m - expected).abs() <= 1e-6 * g.abs().max(1e-3),
+                        "{name}: moment {m}, expected {expected} (lr {lr}, wd {weight_decay})"
+                    );
+                    largest_step = largest_step.max((t1 - t0).abs());
+                }
+            }
+            assert!(
+                largest_step <= lr as f32 * 1.001 && largest_step >= lr as f32 * 0.99,
+                "lr {lr}: largest step {largest_step}"
+            );
+        }
+        Ok(())
+    }
+
+    /// With no smoothing and grey images the heatmap is |I − Î|: `content_pooling = "mse"`
+    /// scores its mean square, `"mean"` its mean, and the two differ.
+    #[test]
+    fn the_mse_switch_scores_the_mean_squared_error() -> Result<()> {
+        let images = noise_images(3, 16, 2);
+        let batch = batch_tensor(&images.iter().collect::<Vec<_>>(), &Device::Cpu)?;
+        let score = |pooling| -> Result<(Vec<f32>, Vec<f32>)> {
+            let model = tiny(
+                OcrGanConfig {
+                    content_pooling: pooling,
+                    score_lambda: 1.0,
+                    smoothing_sigma: 0.0,
+                    ..small()
+                },
+                16,
+            )?;
+            let out = model.infer_reference(&batch)?;
+            Ok((values(&out.scores), values(&out.maps)))
+        };
+        let (mse, maps) = score(ContentPooling::Mse)?;
+        let (mean, _) = score(ContentPooling::Mean)?;
+        for (i, map) in maps.chunks(256).enumerate() {
+            let square = map.iter().map(|v| v * v).sum::<f32>() / 256.0;
+            let plain = map.iter().sum::<f32>() / 256.0;
+            assert!((mse[i] - square).abs() < 1e-5 * square.max(1e-3), "{i}");
+            assert!((mean[i] - plain).abs() < 1e-5 * plain.max(1e-3), "{i}");
+            assert!(
+                (mse[i] - mean[i]).abs() > 1e-3,
+                "{i}: {} {}",
+                mse[i],
+                mean[i]
+            );
+        }
+        Ok(())
+    }
+
+    /// `latent_dim` projects the discriminator's last map to that many values (a kernel over the
+    /// whole 2×2 map here); `disc_width_capped = false` doubles the widths past 8× the first.
+    #[test]
+    fn the_latent_switches_project_the_uncapped_discriminator() -> Result<()> {
+        let x = batch_tensor(
+            &noise_images(2, 64, 3).iter().collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
+        for (capped, latent_dim) in [(true, 0), (false, 0), (false, 10)] {
+            let model = tiny(
+                OcrGanConfig {
+                    disc_levels: 5,
+                    disc_width_capped: capped,
+                    latent_dim,
+                    ..small()
+                },
+                64,
+            )?;
+            let shapes: HashMap<String, Vec<usize>> = model
+                .trainable_vars()?
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().dims().to_vec()))
+                .collect();
+            let last = if capped { 32 } else { 64 };
+            assert_eq!(shapes["d.stage4.conv.weight"], vec![last, 32 * 16]);
+            let (features, logits) = model.train.discriminator.forward(&x, false)?;
+            assert_eq!(logits.dims(), &[2]);
+            if latent_dim == 0 {
+                assert!(!shapes.contains_key("d.latent.weight"));
+                assert_eq!(features.dims(), &[2, last, 2, 2]);
+            } else {
+                assert_eq!(shapes["d.latent.weight"], vec![10, last * 4]);
+                assert_eq!(features.dims(), &[2, 10, 1, 1]);
+            }
+        }
+        Ok(())
+    }
+
+    /// `disc_latent_loss` adds exactly `λ_lat·L_lat` to the discriminator's loss.
+    #[test]
+    fn the_discriminator_latent_switch_adds_the_latent_loss() -> Result<()> {
+        let batch = noise_images(2, 16, 4);
+        let refs: Vec<&Image> = batch.iter().collect();
+        let losses = |on: bool| -> Result<Losses> {
+            let model = tiny(
+                OcrGanConfig {
+                    disc_latent_loss: on,
+                    lambda_lat: 2.5,
+                    ..small()
+                },
+                16,
+            )?;
+            model.losses(&refs, 0, &mut Rng::new(6))
+        };
+        let (with, without) = (losses(true)?, losses(false)?);
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        let added = scalar(&with.discriminator) - scalar(&without.discriminator);
+        let latent = scalar(&with.latent);
+        assert!(latent > 0.0);
+        assert!(
+            (added - 2.5 * latent).abs() < 1e-5 * latent.max(1.0),
+            "added {added}, λ_lat·L_lat {}",
+            2.5 * latent
+        );
+        assert_eq!(scalar(&with.generator), scalar(&without.generator));
+        Ok(())
+    }
+
+    fn buffers(model: &OcrGan, prefix: &str) -> Vec<Vec<f32>> {
+        let mut named: Vec<(String, Tensor)> = model
+            .state
+            .tensors()
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(prefix) && n.contains("running"))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        assert!(!named.is_empty(), "{prefix}");
+        named.iter().map(|(_, t)| values(t)).collect()
+    }
+
+    /// `disc_norm = "frozen"`: the first epoch moves the discriminator's running statistics, later
+    /// ones do not (the generators' still move), and its judgement of an image then does not
+    /// depend on the batch. `"joint"`: the real images' judgement depends on the reconstructions
+    /// in the batch (one set of statistics); per batch, it does not.
+    #[test]
+    fn the_batchnorm_switches_freeze_or_share_the_discriminators_statistics() -> Result<()> {
+        let batch = noise_images(2, 16, 7);
+        let refs: Vec<&Image> = batch.iter().collect();
+        let frozen = tiny(
+            OcrGanConfig {
+                disc_norm: DiscriminatorNorm::Frozen,
+                ..small()
+            },
+            16,
+        )?;
+        for epoch in [0, 1] {
+            let (d0, g0) = (buffers(&frozen, "d."), buffers(&frozen, "g."));
+            frozen.losses(&refs, epoch, &mut Rng::new(8))?;
+            assert_eq!(buffers(&frozen, "d.") == d0, epoch >= 1, "epoch {epoch}");
+            assert_ne!(buffers(&frozen, "g."), g0, "epoch {epoch}");
+        }
+
+        let images = batch_tensor(&refs, &Device::Cpu)?;
+        let (_, x) = frozen.decouple(&images)?;
+        let other = (x.ones_like()? * 0.3)?;
+        for norm in [
+            DiscriminatorNorm::PerBatch,
+            DiscriminatorNorm::Joint,
+            DiscriminatorNorm::Frozen,
+        ] {
+            let model = tiny(
+                OcrGanConfig {
+                    disc_norm: norm,
+                    ..small()
+                },
+                16,
+            )?;
+            let train = norm != DiscriminatorNorm::Frozen;
+            let judged = |recon: &Tensor| -> Result<Vec<f32>> {
+                Ok(values(&if norm == DiscriminatorNorm::Joint {
+                    model.judge_jointly(&x, recon, None, train)?.logits_x
+                } else {
+                    model.train.discriminator.forward(&x, train)?.1
+                }))
+            };
+            let (a, b) = (judged(&x.neg()?)?, judged(&other)?);
+            assert_eq!(a != b, norm == DiscriminatorNorm::Joint, "{norm:?}");
+        }
+        Ok(())
+    }
+
+    /// `channel_selection`: learned mixes the bands (band 0's reconstruction depends on band 1's
+    /// input); uniform scales each band's features by 1/N and off leaves them, neither mixing
+    /// and neither with CS parameters.
+    #[test]
+    fn the_channel_selection_modes_mix_scale_or_leave_the_bands() -> Result<()> {
+        let images = batch_tensor(
+            &noise_images(2, 16, 9).iter().collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
+        let model = |mode| {
+            tiny(
+                OcrGanConfig {
+                    channel_selection: mode,
+                    ..small()
+                },
+                16,
+            )
+        };
+        let (learned, uniform, off) = (
+            model(ChannelSelectionMode::Learned)?,
+            model(ChannelSelectionMode::Uniform)?,
+            model(ChannelSelectionMode::Off)?,
+        );
+        let bands = off.bands(&images)?;
+        let mut changed = bands.clone();
+        changed[1] = (&changed[1] * -1.0)?;
+        for (m, mixes) in [(&learned, true), (&uniform, false), (&off, false)] {
+            let g = &m.eval.generator;
+            let (a, b) = (g.forward(&bands, false)?, g.forward(&changed, false)?);
+            assert_eq!(values(&a[0]) != values(&b[0]), mixes);
+            let has_cs = m.trainable_vars()?.iter().any(|(n, _)| n.contains(".cs"));
+            assert_eq!(has_cs, mixes);
+        }
+        let first = |m: &OcrGan| -> Result<Vec<Vec<f32>>> {
+            Ok(m.eval
+                .generator
+                .encode(&bands, false)?
+                .iter()
+                .map(|stages| values(&stages[0]))
+                .collect())
+        };
+        for (u, o) in first(&uniform)?.iter().zip(first(&off)?) {
+            assert!(u.iter().zip(&o).all(|(u, o)| (u - o / 2.0).abs() < 1e-7));
+            assert!(o.iter().any(|v| v.abs() > 1e-4));
+        }
+        Ok(())
+    }
+
+    /// `forgeries = "combined"`: one forgery per image, carrying a black `cutout_px` square and
+    /// a CutPaste patch; `"both"` makes two.
+    #[test]
+    fn the_combined_forgery_is_one_image_with_a_black_square_and_a_patch() -> Result<()> {
+        let images = noise_images(6, 32, 10);
+        let refs: Vec<&Image> = images.iter().collect();
+        let forger = |forgeries| {
+            Forger::new(&OcrGanConfig {
+                forgeries,
+                cutout_px: 6,
+                ..small()
+            })
+        };
+        let mut rng = Rng::new(11);
+        assert_eq!(forger(Forgeries::Both)?.forge(&refs, &mut rng)?.len(), 12);
+        let forged = forger(Forgeries::Combined)?.forge(&refs, &mut rng)?;
+        assert_eq!(forged.len(), 6);
+        let mut full_squares = 0;
+        for (f, original) in forged.iter().zip(&images) {
+            let black: Vec<usize> = (0..f.data.len()).filter(|&i| f.data[i] == 0.0).collect();
+            // The noise images have no black pixel: the square is exactly the black pixels.
+            assert!(!black.is_empty() && black.len() <= 36);
+            let (rows, cols): (Vec<usize>, Vec<usize>) =
+                black.iter().map(|&i| (i / 32, i % 32)).unzip();
+            let span = |v: &[usize]| v.iter().max().unwrap() - v.iter().min().unwrap() + 1;
+            assert_eq!(span(&rows) * span(&cols), black.len(), "a filled rectangle");
+            full_squares += usize::from(black.len() == 36);
+            let pasted = (0..f.data.len())
+                .filter(|&i| f.data[i] != 0.0 && f.data[i] != original.data[i])
+                .count();
+            assert!(pasted > 0, "a CutPaste patch outside the square");
+        }
+        assert!(full_squares > 0);
+        Ok(())
+    }
 }
