@@ -383,6 +383,9 @@ fn train_observed(args: &TrainArgs, test_data: Option<&Path>) -> Result<TrainSum
     model_file::save(&args.out, &meta, &method.tensors()?)?;
     let mut done = summary(Some(args.out.clone()), validation);
     done.test_each_epoch = diagnostic.map(|d| d.finish(&report)).transpose()?;
+    if let Some(d) = &done.test_each_epoch {
+        done.seconds -= d.seconds;
+    }
     Ok(done)
 }
 
