@@ -23,6 +23,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Write a deterministic synthetic product dataset (MVTec AD layout).
@@ -89,6 +91,12 @@ enum Command {
         /// Stop after N epochs (all phases counted), keeping the checkpoint; `--resume` goes on.
         #[arg(long, value_name = "N")]
         stop_after_epochs: Option<usize>,
+        /// Research diagnostic: score the test split of DATA (MVTec layout) after every epoch and
+        /// write the table beside the model (NAME.test-each-epoch.md/.json). It uses TEST LABELS
+        /// and never selects the epoch kept or calibrates; its maximum is the protocol of
+        /// GANomaly-family papers (best epoch by test AUROC), which a line cannot use.
+        #[arg(long, value_name = "DATA")]
+        eval_each_epoch: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -296,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             few_shot,
             train_limit,
             stop_after_epochs,
+            eval_each_epoch,
             run,
         } => {
             let args = commands::TrainArgs {
@@ -316,7 +325,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stop_after_epochs,
                 run: run.into(),
             };
-            let s = commands::train(&args).context("training failed")?;
+            let s = match &eval_each_epoch {
+                Some(data) => commands::train_testing_each_epoch(&args, data),
+                None => commands::train(&args),
+            }
+            .context("training failed")?;
             let Some(model) = &s.model else {
                 println!(
                     "paused after {} epochs in {:.1} s; continue with the same command and --resume",
@@ -337,6 +350,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 s.validation.std,
                 s.validation.max
             );
+            if let Some(d) = &s.test_each_epoch {
+                let pixel = |e: &vigil::train::each_epoch::EpochAuroc| fmt(e.pixel_auroc);
+                println!(
+                    "TEST-LABEL DIAGNOSTIC (--eval-each-epoch: {}), phase `{}`, {} epochs, {} \
+                     test images:\n  image AUROC max {:.4} (epoch {}, the paper's protocol), \
+                     median {:.4}, last {:.4} (epoch {})\n  epoch kept by vigil's selection: {} \
+                     (image AUROC {:.4})\n  pixel AUROC max-epoch {}, median {}, last {}, kept {}\n  \
+                     table: {} ({:.1} s, not counted in the training time)",
+                    vigil::train::each_epoch::TEST_LABELS_NOTICE,
+                    d.phase,
+                    d.epochs,
+                    d.images,
+                    d.max.image_auroc,
+                    d.max.epoch,
+                    d.median_image_auroc,
+                    d.last.image_auroc,
+                    d.last.epoch,
+                    d.kept.epoch,
+                    d.kept.image_auroc,
+                    pixel(&d.max),
+                    fmt(d.median_pixel_auroc),
+                    pixel(&d.last),
+                    pixel(&d.kept),
+                    d.table.display(),
+                    d.seconds
+                );
+            }
         }
         Command::Methods => {
             for m in commands::methods() {

@@ -10,7 +10,10 @@ use vigil::data::synth::{self, SynthConfig};
 use vigil::data::{Image, InputSpec};
 use vigil::methods::ocr_gan::fd::{gau1, FrequencyDecoupling};
 use vigil::methods::ocr_gan::model::ChannelSelection;
-use vigil::methods::ocr_gan::{ContentPooling, OcrGan, OcrGanConfig};
+use vigil::methods::ocr_gan::{
+    BandCoding, ChannelSelectionMode, ContentPooling, DiscriminatorNorm, Forgeries, OcrGan,
+    OcrGanConfig,
+};
 use vigil::methods::{self, Inference, Method, PhaseSpec, StepLosses, TrainBatch, TrainSet};
 use vigil::metrics::auroc;
 use vigil::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
@@ -137,6 +140,67 @@ fn frequency_bands_follow_the_pyramid_and_sum_to_the_image() -> Result<()> {
     Ok(())
 }
 
+/// An 8 × 6 8-bit image and what OpenCV 5.1.0 (opencv-python-headless) made of it:
+/// `up = cv2.pyrUp(cv2.pyrDown(img))`, `cv2.subtract(img, up)` and `cv2.pyrUp(cv2.pyrDown(up))`.
+const CV_IMAGE: [u8; 48] = [
+    0, 91, 182, 17, 108, 199, 37, 135, 233, 75, 173, 15, 74, 179, 28, 133, 238, 87, 111, 223, 79,
+    191, 47, 68, 148, 11, 130, 249, 21, 140, 185, 55, 181, 216, 86, 212, 222, 99, 232, 18, 151,
+    193, 3, 143, 192, 76, 125, 9,
+];
+const CV_UP: [u8; 48] = [
+    109, 116, 124, 124, 121, 121, 114, 119, 125, 125, 123, 122, 122, 124, 128, 127, 125, 124, 123,
+    126, 130, 128, 125, 124, 123, 128, 132, 130, 125, 124, 127, 131, 135, 132, 126, 125, 131, 134,
+    137, 133, 127, 126, 133, 136, 138, 134, 128, 126,
+];
+const CV_SUBTRACT: [u8; 48] = [
+    0, 0, 58, 0, 0, 78, 0, 16, 108, 0, 50, 0, 0, 55, 0, 6, 113, 0, 0, 97, 0, 63, 0, 0, 25, 0, 0,
+    119, 0, 16, 58, 0, 46, 84, 0, 87, 91, 0, 95, 0, 24, 67, 0, 7, 54, 0, 0, 0,
+];
+const CV_UP2: [u8; 48] = [
+    119, 121, 122, 123, 123, 124, 121, 122, 123, 124, 124, 124, 123, 124, 125, 126, 125, 125, 125,
+    126, 127, 127, 126, 126, 128, 129, 129, 129, 127, 127, 130, 131, 131, 130, 129, 128, 132, 132,
+    133, 131, 129, 129, 133, 133, 133, 132, 130, 129,
+];
+
+/// `band_coding = "opencv"`: the bands are OpenCV's rounded 8-bit pyramid and saturating
+/// difference, each coded `2v/255 − 1`; negative detail is lost, so they do not sum to the image.
+#[test]
+fn opencv_band_coding_matches_opencv() -> Result<()> {
+    let device = Device::Cpu;
+    let image = Tensor::from_vec(
+        CV_IMAGE
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect::<Vec<_>>(),
+        (1, 1, 8, 6),
+        &device,
+    )?;
+    let coded = |values: &[u8]| -> Tensor {
+        let data: Vec<f32> = values
+            .iter()
+            .map(|&v| 2.0 * v as f32 / 255.0 - 1.0)
+            .collect();
+        Tensor::from_vec(data, (1, 1, 8, 6), &device).unwrap()
+    };
+    let two = FrequencyDecoupling::new(2, &device)?.split_opencv(&image)?;
+    assert!(max_abs_diff(&two[0], &coded(&CV_UP)) < 1e-6);
+    assert!(max_abs_diff(&two[1], &coded(&CV_SUBTRACT)) < 1e-6);
+    let middle: Vec<u8> = CV_UP
+        .iter()
+        .zip(&CV_UP2)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    let three = FrequencyDecoupling::new(3, &device)?.split_opencv(&image)?;
+    assert!(max_abs_diff(&three[0], &coded(&CV_UP2)) < 1e-6);
+    assert!(max_abs_diff(&three[1], &coded(&middle)) < 1e-6);
+    assert!(max_abs_diff(&three[2], &coded(&CV_SUBTRACT)) < 1e-6);
+    // Where the image is darker than its low pass, the high band saturates at −1.
+    let signed = ((&image * 2.0)? - 1.0)?;
+    let summed = ((&two[0] + &two[1])? + 1.0)?;
+    assert!(max_abs_diff(&summed, &signed) > 0.1);
+    Ok(())
+}
+
 #[test]
 fn a_constant_image_is_all_low_frequency() -> Result<()> {
     let image = (Tensor::ones((1, 3, 8, 8), DType::F32, &Device::Cpu)? * 0.3)?;
@@ -179,25 +243,71 @@ fn channel_selection_weights_sum_to_one_across_branches() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<()> {
+/// The paper's networks with 1–3 bands, and each of the authors' code's switches (the projected
+/// latent behind uncapped widths, L_lat in the discriminator's loss, BatchNorm frozen or joint,
+/// uniform CS, 8-bit bands, the combined forgery), in the first and a later epoch.
+fn gradient_configs() -> Vec<(String, OcrGanConfig, usize)> {
+    let mut configs = Vec::new();
     for bands in [1, 2, 3] {
         let cfg = OcrGanConfig {
             bands,
-            channel_selection: bands > 1,
+            channel_selection: if bands > 1 {
+                ChannelSelectionMode::Learned
+            } else {
+                ChannelSelectionMode::Off
+            },
             ..tiny_config()
         };
+        configs.push((format!("{bands} bands"), cfg, 0));
+    }
+    let code = OcrGanConfig {
+        latent_dim: 10,
+        disc_width_capped: false,
+        disc_latent_loss: true,
+        channel_selection: ChannelSelectionMode::Uniform,
+        band_coding: BandCoding::Opencv,
+        forgeries: Forgeries::Combined,
+        cutout_px: 4,
+        ..tiny_config()
+    };
+    for norm in [
+        DiscriminatorNorm::PerBatch,
+        DiscriminatorNorm::Frozen,
+        DiscriminatorNorm::Joint,
+    ] {
+        for epoch in [0, 1] {
+            let cfg = OcrGanConfig {
+                disc_norm: norm,
+                ..code.clone()
+            };
+            configs.push((
+                format!("code switches, {norm:?}, epoch {epoch}"),
+                cfg,
+                epoch,
+            ));
+        }
+    }
+    configs
+}
+
+#[test]
+fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<()> {
+    for (what, cfg, epoch) in gradient_configs() {
+        let bands = cfg.bands;
+        let learned = cfg.channel_selection == ChannelSelectionMode::Learned;
         let model = OcrGan::new(cfg, input(16, 3), Err(0), &Device::Cpu)?;
         let batch = as_images(&images(2, 3, 16, 1));
-        let losses = model.losses(&batch.iter().collect::<Vec<_>>(), &mut Rng::new(0))?;
+        let losses = model.losses(&batch.iter().collect::<Vec<_>>(), epoch, &mut Rng::new(0))?;
         let g_grads = losses.generator.backward()?;
         let d_grads = losses.discriminator.backward()?;
         let vars = model.trainable_vars()?;
         assert!(vars.iter().any(|(n, _)| n.starts_with("g.")));
         assert!(vars.iter().any(|(n, _)| n.starts_with("d.")));
-        if bands > 1 {
-            assert!(vars.iter().any(|(n, _)| n.contains(".cs0.")));
-        }
+        assert_eq!(
+            vars.iter().any(|(n, _)| n.contains(".cs0.")),
+            bands > 1 && learned,
+            "{what}"
+        );
         for (name, var) in vars {
             let grads = if name.starts_with("g.") {
                 &g_grads
@@ -206,11 +316,11 @@ fn every_parameter_of_generators_and_discriminator_gets_a_gradient() -> Result<(
             };
             let g = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{bands} bands: no gradient for {name}"));
+                .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
             let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
             assert!(
                 norm > 0.0 && norm.is_finite(),
-                "{bands} bands: {name} gradient {norm}"
+                "{what}: {name} gradient {norm}"
             );
         }
     }

@@ -14,7 +14,8 @@ use crate::methods::{self, Method};
 use crate::model_file::{
     self, BackboneInfo, HeldImage, ModelMeta, Preprocessing, ScoreStats, TrainingInfo,
 };
-use crate::train::{self, progress_bar, TrainOptions};
+use crate::train::each_epoch::{EachEpochSummary, TestEachEpoch};
+use crate::train::{self, progress_bar, EpochObserver, TrainOptions};
 
 pub mod station;
 
@@ -67,6 +68,8 @@ pub struct TrainSummary {
     pub validation: ScoreStats,
     pub seconds: f64,
     pub skipped: usize,
+    /// The research diagnostic's summary (`train_testing_each_epoch`): uses test labels.
+    pub test_each_epoch: Option<EachEpochSummary>,
 }
 
 fn load(
@@ -182,6 +185,48 @@ fn held_image(sample: &dataset::Sample, root: &Path) -> Result<HeldImage> {
 }
 
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
+    train_observed(args, None)
+}
+
+/// [`train`] with the research diagnostic of `vigil train --eval-each-epoch DATA`: the test split
+/// of `test_data` (MVTec layout) is scored after every epoch and tabulated beside the model
+/// ([`train::each_epoch`]). It uses test labels, and never selects or calibrates the model.
+pub fn train_testing_each_epoch(args: &TrainArgs, test_data: &Path) -> Result<TrainSummary> {
+    if args.resume || args.stop_after_epochs.is_some() {
+        return Err(Error::config(
+            "eval-each-epoch",
+            "tabulates every epoch of one uninterrupted run: drop --resume / --stop-after-epochs",
+        ));
+    }
+    train_observed(args, Some(test_data))
+}
+
+/// The test split of `root` at `input`, less the images the model trains on, for the diagnostic.
+fn test_each_epoch(
+    root: &Path,
+    input: &InputSpec,
+    held: &[HeldImage],
+    args: &TrainArgs,
+    device: &Device,
+) -> Result<TestEachEpoch> {
+    let data = Dataset::open(
+        &DataSource::Mvtec { root: root.into() },
+        &SplitOptions {
+            validation_fraction: 0.0,
+            seed: 0,
+            ..Default::default()
+        },
+    )?;
+    let test = load(
+        &without_held(data.test, held)?,
+        input,
+        &args.run,
+        "load test",
+    )?;
+    TestEachEpoch::new(test.loaded, root, &args.out, args.run.batch_size, device)
+}
+
+fn train_observed(args: &TrainArgs, test_data: Option<&Path>) -> Result<TrainSummary> {
     let start = Instant::now();
     let device = args.run.device.open()?;
     let split = SplitOptions {
@@ -277,7 +322,14 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         data_fingerprint: data_fingerprint.clone(),
         stop_after_epochs: args.stop_after_epochs,
     };
-    let report = train::fit(method.as_mut(), &set, &val_images, &opts, &device)?;
+    let mut diagnostic = test_data
+        .map(|root| test_each_epoch(root, &input, &defects_record, args, &device))
+        .transpose()?;
+    let observer: &mut dyn EpochObserver = match diagnostic.as_mut() {
+        Some(d) => d,
+        None => &mut (),
+    };
+    let report = train::fit_observed(method.as_mut(), &set, &val_images, &opts, &device, observer)?;
     drop(set);
     let summary = |model: Option<PathBuf>, validation: ScoreStats| TrainSummary {
         model,
@@ -286,6 +338,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         validation,
         seconds: start.elapsed().as_secs_f64(),
         skipped: train_set.skipped.len() + val_set.skipped.len(),
+        test_each_epoch: None,
     };
     if report.paused {
         return Ok(summary(None, ScoreStats::default()));
@@ -328,7 +381,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         },
     };
     model_file::save(&args.out, &meta, &method.tensors()?)?;
-    Ok(summary(Some(args.out.clone()), validation))
+    let mut done = summary(Some(args.out.clone()), validation);
+    done.test_each_epoch = diagnostic.map(|d| d.finish(&report)).transpose()?;
+    if let Some(d) = &done.test_each_epoch {
+        done.seconds -= d.seconds;
+    }
+    Ok(done)
 }
 
 /// One registered method as `vigil methods` lists it.
@@ -404,15 +462,15 @@ pub fn without_trained_defects(
     samples: Vec<dataset::Sample>,
     meta: &ModelMeta,
 ) -> Result<Vec<dataset::Sample>> {
-    if meta.training.defects.is_empty() {
+    without_held(samples, &meta.training.defects)
+}
+
+/// `samples` less the `held` defective training images (recognised by their bytes).
+fn without_held(samples: Vec<dataset::Sample>, held: &[HeldImage]) -> Result<Vec<dataset::Sample>> {
+    if held.is_empty() {
         return Ok(samples);
     }
-    let trained: std::collections::HashSet<&str> = meta
-        .training
-        .defects
-        .iter()
-        .map(|h| h.sha256.as_str())
-        .collect();
+    let trained: std::collections::HashSet<&str> = held.iter().map(|h| h.sha256.as_str()).collect();
     let mut kept = Vec::with_capacity(samples.len());
     for sample in samples {
         let bytes = std::fs::read(&sample.path).map_err(|e| Error::io(&sample.path, e))?;

@@ -21,6 +21,21 @@ use crate::metrics::auroc;
 use crate::rng::Rng;
 
 pub mod checkpoint;
+pub mod each_epoch;
+
+/// Sees the method after every epoch of every phase, before a phase's kept epoch is restored
+/// (`vigil train --eval-each-epoch`). It only reads: what the training keeps is the same with or
+/// without it, and its time is left out of the training's.
+pub trait EpochObserver {
+    /// `epoch` is 1-based within the phase `phase`.
+    fn epoch_done(&mut self, method: &dyn Method, phase: &str, epoch: usize) -> Result<()>;
+}
+
+impl EpochObserver for () {
+    fn epoch_done(&mut self, _: &dyn Method, _: &str, _: usize) -> Result<()> {
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -204,6 +219,18 @@ pub fn fit(
     opts: &TrainOptions,
     device: &Device,
 ) -> Result<TrainReport> {
+    fit_observed(method, set, validation, opts, device, &mut ())
+}
+
+/// [`fit`], with `observer` called after every epoch.
+pub fn fit_observed(
+    method: &mut dyn Method,
+    set: &TrainSet,
+    validation: &[Image],
+    opts: &TrainOptions,
+    device: &Device,
+    observer: &mut dyn EpochObserver,
+) -> Result<TrainReport> {
     let images = &set.good;
     if images.is_empty() {
         return Err(Error::invalid("training images", "none to train on"));
@@ -223,6 +250,7 @@ pub fn fit(
         ));
     }
     let start = Instant::now();
+    let mut observed_seconds = 0.0;
     method.prepare(set)?;
     let identity = checkpoint::Identity::of(method, opts)?;
     let mut report = TrainReport::default();
@@ -387,6 +415,9 @@ pub fn fit(
                 losses: means.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
                 validation_separation: separation,
             });
+            let observing = Instant::now();
+            observer.epoch_done(method, spec.name, epoch + 1)?;
+            observed_seconds += observing.elapsed().as_secs_f64();
             if let Some(path) = &opts.checkpoint {
                 let saved = checkpoint::Saved {
                     phase,
@@ -414,7 +445,7 @@ pub fn fit(
                     spec.name
                 );
                 report.paused = true;
-                report.seconds = start.elapsed().as_secs_f64();
+                report.seconds = start.elapsed().as_secs_f64() - observed_seconds;
                 return Ok(report);
             }
         }
@@ -431,7 +462,7 @@ pub fn fit(
             report.phases[phase].kept_epoch = Some(b.epoch);
         }
     }
-    report.seconds = start.elapsed().as_secs_f64();
+    report.seconds = start.elapsed().as_secs_f64() - observed_seconds;
     Ok(report)
 }
 

@@ -71,11 +71,11 @@ impl Pointwise {
     }
 }
 
-/// A `k×k` convolution with stride and zero padding, BatchNorm (or a bias) folded in, `in`
+/// A `kh×kw` convolution with stride and zero padding, BatchNorm (or a bias) folded in, `in`
 /// channels in, `out` out.
 pub(super) struct FoldedConv {
     packed: PackedB,
-    kernel: usize,
+    kernel: (usize, usize),
     stride: usize,
     padding: usize,
 }
@@ -90,15 +90,32 @@ impl FoldedConv {
         padding: usize,
         affine: Option<(Vec<f32>, Vec<f32>)>,
     ) -> Result<Self> {
+        Self::with_kernel(weight, (kernel, kernel), stride, padding, affine)
+    }
+
+    /// The valid convolution whose `(h, w)` kernel covers a whole `h×w` map: a linear map of the
+    /// map's values (the discriminator's latent projection).
+    pub fn valid(weight: &Tensor, map: (usize, usize)) -> Result<Self> {
+        Self::with_kernel(weight, map, 1, 0, None)
+    }
+
+    fn with_kernel(
+        weight: &Tensor,
+        (kernel_h, kernel_w): (usize, usize),
+        stride: usize,
+        padding: usize,
+        affine: Option<(Vec<f32>, Vec<f32>)>,
+    ) -> Result<Self> {
         let (out, depth) = weight.dims2()?;
-        let in_c = depth / (kernel * kernel);
+        let taps = kernel_h * kernel_w;
+        let in_c = depth / taps.max(1);
         let mut w = f32_values(weight)?;
         let (scale, shift) = affine.unwrap_or_else(|| (vec![1.0; out], vec![0.0; out]));
-        if scale.len() != out || shift.len() != out || in_c * kernel * kernel != depth {
+        if scale.len() != out || shift.len() != out || taps == 0 || in_c * taps != depth {
             return Err(Error::invalid(
                 "fast OCR-GAN convolution",
                 format!(
-                    "weight [{out}, {depth}], {} scales for a {kernel}x{kernel} kernel",
+                    "weight [{out}, {depth}], {} scales for a {kernel_h}x{kernel_w} kernel",
                     scale.len()
                 ),
             ));
@@ -107,8 +124,8 @@ impl FoldedConv {
             row.iter_mut().for_each(|v| *v *= s);
         }
         Ok(FoldedConv {
-            packed: pack_conv_weight(&w, out, in_c, kernel, kernel, &shift),
-            kernel,
+            packed: pack_conv_weight(&w, out, in_c, kernel_h, kernel_w, &shift),
+            kernel: (kernel_h, kernel_w),
             stride,
             padding,
         })
@@ -122,17 +139,19 @@ impl FoldedConv {
     }
 
     fn forward(&self, k: Kernels, x: &Maps) -> Result<Maps> {
-        let span = |n: usize| {
+        let (kernel_h, kernel_w) = self.kernel;
+        let span = |n: usize, kernel: usize| {
             (n + 2 * self.padding)
-                .checked_sub(self.kernel)
+                .checked_sub(kernel)
                 .map(|s| s / self.stride + 1)
         };
-        let (Some(height), Some(width)) = (span(x.height), span(x.width)) else {
+        let (Some(height), Some(width)) = (span(x.height, kernel_h), span(x.width, kernel_w))
+        else {
             return Err(Error::invalid(
                 "fast OCR-GAN convolution",
                 format!(
-                    "a {0}x{0} kernel does not fit a {1}x{2} map",
-                    self.kernel, x.height, x.width
+                    "a {kernel_h}x{kernel_w} kernel does not fit a {}x{} map",
+                    x.height, x.width
                 ),
             ));
         };
@@ -141,8 +160,8 @@ impl FoldedConv {
             height: x.height,
             width: x.width,
             in_c: x.channels,
-            kernel_h: self.kernel,
-            kernel_w: self.kernel,
+            kernel_h,
+            kernel_w,
             stride: self.stride,
             pad_top: self.padding,
             pad_left: self.padding,
@@ -191,14 +210,25 @@ pub(super) struct FastUNet {
     pub ups: Vec<FastUp>,
 }
 
-pub(super) struct FastGenerator {
-    pub unets: Vec<FastUNet>,
-    pub selection: Vec<FastSelection>,
+/// How the band encoders are mixed after each stage (the config's `channel_selection`).
+pub(super) enum FastMixing {
+    /// One module per stage.
+    Learned(Vec<FastSelection>),
+    /// Every band scaled by 1/N.
+    Uniform,
+    Off,
 }
 
-/// Every stage is `conv [→ BatchNorm] → LeakyReLU`; the output is the latent space.
+pub(super) struct FastGenerator {
+    pub unets: Vec<FastUNet>,
+    pub mixing: FastMixing,
+}
+
+/// Every stage is `conv [→ BatchNorm] → LeakyReLU`; the output, or its projection, is the latent
+/// space.
 pub(super) struct FastDiscriminator {
     pub stages: Vec<FoldedConv>,
+    pub projection: Option<FoldedConv>,
 }
 
 fn map_in_place(x: &mut Maps, f: Pointwise) {
@@ -331,8 +361,15 @@ impl FastGenerator {
                 }
                 *f = down.conv.forward(k, f)?;
             }
-            if let Some(cs) = self.selection.get(s) {
-                cs.apply(&mut features);
+            match &self.mixing {
+                FastMixing::Learned(selection) => selection[s].apply(&mut features),
+                FastMixing::Uniform => {
+                    let share = 1.0 / features.len() as f32;
+                    for f in features.iter_mut() {
+                        f.data.iter_mut().for_each(|v| *v *= share);
+                    }
+                }
+                FastMixing::Off => {}
             }
             for (skip, f) in skips.iter_mut().zip(&features) {
                 skip.push(Maps {
@@ -364,13 +401,17 @@ impl FastGenerator {
 }
 
 impl FastDiscriminator {
-    /// The latent features of `x` (channels-last, flattened per image as `[B, h·w·C']`).
+    /// The latent features of `x` (channels-last, flattened per image as `[B, h·w·C']`, or the
+    /// projection `[B, latent_dim]`).
     pub fn latent(&self, k: Kernels, x: &Maps, device: &candle_core::Device) -> Result<Tensor> {
         let mut y = self.stages[0].forward(k, x)?;
         map_in_place(&mut y, Pointwise::LeakyRelu);
         for stage in &self.stages[1..] {
             y = stage.forward(k, &y)?;
             map_in_place(&mut y, Pointwise::LeakyRelu);
+        }
+        if let Some(projection) = &self.projection {
+            y = projection.forward(k, &y)?;
         }
         let per_image = y.data.len() / y.batch.max(1);
         Ok(Tensor::from_vec(y.data, (y.batch, per_image), device)?)

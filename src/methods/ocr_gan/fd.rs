@@ -6,6 +6,10 @@
 //! `I_n = I_Gn − I_G(n-1)`: they telescope back to `I`, which the summed reconstruction needs (the
 //! paper prints the difference the other way round). Borders are reflected without repeating the
 //! edge (OpenCV's `pyrDown`/`pyrUp` default, which the paper's pipeline follows).
+//!
+//! [`FrequencyDecoupling::split_opencv`] is the authors' code instead: the same pyramid on 8-bit
+//! values, rounded after each `pyrDown` and `pyrUp` as OpenCV's integer arithmetic does, the high
+//! bands by saturating subtraction (`cv2.subtract`), and each band mapped to −1..1 on its own.
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -70,8 +74,9 @@ impl FrequencyDecoupling {
         Ok(padded.conv2d(kernel, 0, 1, 1, 1)?.reshape((b, c, h, w))?)
     }
 
-    /// One pyramid step: the low-pass version of `x` at the same size.
-    fn low_pass(&self, x: &Tensor) -> Result<Tensor> {
+    /// One pyramid step: the low-pass version of `x` at the same size, each half of the step
+    /// (`pyrDown`, `pyrUp`) followed by `round` where given.
+    fn low_pass_with(&self, x: &Tensor, round: fn(Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if h % 2 != 0 || w % 2 != 0 || h < 4 || w < 4 {
             return Err(Error::invalid(
@@ -83,10 +88,15 @@ impl FrequencyDecoupling {
             .reshape((b, c, h / 2, 2, w / 2, 2))?
             .narrow(3, 0, 1)?
             .narrow(5, 0, 1)?;
+        let down = round(down)?;
         let zeros = down.zeros_like()?;
         let rows = Tensor::cat(&[&down, &zeros], 3)?;
         let up = Tensor::cat(&[&rows, &rows.zeros_like()?], 5)?.reshape((b, c, h, w))?;
-        Self::blur(&up, &self.gau2)
+        round(Self::blur(&up, &self.gau2)?)
+    }
+
+    fn low_pass(&self, x: &Tensor) -> Result<Tensor> {
+        self.low_pass_with(x, Ok)
     }
 
     /// The omni-frequency images `[I_1 (lowest), …, I_N (highest)]`, each `[B, C, H, W]`.
@@ -102,6 +112,28 @@ impl FrequencyDecoupling {
         bands.push(blurred[0].clone());
         for pair in blurred.windows(2) {
             bands.push((&pair[1] - &pair[0])?);
+        }
+        Ok(bands)
+    }
+
+    /// The authors' bands of `[B, C, H, W]` images in 0..1, lowest first, each coded `2v − 1`
+    /// from its 8-bit value `v/255`: `I_1` the rounded pyramid's low pass, the others
+    /// `max(I_Gn − I_G(n-1), 0)` (`cv2.subtract` saturates). They do not sum to the image.
+    pub fn split_opencv(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        // OpenCV rounds its integer sums half up; the sums are exact in f32 (multiples of 1/256
+        // below 2^16), so `round` (half away from zero, on values ≥ 0) matches it.
+        let round = |t: Tensor| -> Result<Tensor> { Ok(t.round()?) };
+        let mut levels = vec![(images * 255.0)?.round()?.clamp(0.0, 255.0)?];
+        for _ in 1..self.bands {
+            let next = self.low_pass_with(levels.last().expect("non-empty"), round)?;
+            levels.push(next);
+        }
+        levels.reverse();
+        let code = |v: &Tensor| -> Result<Tensor> { Ok(((v * (2.0 / 255.0))? - 1.0)?) };
+        let mut bands = Vec::with_capacity(self.bands);
+        bands.push(code(&levels[0])?);
+        for pair in levels.windows(2) {
+            bands.push(code(&(&pair[1] - &pair[0])?.relu()?)?);
         }
         Ok(bands)
     }

@@ -17,10 +17,8 @@ pub fn content_error(image: &Tensor, reconstruction: &Tensor) -> Result<Tensor> 
     Ok((image - reconstruction)?.abs()?.flatten_from(1)?.mean(1)?)
 }
 
-/// Per-image mean squared distance of latent features `[B]` (L_lat of eq. 11 for one image).
-pub fn latent_error(features: &Tensor, reconstructed: &Tensor) -> Result<Tensor> {
-    Ok((features - reconstructed)?
-        .sqr()?
-        .flatten_from(1)?
-        .mean(1)?)
+/// Per-image mean squared difference `[B]`: L_lat of eq. 11 for one image's latent features, and
+/// the authors' code's content score of an image and its reconstruction.
+pub fn mean_squared_error(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a - b)?.sqr()?.flatten_from(1)?.mean(1)?)
 }

@@ -1,12 +1,13 @@
 //! OCR-GAN's networks: one Skip-GANomaly U-Net generator per frequency band, channel selection
 //! (CS) between the band encoders after every encoder stage, and a DCGAN discriminator whose last
-//! convolutional features are the latent space.
+//! convolutional features (or their projection, as in the authors' code) are the latent space.
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use super::config::OcrGanConfig;
+use super::config::{ChannelSelectionMode, OcrGanConfig};
 use super::fast::{
-    FastDiscriminator, FastDown, FastGenerator, FastSelection, FastUNet, FastUp, FoldedConv,
+    FastDiscriminator, FastDown, FastGenerator, FastMixing, FastSelection, FastUNet, FastUp,
+    FoldedConv,
 };
 use crate::error::{Error, Result};
 use crate::nn::conv::{Conv, ConvGeometry, UpConv, DCGAN_INIT};
@@ -26,6 +27,16 @@ fn leaky_relu(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Channels of U-Net stage `s` (pix2pix: doubling up to 8× the first stage).
 fn stage_channels(width: usize, s: usize) -> usize {
     width * (1usize << s.min(3))
+}
+
+/// Channels of discriminator stage `s`: capped as the U-Net's, or doubling at every stage as the
+/// authors' `BasicDiscriminator` does.
+pub fn disc_stage_channels(cfg: &OcrGanConfig, s: usize) -> usize {
+    if cfg.disc_width_capped {
+        stage_channels(cfg.disc_width, s)
+    } else {
+        cfg.disc_width << s
+    }
 }
 
 /// Parameter and buffer builders under the same prefix.
@@ -221,6 +232,8 @@ impl ChannelSelection {
 /// The band generators and the CS modules between their encoder stages.
 pub struct Generator {
     unets: Vec<UNet>,
+    mode: ChannelSelectionMode,
+    /// One module per encoder stage when `mode` is learned.
     selection: Vec<ChannelSelection>,
 }
 
@@ -229,7 +242,7 @@ impl Generator {
         let unets = (0..cfg.bands)
             .map(|i| UNet::new(b.pp(format!("band{i}")), channels, cfg.width, cfg.levels))
             .collect::<Result<Vec<_>>>()?;
-        let selection = if cfg.channel_selection {
+        let selection = if cfg.channel_selection == ChannelSelectionMode::Learned {
             (0..cfg.levels)
                 .map(|s| {
                     let c = stage_channels(cfg.width, s);
@@ -240,11 +253,16 @@ impl Generator {
         } else {
             Vec::new()
         };
-        Ok(Generator { unets, selection })
+        Ok(Generator {
+            unets,
+            mode: cfg.channel_selection,
+            selection,
+        })
     }
 
-    /// The reconstruction of each band, `[B, C, H, W]` in −1..1.
-    pub fn forward(&self, bands: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+    /// The encoders' outputs of every stage after the bands were mixed (`[band][stage]`): the
+    /// skips the decoders take.
+    pub fn encode(&self, bands: &[Tensor], train: bool) -> Result<Vec<Vec<Tensor>>> {
         if bands.len() != self.unets.len() {
             return Err(Error::invalid(
                 "generator input",
@@ -254,17 +272,29 @@ impl Generator {
         let levels = self.unets[0].downs.len();
         let mut skips: Vec<Vec<Tensor>> = vec![Vec::with_capacity(levels); bands.len()];
         let mut features = bands.to_vec();
+        let share = 1.0 / bands.len() as f64;
         for s in 0..levels {
             for (f, unet) in features.iter_mut().zip(&self.unets) {
                 *f = unet.downs[s].forward(f, train)?;
             }
-            if let Some(cs) = self.selection.get(s) {
-                features = cs.forward(&features)?;
-            }
+            features = match self.mode {
+                ChannelSelectionMode::Learned => self.selection[s].forward(&features)?,
+                ChannelSelectionMode::Uniform => features
+                    .iter()
+                    .map(|f| f * share)
+                    .collect::<candle_core::Result<_>>()?,
+                ChannelSelectionMode::Off => features,
+            };
             for (skip, f) in skips.iter_mut().zip(&features) {
                 skip.push(f.clone());
             }
         }
+        Ok(skips)
+    }
+
+    /// The reconstruction of each band, `[B, C, H, W]` in −1..1.
+    pub fn forward(&self, bands: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+        let skips = self.encode(bands, train)?;
         Ok(self
             .unets
             .iter()
@@ -319,43 +349,59 @@ impl Generator {
             })
             .collect::<Result<Vec<_>>>()?;
         let values = f32_values;
-        let selection = self
-            .selection
-            .iter()
-            .map(|cs| {
-                let bias = cs
-                    .fc
-                    .bias()
-                    .ok_or_else(|| Error::invalid("channel selection", "its FC has no bias"))?;
-                Ok(FastSelection {
-                    fc: values(cs.fc.weight())?,
-                    fc_bias: values(bias)?,
-                    branches: cs.branches.iter().map(values).collect::<Result<_>>()?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(FastGenerator { unets, selection })
+        let mixing = match self.mode {
+            ChannelSelectionMode::Learned => FastMixing::Learned(
+                self.selection
+                    .iter()
+                    .map(|cs| {
+                        let bias = cs.fc.bias().ok_or_else(|| {
+                            Error::invalid("channel selection", "its FC has no bias")
+                        })?;
+                        Ok(FastSelection {
+                            fc: values(cs.fc.weight())?,
+                            fc_bias: values(bias)?,
+                            branches: cs.branches.iter().map(values).collect::<Result<_>>()?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            ChannelSelectionMode::Uniform => FastMixing::Uniform,
+            ChannelSelectionMode::Off => FastMixing::Off,
+        };
+        Ok(FastGenerator { unets, mixing })
     }
 }
 
 /// DCGAN discriminator: `conv 4×4/2 → LeakyReLU`, then `conv 4×4/2 → BatchNorm → LeakyReLU`
-/// stages; a 3×3 convolution to one channel, averaged over positions, is the logit (DCGAN's last
-/// 4×4 valid convolution assumes a square 64² input; the average accepts any size).
+/// stages. Without a projection, those stages' last features are the latent space and a 3×3
+/// convolution to one channel, averaged over positions, is the logit (DCGAN's last 4×4 valid
+/// convolution assumes a square 64² input; the average accepts any size). With `latent_dim`, as
+/// the authors' `BasicDiscriminator`: a valid convolution over the whole last map (its 4×4 at
+/// 256²) projects the features to the latent vector, and the classifier is linear in it (its
+/// 3×3 convolution on a 1×1 map uses only the centre tap).
 pub struct Discriminator {
     stages: Vec<(Conv, Option<BatchNorm2d>)>,
+    /// `[latent_dim, C·h·w]` in PyTorch's `(c, y, x)` order, and the map size `(h, w)` it covers.
+    projection: Option<(Tensor, (usize, usize))>,
     classifier: Conv,
 }
 
 impl Discriminator {
-    pub fn new(b: Builders, cfg: &OcrGanConfig, channels: usize) -> Result<Self> {
+    /// `size`: the `(height, width)` of the images it judges.
+    pub fn new(
+        b: Builders,
+        cfg: &OcrGanConfig,
+        channels: usize,
+        size: (usize, usize),
+    ) -> Result<Self> {
         let mut stages = Vec::with_capacity(cfg.disc_levels);
         for s in 0..cfg.disc_levels {
             let in_c = if s == 0 {
                 channels
             } else {
-                stage_channels(cfg.disc_width, s - 1)
+                disc_stage_channels(cfg, s - 1)
             };
-            let out_c = stage_channels(cfg.disc_width, s);
+            let out_c = disc_stage_channels(cfg, s);
             let stage = b.pp(format!("stage{s}"));
             let conv = Conv::new(stage.params.pp("conv"), in_c, out_c, DOWN)?;
             let norm = if s == 0 {
@@ -365,18 +411,34 @@ impl Discriminator {
             };
             stages.push((conv, norm));
         }
-        let last = stage_channels(cfg.disc_width, cfg.disc_levels - 1);
-        let classifier = Conv::new(
-            b.params.pp("classifier"),
-            last,
-            1,
-            ConvGeometry {
+        let last = disc_stage_channels(cfg, cfg.disc_levels - 1);
+        let map = (size.0 >> cfg.disc_levels, size.1 >> cfg.disc_levels);
+        let (projection, classifier) = if cfg.latent_dim > 0 {
+            let weight = b.params.get_with_hints(
+                (cfg.latent_dim, last * map.0 * map.1),
+                "latent.weight",
+                DCGAN_INIT,
+            )?;
+            let one = ConvGeometry {
+                kernel: 1,
+                stride: 1,
+                padding: 0,
+            };
+            let classifier = Conv::new(b.params.pp("classifier"), cfg.latent_dim, 1, one)?;
+            (Some((weight, map)), classifier)
+        } else {
+            let three = ConvGeometry {
                 kernel: 3,
                 stride: 1,
                 padding: 1,
-            },
-        )?;
-        Ok(Discriminator { stages, classifier })
+            };
+            (None, Conv::new(b.params.pp("classifier"), last, 1, three)?)
+        };
+        Ok(Discriminator {
+            stages,
+            projection,
+            classifier,
+        })
     }
 
     /// The latent path on the fast CPU kernels: a snapshot of its weights, BatchNorm folded.
@@ -386,10 +448,17 @@ impl Discriminator {
             .iter()
             .map(|(conv, norm)| FoldedConv::from_conv(conv, norm.as_ref()))
             .collect::<Result<Vec<_>>>()?;
-        Ok(FastDiscriminator { stages })
+        let projection = self
+            .projection
+            .as_ref()
+            .map(|(weight, (h, w))| FoldedConv::valid(weight, (*h, *w)))
+            .transpose()?;
+        Ok(FastDiscriminator { stages, projection })
     }
 
-    /// `(latent features [B, C', h, w], logits [B])`.
+    /// `(latent features [B, C', h, w] or [B, latent_dim, 1, 1], logits [B])`. `train`: the
+    /// BatchNorm layers normalise with the batch's statistics and update the running ones;
+    /// otherwise they use the running statistics (gradients still reach every parameter).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let mut y = x.clone();
         for (conv, norm) in &self.stages {
@@ -398,6 +467,17 @@ impl Discriminator {
                 y = norm.forward_t(&y, train)?;
             }
             y = leaky_relu(&y)?;
+        }
+        if let Some((weight, (h, w))) = &self.projection {
+            let (b, _, mh, mw) = y.dims4()?;
+            if (mh, mw) != (*h, *w) {
+                return Err(Error::invalid(
+                    "discriminator input",
+                    format!("its last map is {mh}x{mw}; the latent projection covers {h}x{w}"),
+                ));
+            }
+            let latent = y.flatten_from(1)?.matmul(&weight.t()?)?;
+            y = latent.reshape((b, weight.dim(0)?, 1, 1))?;
         }
         let logits = self
             .classifier
