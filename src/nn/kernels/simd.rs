@@ -70,8 +70,13 @@ impl F32Vector for __m512 {
     unsafe fn clamp(self, lo: Self, hi: Self) -> Self {
         _mm512_min_ps(_mm512_max_ps(self, lo), hi)
     }
+    /// Through memory, not `_mm512_reduce_add_ps`: its 256- and 128-bit steps (without
+    /// AVX-512VL) confine every value they touch to the first 16 registers, and LLVM then kept
+    /// 24 accumulators of the peak loop half on the stack, a load and a store around each FMA.
     #[inline(always)]
     unsafe fn sum(self) -> f32 {
-        _mm512_reduce_add_ps(self)
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), self);
+        lanes.iter().sum()
     }
 }
