@@ -6,7 +6,8 @@
 //! or within one image's pass a [`team`] that keeps them spinning between operations.
 //!
 //! These serve frozen weights and inference only: they build no autograd graph. Training keeps
-//! candle's differentiable ops, and on CUDA candle's ops stay in use.
+//! candle's differentiable ops; on CUDA, [`cuda`]'s custom ops replace the launch-bound ones.
+pub mod cuda;
 pub mod depthwise;
 pub mod gemm;
 pub mod heads;
