@@ -10,16 +10,31 @@
 //! with `--features cuda`, its kernels compiled to PTX by nvcc in `build.rs`. They build no
 //! gradient: callers use them only where no input tracks one ([`usable`]), and keep candle's
 //! differentiable ops for training.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::Activation;
 use crate::error::{Error, Result};
 use crate::nn::depthwise::SamePad;
 
-/// Whether the custom ops may replace candle's ops for these inputs: on a CUDA device (on the CPU
-/// the fast kernels serve), and no input tracks a gradient.
+/// Whether the custom ops replace candle's ops where they can: on unless `VIGIL_CUDA_OPS=candle`
+/// (for comparisons; `cargo bench --bench cuda_methods` switches it with [`set_enabled`]).
+static ENABLED: LazyLock<AtomicBool> =
+    LazyLock::new(|| AtomicBool::new(std::env::var("VIGIL_CUDA_OPS").as_deref() != Ok("candle")));
+
+/// Turns the custom ops on or off for the whole process (for comparisons with candle's ops).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the custom ops may replace candle's ops for these inputs: they are enabled, on a CUDA
+/// device (on the CPU the fast kernels serve), and no input tracks a gradient.
 pub fn usable(inputs: &[&Tensor]) -> bool {
-    cfg!(feature = "cuda") && inputs.iter().all(|t| t.device().is_cuda() && !t.track_op())
+    cfg!(feature = "cuda")
+        && ENABLED.load(Ordering::Relaxed)
+        && inputs.iter().all(|t| t.device().is_cuda() && !t.track_op())
 }
 
 /// Depthwise convolution of `x` `[B, C, H, W]` with `weight` `[C, 1, k, k]`, plus `bias` `[C]`,
