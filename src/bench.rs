@@ -252,8 +252,7 @@ fn fma_loop(isa: Isa, iterations: u64) -> (f32, f64) {
 mod peak_x86 {
     use std::arch::x86_64::{__m256, __m512};
 
-    use super::{NARROW_CHAINS, WIDE_CHAINS};
-    use crate::nn::kernels::simd::F32Vector;
+    use super::{chains, NARROW_CHAINS, WIDE_CHAINS};
 
     /// # Safety
     /// Needs AVX-512F.
@@ -268,23 +267,6 @@ mod peak_x86 {
     pub(super) unsafe fn avx2(iterations: u64) -> f32 {
         chains::<__m256, NARROW_CHAINS>(iterations)
     }
-
-    /// `N` accumulators, each `a = a · m + c` per iteration (fully unrolled; the accumulators
-    /// stay in registers, which `cargo bench --bench fma_peak` checks against assembly).
-    ///
-    /// # Safety
-    /// Needs `V`'s instruction set (inlined into the wrappers that enable it).
-    #[inline(always)]
-    unsafe fn chains<V: F32Vector, const N: usize>(iterations: u64) -> f32 {
-        let (mul, add) = (V::splat(0.999_999), V::splat(1e-7));
-        let mut acc = [V::splat(1.0); N];
-        for _ in 0..iterations {
-            for a in &mut acc {
-                *a = a.mul_add(mul, add);
-            }
-        }
-        acc.iter().map(|a| a.sum()).sum()
-    }
 }
 
 /// NEON's twin of the x86 loops.
@@ -292,16 +274,27 @@ mod peak_x86 {
 /// # Safety
 /// Needs NEON (the aarch64 baseline).
 #[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
 unsafe fn peak_neon(iterations: u64) -> f32 {
-    use std::arch::aarch64::*;
-    let (mul, add) = (vdupq_n_f32(0.999_999), vdupq_n_f32(1e-7));
-    let mut acc = [vdupq_n_f32(1.0); WIDE_CHAINS];
+    chains::<std::arch::aarch64::float32x4_t, WIDE_CHAINS>(iterations)
+}
+
+/// `N` accumulators, each `a = a · m + c` per iteration (fully unrolled; the accumulators
+/// stay in registers, which `cargo bench --bench fma_peak` checks against assembly).
+///
+/// # Safety
+/// Needs `V`'s instruction set (inlined into the wrappers that enable it).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn chains<V: crate::nn::kernels::simd::F32Vector, const N: usize>(iterations: u64) -> f32 {
+    let (mul, add) = (V::splat(0.999_999), V::splat(1e-7));
+    let mut acc = [V::splat(1.0); N];
     for _ in 0..iterations {
         for a in &mut acc {
-            *a = vfmaq_f32(add, *a, mul);
+            *a = a.mul_add(mul, add);
         }
     }
-    acc.iter().map(|&a| vaddvq_f32(a)).sum()
+    acc.iter().map(|a| a.sum()).sum()
 }
 
 /// Resident set size of this process in bytes (Linux; `None` elsewhere).
