@@ -3,11 +3,12 @@
 //! one thread, the instruction sets alternating round by round so that they see the same machine.
 //!
 //! `cargo bench --bench kernels_isa -- [rounds 40]`: prints the median GFLOP/s of each shape per
-//! instruction set and the time ratio of each to the first (the one `Kernels::detect` picks).
+//! instruction set, its share of the measured one-thread peak of the first set, and the time ratio
+//! of each to the first (the one `Kernels::detect` picks).
 use std::cell::RefCell;
 use std::time::Instant;
 
-use vigil::bench::BenchArgs;
+use vigil::bench::{fma_peak_gflops, BenchArgs};
 use vigil::nn::depthwise::SamePad;
 use vigil::nn::kernels::{ASource, Activation, DepthwiseGeom, Epilogue, Isa, Kernels, PackedB};
 
@@ -32,10 +33,19 @@ fn alternate(sets: &[Kernels], rounds: usize, calls: usize, run: impl Fn(Kernels
         .collect()
 }
 
-fn report(what: &str, flops: f64, seconds: &[f64]) {
+/// One line: GFLOP/s of each set, its share of the first set's one-thread peak, and its time
+/// against the first set's.
+fn report(what: &str, flops: f64, seconds: &[f64], peak: f64) {
     let cells: Vec<String> = seconds
         .iter()
-        .map(|s| format!("{:6.1} GFLOP/s ({:.2}x)", flops / s / 1e9, s / seconds[0]))
+        .map(|s| {
+            let gflops = flops / s / 1e9;
+            format!(
+                "{gflops:6.1} GFLOP/s {:3.0}% ({:.2}x)",
+                100.0 * gflops / peak,
+                s / seconds[0]
+            )
+        })
         .collect();
     println!("{what:<28} {}", cells.join("  "));
 }
@@ -57,6 +67,17 @@ fn main() -> vigil::Result<()> {
         "one thread, median of {rounds} alternating rounds: {}",
         names.join(" | ")
     );
+    let peaks: Vec<f64> = sets
+        .iter()
+        .map(|k| fma_peak_gflops(k.isa(), 1, 0.5))
+        .collect();
+    let shown: Vec<String> = peaks.iter().map(|p| format!("{p:.1}")).collect();
+    println!(
+        "measured one-thread fp32 peak GFLOP/s: {}",
+        shown.join(" | ")
+    );
+    // Percentages are of the first set's peak: the fastest the CPU does with these kernels.
+    let peak = peaks[0];
     // (pixels, in, out) of Lite0's expansions and projections at 256² (blocks 0-10), the stem's
     // im2col depth as a plain GEMM.
     let gemms = [
@@ -94,7 +115,7 @@ fn main() -> vigil::Result<()> {
                 panic!("gemm {m}x{k}x{n}: {e}");
             }
         });
-        report(&format!("gemm {m}x{k}x{n}"), flops, &seconds);
+        report(&format!("gemm {m}x{k}x{n}"), flops, &seconds, peak);
     }
     // (map side, channels, kernel, stride) of Lite0's depthwise convolutions at 256².
     let depthwise = [
@@ -145,6 +166,7 @@ fn main() -> vigil::Result<()> {
             &format!("depthwise {side}x{side}x{c} k{kernel} s{stride}"),
             flops,
             &seconds,
+            peak,
         );
     }
     Ok(())

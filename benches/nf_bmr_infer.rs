@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use vigil::bench::{fma_peak_gflops, resident_bytes, BenchArgs};
+use vigil::bench::{fma_chains, fma_peak_gflops, resident_bytes, BenchArgs};
 use vigil::data::InputSpec;
 use vigil::methods::nf_bmr::{NfBmr, NfBmrConfig};
 use vigil::methods::Method;
 use vigil::nn::backbone::{load_tensors, EfficientNetLite0, Lite0Features};
+use vigil::nn::kernels::Kernels;
 
 fn model(weights: &str, size: usize) -> vigil::Result<NfBmr> {
     let cfg = NfBmrConfig::default();
@@ -50,8 +51,14 @@ fn main() -> vigil::Result<()> {
         args.number(4, 128),
     );
     let threads = rayon::current_num_threads();
-    let peak = fma_peak_gflops(threads, 1.0);
-    println!("threads {threads}, measured fp32 peak {peak:.1} GFLOP/s");
+    let isa = Kernels::detect().isa();
+    let peak = fma_peak_gflops(isa, threads, 1.0);
+    let (lanes, chains) = fma_chains(isa);
+    println!(
+        "threads {threads}, measured fp32 peak {peak:.1} GFLOP/s ({} FMA, {lanes} lanes x {chains} \
+         chains a thread)",
+        isa.name()
+    );
 
     let nf = model(weights, size)?;
     let cfg = NfBmrConfig::default();

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use crate::commands::open_model;
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
+use crate::nn::kernels::Isa;
 use crate::rng::Rng;
 
 const WARMUP: usize = 3;
@@ -164,17 +165,18 @@ impl BenchArgs {
     }
 }
 
-/// Measured fp32 peak of this CPU in GFLOP/s on `threads` threads: independent FMA chains
-/// (enough to cover the FMA latency), 16-wide with AVX-512 or 8-wide with AVX2+FMA where the CPU
-/// has them (the widest, as the kernels use it; a CPU with two 512-bit FMA units doubles its peak
-/// there), for about `seconds`.
-pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
+/// Measured fp32 peak of this CPU in GFLOP/s on `threads` threads, with the vector instruction
+/// set of the kernels `isa` (pass `Kernels::detect().isa()` for the kernels' own: on Zen 4
+/// AVX-512 runs at the AVX2 rate, on Zen 5 at twice it, and this measures which): each thread
+/// runs [`fma_chains`] independent multiply-add chains of that width for about `seconds`.
+/// `cargo bench --bench fma_peak` compares it with a hand-written assembly loop.
+pub fn fma_peak_gflops(isa: Isa, threads: usize, seconds: f64) -> f64 {
     let threads = threads.max(1);
     // Calibrate the iteration count on one thread, then run all threads at once.
-    let mut iterations = 1 << 20;
+    let mut iterations = 1 << 16;
     loop {
         let start = std::time::Instant::now();
-        std::hint::black_box(fma_loop(iterations));
+        std::hint::black_box(fma_loop(isa, iterations));
         let elapsed = start.elapsed().as_secs_f64();
         if elapsed > seconds / 4.0 {
             iterations = (iterations as f64 * seconds / elapsed) as u64;
@@ -185,7 +187,7 @@ pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
     let start = std::time::Instant::now();
     let flops: f64 = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| s.spawn(|| fma_loop(iterations)))
+            .map(|_| s.spawn(|| fma_loop(isa, iterations)))
             .collect();
         handles
             .into_iter()
@@ -195,46 +197,98 @@ pub fn fma_peak_gflops(threads: usize, seconds: f64) -> f64 {
     flops / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// `iterations` rounds of 10 independent FMA chains; returns a checksum and the FLOPs done.
-fn fma_loop(iterations: u64) -> (f32, f64) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{__m256, __m512};
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected.
-            let sum = unsafe { fma_loop_avx512(iterations) };
-            return (sum, iterations as f64 * 10.0 * 16.0 * 2.0);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA were just detected.
-            let sum = unsafe { fma_loop_avx2(iterations) };
-            return (sum, iterations as f64 * 10.0 * 8.0 * 2.0);
-        }
-        #[target_feature(enable = "avx512f")]
-        unsafe fn fma_loop_avx512(iterations: u64) -> f32 {
-            fma_chains::<__m512>(iterations)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn fma_loop_avx2(iterations: u64) -> f32 {
-            fma_chains::<__m256>(iterations)
-        }
+/// `(lanes, chains)` of the peak loop for `isa`: f32 lanes of one register, and independent
+/// chains per thread. A core keeps `latency × pipes` multiply-adds in flight (4 × 2 = 8 on Zen 4,
+/// Zen 5 and Intel's cores, 4 × 4 = 16 on a Neoverse V2's NEON), so fewer chains measure the
+/// latency, not the peak (issue 20: the earlier 10-chain loop reported 256 GFLOP/s on a Zen 5
+/// where a 12-chain AVX-512 loop measured ~460). The counts fill the register file but for the
+/// two constants, with room to spare on every core named: 12 of AVX2's 16 registers, 24 of
+/// AVX-512's or NEON's 32.
+pub fn fma_chains(isa: Isa) -> (usize, usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (16, WIDE_CHAINS),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => (8, NARROW_CHAINS),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => (4, WIDE_CHAINS),
+        Isa::Portable => (1, NARROW_CHAINS),
     }
-    let mut acc = [1f32; 10];
-    for _ in 0..iterations {
-        for a in &mut acc {
-            *a = a.mul_add(0.999_999, 1e-7);
-        }
-    }
-    (acc.iter().sum(), iterations as f64 * 10.0 * 2.0)
 }
 
+/// Chains for an instruction set with 16 vector registers.
+const NARROW_CHAINS: usize = 12;
+/// Chains for one with 32.
+const WIDE_CHAINS: usize = 24;
+
+/// `iterations` rounds of the chains of `isa`; returns a checksum and the FLOPs done.
+fn fma_loop(isa: Isa, iterations: u64) -> (f32, f64) {
+    let (lanes, chains) = fma_chains(isa);
+    let flops = iterations as f64 * (chains * lanes * 2) as f64;
+    let sum = match isa {
+        // SAFETY (all arms): the kernels' instruction sets exist only after run-time detection
+        // of their features; NEON is part of the aarch64 baseline.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { peak_x86::avx512(iterations) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { peak_x86::avx2(iterations) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { peak_neon(iterations) },
+        Isa::Portable => {
+            // Scalar, a multiply and an add (x86-64's baseline has no FMA).
+            let mut acc = [1f32; NARROW_CHAINS];
+            for _ in 0..iterations {
+                for a in &mut acc {
+                    *a = *a * 0.999_999 + 1e-7;
+                }
+            }
+            acc.iter().sum()
+        }
+    };
+    (sum, flops)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak_x86 {
+    use std::arch::x86_64::{__m256, __m512};
+
+    use super::{chains, NARROW_CHAINS, WIDE_CHAINS};
+
+    /// # Safety
+    /// Needs AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512(iterations: u64) -> f32 {
+        chains::<__m512, WIDE_CHAINS>(iterations)
+    }
+
+    /// # Safety
+    /// Needs AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(iterations: u64) -> f32 {
+        chains::<__m256, NARROW_CHAINS>(iterations)
+    }
+}
+
+/// NEON's twin of the x86 loops.
+///
+/// # Safety
+/// Needs NEON (the aarch64 baseline).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn peak_neon(iterations: u64) -> f32 {
+    chains::<std::arch::aarch64::float32x4_t, WIDE_CHAINS>(iterations)
+}
+
+/// `N` accumulators, each `a = a · m + c` per iteration (fully unrolled; the accumulators
+/// stay in registers, which `cargo bench --bench fma_peak` checks against assembly).
+///
 /// # Safety
 /// Needs `V`'s instruction set (inlined into the wrappers that enable it).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
-unsafe fn fma_chains<V: crate::nn::kernels::simd::F32Vector>(iterations: u64) -> f32 {
+unsafe fn chains<V: crate::nn::kernels::simd::F32Vector, const N: usize>(iterations: u64) -> f32 {
     let (mul, add) = (V::splat(0.999_999), V::splat(1e-7));
-    let mut acc = [V::splat(1.0); 10];
+    let mut acc = [V::splat(1.0); N];
     for _ in 0..iterations {
         for a in &mut acc {
             *a = a.mul_add(mul, add);

@@ -1,10 +1,13 @@
 """Peer benchmark: EfficientNet-Lite0 features (up to one block) as an ONNX graph built from the
-same safetensors weights vigil loads, timed with ONNX Runtime next to vigil's fast CPU kernels.
+same safetensors weights vigil loads, timed with ONNX Runtime and OpenVINO next to vigil's fast
+CPU kernels.
 
 Run through scripts/peer-bench.sh (it creates the virtual environment and builds vigil's bench).
-Both runtimes get the same threads, the same input and alternate round by round, so that both
-see the same machine load; the result is the median ms per image over all rounds, and the
-largest absolute difference between their features.
+The runtimes get the same threads and the same input and alternate round by round (the order
+rotating from round to round), so that all see the same machine load; the result is the median
+ms per image over all rounds, vigil's ratio to the best peer, and the largest absolute difference
+between vigil's features and each peer's. OpenVINO runs in f32 (its CPU plugin would pick bf16
+on a CPU with AVX512_BF16, such as Zen 4 and 5, and compute something else).
 """
 import argparse
 import json
@@ -112,15 +115,39 @@ def ort_session(model, threads):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def time_ort(session, images, iterations):
+def openvino_model(model, threads):
+    import openvino as ov
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda images: request.infer({0: images}, share_inputs=True)[0]
+
+
+def ort_runner(session):
+    return lambda images: session.run(None, {"images": images})[0]
+
+
+def time_peer(run, images, iterations):
     for _ in range(3):
-        session.run(None, {"images": images})
+        run(images)
     samples = []
     for _ in range(iterations):
         start = time.perf_counter()
-        session.run(None, {"images": images})
+        run(images)
         samples.append((time.perf_counter() - start) * 1e3 / images.shape[0])
     return statistics.median(samples)
+
+
+def cpu_model():
+    try:
+        info = open("/proc/cpuinfo").read().splitlines()
+        field = lambda n: next(l.split(":", 1)[1].strip() for l in info if l.startswith(n))
+        return f"{field('model name')} (family {field('cpu family')}, model {field('model')})"
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
 
 
 def time_vigil(binary, weights, block, size, batch, iterations, threads, files=()):
@@ -141,16 +168,32 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--peers", default="onnxruntime,openvino")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
-    import onnxruntime as ort
     model = build(args.weights, args.block, args.size)
-    session = ort_session(model, args.threads)
+    peers = {}
+    versions = {}
+    for name in args.peers.split(","):
+        if name == "onnxruntime":
+            import onnxruntime as ort
+            peers[name] = ort_runner(ort_session(model, args.threads))
+            versions[name] = ort.__version__
+        elif name == "openvino":
+            import openvino as ov
+            peers[name] = openvino_model(model, args.threads)
+            versions[name] = ov.get_version()
+        else:
+            raise SystemExit(f"unknown peer {name!r} (onnxruntime, openvino)")
+    cpu = cpu_model()
+    print(f"{cpu}; {args.threads} threads; " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+          flush=True)
     rng = np.random.default_rng(0)
-    results = {"onnxruntime": ort.__version__, "threads": args.threads, "size": args.size,
+    results = {"cpu": cpu, "versions": versions, "threads": args.threads, "size": args.size,
                "block": args.block, "rounds": args.rounds, "iterations": args.iterations,
                "batches": {}}
+    names = ["vigil", *peers]
     with tempfile.TemporaryDirectory() as tmp:
         for batch in [int(b) for b in args.batches.split(",")]:
             images = rng.random((batch, 3, args.size, args.size), dtype=np.float32)
@@ -159,21 +202,29 @@ def main():
             time_vigil(args.vigil, args.weights, args.block, args.size, batch, 1, args.threads,
                        (inp, outp))
             ours = np.fromfile(outp, dtype=np.float32)
-            theirs = session.run(None, {"images": images})[0]
-            diff = float(np.abs(ours - theirs.reshape(-1)).max())
-            vigil_ms, ort_ms = [], []
-            for _ in range(args.rounds):
-                vigil_ms.append(time_vigil(args.vigil, args.weights, args.block, args.size, batch,
-                                           args.iterations, args.threads))
-                ort_ms.append(time_ort(session, images, args.iterations))
-            v, o = statistics.median(vigil_ms), statistics.median(ort_ms)
+            diffs = {name: float(np.abs(ours - run(images).reshape(-1)).max())
+                     for name, run in peers.items()}
+            rounds = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    if name == "vigil":
+                        ms = time_vigil(args.vigil, args.weights, args.block, args.size, batch,
+                                        args.iterations, args.threads)
+                    else:
+                        ms = time_peer(peers[name], images, args.iterations)
+                    rounds[name].append(ms)
+            median = {name: statistics.median(v) for name, v in rounds.items()}
+            best = min(peers, key=median.get)
+            ratio = median["vigil"] / median[best]
             results["batches"][batch] = {
-                "vigil_ms_per_image": v, "ort_ms_per_image": o, "ratio": v / o,
-                "max_abs_diff": diff, "vigil_rounds": vigil_ms, "ort_rounds": ort_ms}
-            print(f"batch {batch}: vigil {v:.2f} ms/image, ONNX Runtime {o:.2f} ms/image, "
-                  f"ratio {v / o:.2f}x, max |diff| {diff:.2e} "
-                  f"(rounds vigil {['%.2f' % x for x in vigil_ms]}, "
-                  f"ORT {['%.2f' % x for x in ort_ms]})", flush=True)
+                "ms_per_image": median, "best_peer": best, "ratio_to_best_peer": ratio,
+                "max_abs_diff": diffs, "rounds": rounds}
+            cells = ", ".join(f"{name} {median[name]:.2f}" for name in names)
+            print(f"batch {batch}: ms/image {cells}; vigil / best peer ({best}) {ratio:.2f}x; "
+                  "max |diff| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
+            for name in names:
+                print(f"  rounds {name}: " + " ".join(f"{x:.2f}" for x in rounds[name]),
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

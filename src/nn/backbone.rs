@@ -21,7 +21,7 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::error::{Error, Result};
 use crate::nn::depthwise::{depthwise_conv2d, SamePad};
 use crate::nn::kernels::lite0::{BlockWeights, FastLite0};
-use crate::nn::kernels::Kernels;
+use crate::nn::kernels::{self, Activation, Kernels};
 use crate::nn::FeatureExtractor;
 
 const BN_EPS: f64 = 1e-3;
@@ -316,16 +316,34 @@ impl Pointwise {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_plus(x, None)
+    }
+
+    /// The convolution, plus `residual` (shaped as the output) when given.
+    fn forward_plus(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (batch, in_c, height, width) = x.dims4()?;
         let out_c = self.weight.dim(0)?;
         let x = x.reshape((batch, in_c, height * width))?;
-        let y = self
-            .weight
-            .broadcast_left(batch)?
-            .matmul(&x)?
-            .broadcast_add(&self.bias)?;
+        let y = self.weight.broadcast_left(batch)?.matmul(&x)?;
+        if kernels::cuda::usable(&[&y, &self.bias]) {
+            // One kernel for bias, clamp and skip (candle's ops: two or three).
+            let activation = match self.relu6 {
+                true => Activation::Relu6,
+                false => Activation::Identity,
+            };
+            let residual = residual
+                .map(|r| r.reshape((batch, out_c, height * width)))
+                .transpose()?;
+            let y = kernels::cuda::bias_activation(&y, &self.bias, activation, residual.as_ref())?;
+            return Ok(y.reshape((batch, out_c, height, width))?);
+        }
+        let y = y.broadcast_add(&self.bias)?;
         let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
-        Ok(y.reshape((batch, out_c, height, width))?)
+        let y = y.reshape((batch, out_c, height, width))?;
+        Ok(match residual {
+            Some(residual) => (y + residual)?,
+            None => y,
+        })
     }
 }
 
@@ -350,6 +368,10 @@ impl Depthwise {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let pad = SamePad::new(height, width, self.kernel, self.stride);
+        if kernels::cuda::usable(&[x, &self.weight, &self.bias]) {
+            let (weight, bias) = (&self.weight, &self.bias);
+            return kernels::cuda::depthwise(x, weight, bias, self.stride, pad, Activation::Relu6);
+        }
         let y = depthwise_conv2d(x, &self.weight, self.stride, pad)?;
         Ok(y.broadcast_add(&self.bias)?.clamp(0f32, 6f32)?)
     }
@@ -422,8 +444,9 @@ impl Block {
             Some(expand) => expand.forward(x)?,
             None => x.clone(),
         };
-        let y = self.project.forward(&self.depthwise.forward(&hidden)?)?;
-        Ok(if self.residual { (y + x)? } else { y })
+        let residual = self.residual.then_some(x);
+        self.project
+            .forward_plus(&self.depthwise.forward(&hidden)?, residual)
     }
 }
 

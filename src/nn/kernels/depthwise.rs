@@ -64,6 +64,8 @@ pub(super) fn depthwise_rows(
     assert!(out.len() >= (rows.end - rows.start) * g.out_w * c);
     #[cfg(target_arch = "x86_64")]
     let groups = x86::groups(isa, g);
+    #[cfg(target_arch = "aarch64")]
+    let groups = neon::groups(isa, g);
     for row in rows.clone() {
         let (b, oy) = (row / g.out_h, row % g.out_h);
         let y0 = (oy * g.stride) as isize - g.pad_top as isize;
@@ -83,7 +85,7 @@ pub(super) fn depthwise_rows(
         while ox < g.out_w {
             let x0 = (ox * g.stride) as isize - g.pad_left as isize;
             let at = ((row - rows.start) * g.out_w + ox) * c;
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             if let Some(group) = groups
                 .iter()
                 .flatten()
@@ -121,6 +123,9 @@ pub(super) fn depthwise_rows(
                 Isa::Avx2Fma | Isa::Avx512 => unsafe {
                     x86::pixel(plane, weights, bias, &window, activation, dst)
                 },
+                // NEON's edge pixels: LLVM vectorises the portable loop with NEON (`fmla`).
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => pixel_portable(plane, weights, bias, &window, activation, dst),
                 Isa::Portable => pixel_portable(plane, weights, bias, &window, activation, dst),
             }
             ox += 1;
@@ -169,13 +174,12 @@ fn pixel_portable(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
+/// The group kernels' common parts (x86-64 and aarch64).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod grouped {
     use std::ops::Range;
 
-    use super::{Activation, DepthwiseGeom, Isa, Window};
+    use super::{Activation, DepthwiseGeom, Window};
     use crate::nn::kernels::simd::F32Vector;
 
     /// A kernel for several horizontally adjacent interior pixels of one kernel and stride.
@@ -189,25 +193,96 @@ mod x86 {
         pub interior: Range<usize>,
     }
 
-    /// The group kernels for `g`, widest first: AVX-512 (8 pixels, 16 channels a vector) when
-    /// the channels are a multiple of 16, then AVX2 (4 pixels, 8 channels) when they are a
-    /// multiple of 8, for the pixels of a row the wider one leaves. None where the per-pixel path
-    /// serves: the portable kernels, another kernel or stride, or no interior.
-    pub(super) fn groups(isa: Isa, g: &DepthwiseGeom) -> [Option<Group>; 2] {
+    /// The output columns of `g` whose every horizontal tap is inside the image.
+    pub(super) fn interior(g: &DepthwiseGeom) -> Range<usize> {
         let lo = g.pad_left.div_ceil(g.stride).min(g.out_w);
         let hi = if g.width + g.pad_left >= g.kernel {
             ((g.width + g.pad_left - g.kernel) / g.stride + 1).min(g.out_w)
         } else {
             0
         };
-        if isa == Isa::Portable || hi <= lo {
+        lo..hi
+    }
+
+    /// `P` horizontally adjacent interior pixels (the window of the first, every tap in range),
+    /// one vector of channels at a time, for a kernel `K` and stride `S` known at compile time:
+    /// the input vectors of a kernel row are loaded once and reused by every tap and pixel that
+    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20).
+    ///
+    /// # Safety
+    /// `V`'s instruction set; every tap of the pixels must lie inside `plane`, `C = dst.len() / P`
+    /// a multiple of `V::LANES`, `weights`/`bias` hold `K·K·C` and `C` floats, `w.kernel == K` and
+    /// `(P - 1)·S + K ≤ X`.
+    #[inline(always)]
+    pub(super) unsafe fn group<
+        V: F32Vector,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const X: usize,
+    >(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        // Input pixels one kernel row of the group reads.
+        let span = (P - 1) * S + K;
+        let c = dst.len() / P;
+        let (lo, hi) = activation.bounds();
+        let (lo, hi) = (V::splat(lo), V::splat(hi));
+        for ch in (0..c).step_by(V::LANES) {
+            let mut acc = [V::load(bias.as_ptr().add(ch)); P];
+            for ky in w.ky.clone() {
+                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
+                let taps = weights.as_ptr().add(ky * K * c + ch);
+                let mut x = [V::splat(0.0); X];
+                for (i, v) in x.iter_mut().enumerate().take(span) {
+                    *v = V::load(row.add(i * c));
+                }
+                for kx in 0..K {
+                    let k = V::load(taps.add(kx * c));
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        *a = x[p * S + kx].mul_add(k, *a);
+                    }
+                }
+            }
+            for (p, a) in acc.iter().enumerate() {
+                a.clamp(lo, hi).store(dst.as_mut_ptr().add(p * c + ch));
+            }
+        }
+    }
+
+    /// The most input pixels a kernel row of `pixels` pixels reads (stride 2, 5 wide): the
+    /// length of a group's row of input vectors.
+    pub(super) const fn span(pixels: usize) -> usize {
+        (pixels - 1) * 2 + 5
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::grouped::{group, interior, span, Group, GroupFn};
+    use super::{Activation, DepthwiseGeom, Isa, Window};
+
+    /// The group kernels for `g`, widest first: AVX-512 (8 pixels, 16 channels a vector) when
+    /// the channels are a multiple of 16, then AVX2 (4 pixels, 8 channels) when they are a
+    /// multiple of 8, for the pixels of a row the wider one leaves. None where the per-pixel path
+    /// serves: the portable kernels, another kernel or stride, or no interior.
+    pub(super) fn groups(isa: Isa, g: &DepthwiseGeom) -> [Option<Group>; 2] {
+        let interior = interior(g);
+        if isa == Isa::Portable || interior.is_empty() {
             return [None, None];
         }
         let group = |kernel: Option<GroupFn>, pixels: usize| {
             kernel.map(|kernel| Group {
                 kernel,
                 pixels,
-                interior: lo..hi,
+                interior: interior.clone(),
             })
         };
         let wide = (isa == Isa::Avx512 && g.channels.is_multiple_of(16))
@@ -279,63 +354,6 @@ mod x86 {
         dst: &mut [f32],
     ) {
         group::<__m512, K, S, WIDE, { span(WIDE) }>(plane, weights, bias, w, activation, dst)
-    }
-
-    /// `P` horizontally adjacent interior pixels (the window of the first, every tap in range),
-    /// one vector of channels at a time, for a kernel `K` and stride `S` known at compile time:
-    /// the input vectors of a kernel row are loaded once and reused by every tap and pixel that
-    /// reads them (a 5-wide row of 4 pixels: 8 input loads instead of 20).
-    ///
-    /// # Safety
-    /// `V`'s instruction set; every tap of the pixels must lie inside `plane`, `C = dst.len() / P`
-    /// a multiple of `V::LANES`, `weights`/`bias` hold `K·K·C` and `C` floats, `w.kernel == K` and
-    /// `(P - 1)·S + K ≤ X`.
-    #[inline(always)]
-    unsafe fn group<
-        V: F32Vector,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const X: usize,
-    >(
-        plane: &[f32],
-        weights: &[f32],
-        bias: &[f32],
-        w: &Window,
-        activation: Activation,
-        dst: &mut [f32],
-    ) {
-        // Input pixels one kernel row of the group reads.
-        let span = (P - 1) * S + K;
-        let c = dst.len() / P;
-        let (lo, hi) = activation.bounds();
-        let (lo, hi) = (V::splat(lo), V::splat(hi));
-        for ch in (0..c).step_by(V::LANES) {
-            let mut acc = [V::load(bias.as_ptr().add(ch)); P];
-            for ky in w.ky.clone() {
-                let row = plane.as_ptr().add(w.pixel(ky, 0) * c + ch);
-                let taps = weights.as_ptr().add(ky * K * c + ch);
-                let mut x = [V::splat(0.0); X];
-                for (i, v) in x.iter_mut().enumerate().take(span) {
-                    *v = V::load(row.add(i * c));
-                }
-                for kx in 0..K {
-                    let k = V::load(taps.add(kx * c));
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        *a = x[p * S + kx].mul_add(k, *a);
-                    }
-                }
-            }
-            for (p, a) in acc.iter().enumerate() {
-                a.clamp(lo, hi).store(dst.as_mut_ptr().add(p * c + ch));
-            }
-        }
-    }
-
-    /// The most input pixels a kernel row of `pixels` pixels reads (stride 2, 5 wide): the
-    /// length of a group's row of input vectors.
-    const fn span(pixels: usize) -> usize {
-        (pixels - 1) * 2 + 5
     }
 
     /// # Safety
@@ -429,5 +447,54 @@ mod x86 {
             }
             dst[ch] = activation.apply(acc);
         }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::float32x4_t;
+
+    use super::grouped::{group, interior, span, Group, GroupFn};
+    use super::{Activation, DepthwiseGeom, Isa, Window};
+
+    /// Pixels of the NEON group kernel: 8 accumulators and a kernel row's 19 input vectors fit
+    /// NEON's 32 registers, as they fit AVX-512's.
+    const PIXELS: usize = 8;
+
+    /// The NEON group kernel for `g`, where the channels are a multiple of 4 (else, and for the
+    /// portable kernels, none: the per-pixel path serves).
+    pub(super) fn groups(isa: Isa, g: &DepthwiseGeom) -> [Option<Group>; 1] {
+        let interior = interior(g);
+        if isa != Isa::Neon || interior.is_empty() || !g.channels.is_multiple_of(4) {
+            return [None];
+        }
+        let kernel: GroupFn = match (g.kernel, g.stride) {
+            (3, 1) => wide::<3, 1>,
+            (3, 2) => wide::<3, 2>,
+            (5, 1) => wide::<5, 1>,
+            (5, 2) => wide::<5, 2>,
+            _ => return [None],
+        };
+        [Some(Group {
+            kernel,
+            pixels: PIXELS,
+            interior,
+        })]
+    }
+
+    /// # Safety
+    /// NEON (the aarch64 baseline); as [`group`] with `C = dst.len() / PIXELS` a multiple of 4.
+    #[target_feature(enable = "neon")]
+    unsafe fn wide<const K: usize, const S: usize>(
+        plane: &[f32],
+        weights: &[f32],
+        bias: &[f32],
+        w: &Window,
+        activation: Activation,
+        dst: &mut [f32],
+    ) {
+        group::<float32x4_t, K, S, PIXELS, { span(PIXELS) }>(
+            plane, weights, bias, w, activation, dst,
+        )
     }
 }

@@ -5,9 +5,9 @@
 //! [`NR`] columns; the activations (A, `[M, K]`) are packed per call into panels of [`MR`] rows,
 //! `KC` columns at a time, straight from their source, which is either a plain row-major matrix
 //! (1×1 convolution on channels-last data) or an implicit im2col of a channels-last image (dense
-//! k×k convolution, zero padding included). A 6×16 micro-kernel (12 AVX2 accumulators) or its
-//! portable twin multiplies a packed A panel with a packed B panel; with AVX-512 a 6×32 tile
-//! takes two B panels at once.
+//! k×k convolution, zero padding included). A 6×16 micro-kernel (12 AVX2 or 24 NEON
+//! accumulators) or its portable twin multiplies a packed A panel with a packed B panel; with
+//! AVX-512 a 6×32 tile takes two B panels at once.
 use std::cell::RefCell;
 
 use super::{Activation, Isa};
@@ -368,6 +368,10 @@ fn micro_kernel(isa: Isa, kc: usize, a: APanel, b: BPanels, tile: &Tile, out: &m
         Isa::Avx2Fma | Isa::Avx512 => unsafe {
             x86::micro_kernel(kc, a, b.data.as_ptr(), tile, out)
         },
+        // SAFETY: NEON is the aarch64 baseline; the panel and the asserts above bound every
+        // access as for the x86 kernels.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::micro_kernel(kc, a, b.data.as_ptr(), tile, out) },
         Isa::Portable => {
             let b = &b.data[..kc * NR];
             let mut acc = [0f32; MR * NR];
@@ -571,5 +575,56 @@ mod x86 {
                 }
             }
         }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{merge_tile, APanel, Tile, MR, NR};
+
+    /// The `MR × NR` product in 24 NEON accumulators (four 4-lane vectors a row): each depth step
+    /// loads one B row (4 vectors) and multiplies it by the `MR` A values, each an `fmla` by a
+    /// scalar; the epilogue through [`merge_tile`].
+    ///
+    /// # Safety
+    /// NEON (the aarch64 baseline); `a` must address `MR` rows of `kc` values, `b` hold
+    /// `kc × NR` floats, and `out`/`t.residual` cover the tile (checked by the caller).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn micro_kernel(
+        kc: usize,
+        a: APanel,
+        mut b: *const f32,
+        t: &Tile,
+        out: &mut [f32],
+    ) {
+        let mut c = [[vdupq_n_f32(0.0); NR / 4]; MR];
+        for run in 0..kc / a.run {
+            let mut ap = a.ptr.add(run * a.run_stride);
+            for _ in 0..a.run {
+                let bv = [
+                    vld1q_f32(b),
+                    vld1q_f32(b.add(4)),
+                    vld1q_f32(b.add(8)),
+                    vld1q_f32(b.add(12)),
+                ];
+                for (r, acc) in c.iter_mut().enumerate() {
+                    let ar = *ap.add(r * a.rs);
+                    for (acc, &bh) in acc.iter_mut().zip(&bv) {
+                        *acc = vfmaq_n_f32(*acc, bh, ar);
+                    }
+                }
+                ap = ap.add(1);
+                b = b.add(NR);
+            }
+        }
+        let mut tile = [0f32; MR * NR];
+        for (r, acc) in c.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                vst1q_f32(tile.as_mut_ptr().add(r * NR + 4 * h), v);
+            }
+        }
+        merge_tile(&tile, t, out);
     }
 }

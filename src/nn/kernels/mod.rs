@@ -1,17 +1,18 @@
 //! Fast CPU inference kernels on channels-last (`[B, H, W, C]`) `f32` data: a packed GEMM with a
 //! fused bias/activation/residual epilogue (1×1 convolutions and, through an implicit im2col, dense
 //! k×k convolutions of any stride and padding), and a depthwise convolution with fused bias and
-//! activation. AVX2+FMA micro-kernels are chosen at run time; the portable versions build and run
-//! everywhere else (aarch64 included). Work is split over the threads by output rows: rayon's,
+//! activation. AVX-512 and AVX2+FMA micro-kernels are chosen at run time on x86-64, NEON ones on
+//! aarch64; the portable versions build and run everywhere. Work is split over the threads by output rows: rayon's,
 //! or within one image's pass a [`team`] that keeps them spinning between operations.
 //!
 //! These serve frozen weights and inference only: they build no autograd graph. Training keeps
-//! candle's differentiable ops, and on CUDA candle's ops stay in use.
+//! candle's differentiable ops; on CUDA, [`cuda`]'s custom ops replace the launch-bound ones.
+pub mod cuda;
 pub mod depthwise;
 pub mod gemm;
 pub mod heads;
 pub mod lite0;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod simd;
 mod team;
 
@@ -33,6 +34,11 @@ pub enum Isa {
     /// x86-64 with AVX2 and FMA, detected at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// aarch64's NEON (part of its baseline, so always there): the GEMM's 6×16 tile and the
+    /// depthwise groups in 4-lane registers; the rest runs the portable code, which the compiler
+    /// vectorises with NEON too.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
     /// Plain Rust the compiler vectorises for the target (SSE2, NEON, ...).
     Portable,
 }
@@ -45,6 +51,8 @@ impl Isa {
             Isa::Avx512 => "avx512",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => "avx2",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
             Isa::Portable => "portable",
         }
     }
@@ -89,7 +97,7 @@ pub struct Kernels {
 
 impl Kernels {
     /// The fastest instruction set this CPU supports.
-    /// `VIGIL_KERNELS=avx512|avx2|portable` picks another one this CPU runs (for comparisons,
+    /// `VIGIL_KERNELS=avx512|avx2|neon|portable` picks another one this CPU runs (for comparisons,
     /// or where a slower-looking set measures faster on the line).
     pub fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
@@ -122,6 +130,8 @@ impl Kernels {
             }
             isas.push(Isa::Avx2Fma);
         }
+        #[cfg(target_arch = "aarch64")]
+        isas.push(Isa::Neon);
         isas.push(Isa::Portable);
         isas.into_iter()
             .map(|isa| Self {
