@@ -100,6 +100,30 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Choose among trained candidates of one product without test labels: each scores the
+    /// defect-free validation images its training kept out and synthetic anomalies of them, of
+    /// the kinds no candidate learned; the best separation wins (a tie: the earlier candidate).
+    Select {
+        /// The candidates' model files, trained on the same data with the same seed and input.
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
+        /// The validation share the candidates were trained with.
+        #[arg(long, default_value_t = 0.1)]
+        validation_fraction: f32,
+        /// The training limit the candidates were trained with.
+        #[arg(long, value_name = "N")]
+        train_limit: Option<usize>,
+        /// Synthetic anomalies drawn from every validation image.
+        #[arg(long, default_value_t = 4)]
+        draws: usize,
+        /// Copy the chosen model file here.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// List the detection methods.
     Methods,
     /// Measure a model on labelled test images and write a report.
@@ -376,6 +400,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     d.table.display(),
                     d.seconds
                 );
+            }
+        }
+        Command::Select {
+            models,
+            data,
+            validation_fraction,
+            train_limit,
+            draws,
+            keep,
+            run,
+        } => {
+            let args = commands::select::SelectArgs {
+                models,
+                data: data.source()?,
+                validation_fraction,
+                train_limit,
+                draws,
+                keep,
+                run: run.into(),
+            };
+            let r = commands::select::select(&args).context("selection failed")?;
+            println!(
+                "{} defect-free validation images and {} synthetic anomalies of them ({}); no test image read",
+                r.validation_images,
+                r.anomalies,
+                r.kinds.join(", ")
+            );
+            for (i, c) in r.candidates.iter().enumerate() {
+                let learned = if c.learned.is_empty() {
+                    "none".to_string()
+                } else {
+                    c.learned.join(", ")
+                };
+                println!(
+                    "{} separation {:.4}  {} ({}, learned: {learned})",
+                    if i == r.chosen { "*" } else { " " },
+                    c.separation,
+                    c.model.display(),
+                    c.method
+                );
+            }
+            let chosen = &r.candidates[r.chosen].model;
+            match &args.keep {
+                Some(keep) => println!("chosen: {} -> {}", chosen.display(), keep.display()),
+                None => println!("chosen: {}", chosen.display()),
             }
         }
         Command::Methods => {

@@ -17,6 +17,7 @@ use crate::model_file::{
 use crate::train::each_epoch::{EachEpochSummary, TestEachEpoch};
 use crate::train::{self, progress_bar, EpochObserver, TrainOptions};
 
+pub mod select;
 pub mod station;
 
 /// Where the backbone weights are installed by `models/get-weights.sh`.
@@ -70,6 +71,8 @@ pub struct TrainSummary {
     pub skipped: usize,
     /// The research diagnostic's summary (`train_testing_each_epoch`): uses test labels.
     pub test_each_epoch: Option<EachEpochSummary>,
+    /// Losses, validation separation and kept epoch of every phase.
+    pub report: train::TrainReport,
 }
 
 fn load(
@@ -339,6 +342,7 @@ fn train_observed(args: &TrainArgs, test_data: Option<&Path>) -> Result<TrainSum
         seconds: start.elapsed().as_secs_f64(),
         skipped: train_set.skipped.len() + val_set.skipped.len(),
         test_each_epoch: None,
+        report: report.clone(),
     };
     if report.paused {
         return Ok(summary(None, ScoreStats::default()));

@@ -139,6 +139,23 @@ pub trait Method: Send {
         false
     }
 
+    /// The kinds of synthetic anomaly (as configs spell them) the detector learns to call
+    /// anomalous, which a label-free yardstick must leave out (`vigil select`). Default: the kinds
+    /// its phases' epoch selection leaves out.
+    fn synthetic_kinds(&self) -> Vec<&'static str> {
+        let mut kinds = Vec::new();
+        for phase in self.phases() {
+            if let Selection::Separation { trained_on } = phase.selection {
+                for k in trained_on {
+                    if !kinds.contains(&k) {
+                        kinds.push(k);
+                    }
+                }
+            }
+        }
+        kinds
+    }
+
     /// Called once with the whole training set before the first step (also before a checkpoint
     /// is restored), for statistics of the training images (FCDD's normalisation constants).
     fn prepare(&mut self, set: &TrainSet) -> Result<()> {

@@ -152,11 +152,10 @@ fn kind(generator: &AnomalyGenerator) -> &'static str {
     }
 }
 
-/// Synthetic anomalies (CutPaste scar, cutout, Perlin-masked blend, confetti noise, less the kinds
-/// the phase trains on) of every validation image, drawn once from the training seed: the label-free
-/// yardstick for choosing an epoch.
-fn forge_validation(validation: &[Image], seed: u64, trained_on: &[&str]) -> Result<Vec<Image>> {
-    let generators: Vec<WeightedGenerator> = [
+/// The synthetic anomalies of the label-free yardstick (CutPaste scar, cutout, Perlin-masked
+/// blend, confetti noise), less the kinds in `excluded` (those a detector trains on).
+fn yardstick(excluded: &[&str]) -> Vec<AnomalyGenerator> {
+    [
         AnomalyGenerator::CutPaste(CutPasteParams {
             variant: CutPasteVariant::Scar,
             ..Default::default()
@@ -166,40 +165,62 @@ fn forge_validation(validation: &[Image], seed: u64, trained_on: &[&str]) -> Res
         AnomalyGenerator::Confetti(Default::default()),
     ]
     .into_iter()
-    .filter(|g| !trained_on.contains(&kind(g)))
-    .map(|generator| WeightedGenerator {
-        weight: 1.0,
-        generator,
-    })
-    .collect();
+    .filter(|g| !excluded.contains(&kind(g)))
+    .collect()
+}
+
+/// The kinds (as configs spell them) [`forge_validation`] draws from when `excluded` are left out.
+pub fn yardstick_kinds(excluded: &[&str]) -> Vec<&'static str> {
+    yardstick(excluded).iter().map(kind).collect()
+}
+
+/// `draws` synthetic anomalies (of the [`yardstick_kinds`]) of every validation image, drawn from
+/// `seed`: the label-free yardstick for choosing an epoch (one draw) and for `vigil select`
+/// (several). Image-major: anomaly `d` of image `i` is at `i · draws + d`.
+pub fn forge_validation(
+    validation: &[Image],
+    seed: u64,
+    excluded: &[&str],
+    draws: usize,
+) -> Result<Vec<Image>> {
+    let generators: Vec<WeightedGenerator> = yardstick(excluded)
+        .into_iter()
+        .map(|generator| WeightedGenerator {
+            weight: 1.0,
+            generator,
+        })
+        .collect();
     if generators.is_empty() {
         return Err(Error::invalid(
-            "epoch selection",
+            "synthetic-anomaly yardstick",
             format!(
-                "the phase trains on every kind of synthetic anomaly ({}) that could select its epoch",
-                trained_on.join(", ")
+                "the detector trains on every kind of synthetic anomaly ({}) that could judge it",
+                excluded.join(", ")
             ),
         ));
     }
     let synth = AnomalySynth::new(&generators)?;
     let mut rng = Rng::new(seed).fork(0x5e1ec7);
-    validation
-        .iter()
-        .map(|image| Ok(synth.apply(image, &mut rng)?.0))
-        .collect()
+    let mut forged = Vec::with_capacity(validation.len() * draws);
+    for image in validation {
+        for _ in 0..draws {
+            forged.push(synth.apply(image, &mut rng)?.0);
+        }
+    }
+    Ok(forged)
 }
 
 /// Image AUROC of the synthetic anomalies against the defect-free validation images: how well
 /// the detector separates them now. No test image is involved.
-fn validation_separation(
+pub fn validation_separation(
     method: &dyn Method,
     validation: &[Image],
     forged: &[Image],
-    opts: &TrainOptions,
+    batch_size: usize,
     device: &Device,
 ) -> Result<f32> {
     let refs: Vec<&Image> = validation.iter().chain(forged).collect();
-    let scores = score_images(method, &refs, opts.batch_size, device, false)?.scores;
+    let scores = score_images(method, &refs, batch_size, device, false)?.scores;
     let labels: Vec<bool> = (0..refs.len()).map(|i| i >= validation.len()).collect();
     match auroc(&scores, &labels) {
         Some(a) if a.is_finite() => Ok(a as f32),
@@ -302,7 +323,7 @@ pub fn fit_observed(
     for (phase, spec) in phases.iter().enumerate().skip(first_phase) {
         let forged = match &spec.selection {
             Selection::Separation { trained_on } if !validation.is_empty() => {
-                Some(forge_validation(validation, opts.seed, trained_on)?)
+                Some(forge_validation(validation, opts.seed, trained_on, 1)?)
             }
             Selection::Separation { .. } => {
                 log::warn!(
@@ -388,7 +409,8 @@ pub fn fit_observed(
                 .map(|(n, s)| (n, s / images.len() as f32))
                 .collect();
             let separation = if let Some(forged) = &forged {
-                let separation = validation_separation(method, validation, forged, opts, device)?;
+                let separation =
+                    validation_separation(method, validation, forged, opts.batch_size, device)?;
                 // Ties go to the later epoch, which has trained longer.
                 if best
                     .as_ref()

@@ -311,6 +311,12 @@ impl Method for Fcdd {
         true
     }
 
+    /// Confetti noise, whenever it had no real defects to learn from (a loaded model does not
+    /// say, so always).
+    fn synthetic_kinds(&self) -> Vec<&'static str> {
+        vec!["confetti"]
+    }
+
     /// FCDD's min-max constants from the defect-free training images.
     fn prepare(&mut self, set: &TrainSet) -> Result<()> {
         self.range = lcn_range(&set.good)?;
