@@ -22,6 +22,8 @@ mod common;
 use common::max_abs_diff;
 
 const SIDE: usize = 32;
+/// Defect-free validation images: enough for the memory bank's fusion to standardise on.
+const VALIDATION: usize = 6;
 
 fn backbone() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE)
@@ -166,7 +168,7 @@ fn every_trainable_parameter_gets_a_gradient_and_no_frozen_tensor_changes() -> R
             let what = format!("{} ({channels} channels)", entry.name);
             let mut method = build(entry, channels)?;
             let set = train_set(entry, channels);
-            let validation = good_images(4, channels, 7);
+            let validation = good_images(VALIDATION, channels, 7);
             method.prepare(&set)?;
             let groups = method.train_state().group_names();
             let mut covered = BTreeSet::new();
@@ -266,7 +268,7 @@ fn meta_for(entry: &MethodEntry, method: &dyn Method, channels: usize) -> Result
             data_fingerprint: "synthetic".into(),
             train_images: 12,
             defects: Vec::new(),
-            validation_images: 4,
+            validation_images: VALIDATION,
             seed: 3,
             date: "2026-12-02T00:00:00Z".into(),
             vigil_version: "test".into(),
@@ -300,7 +302,7 @@ fn a_trained_model_round_trips_resumes_exactly_and_its_fast_path_agrees() -> Res
         let channels = 1;
         let what = entry.name;
         let set = train_set(entry, channels);
-        let validation = good_images(4, channels, 7);
+        let validation = good_images(VALIDATION, channels, 7);
         let opts = |ckpt: &str, resume: bool, stop: Option<usize>| TrainOptions {
             batch_size: 4,
             seed: 3,

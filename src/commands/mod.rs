@@ -17,6 +17,7 @@ use crate::model_file::{
 use crate::train::{self, progress_bar, TrainOptions};
 
 pub mod station;
+pub mod teach;
 
 /// Where the backbone weights are installed by `models/get-weights.sh`.
 pub const DEFAULT_BACKBONE: &str = "models/efficientnet-lite0.safetensors";

@@ -92,6 +92,14 @@ pub const ENTRY: MethodEntry = MethodEntry {
     },
 };
 
+/// Entries and bytes of the patch bank among a memory-bank model file's tensors (none for other
+/// methods' files).
+pub fn bank_size(tensors: &HashMap<String, Tensor>) -> Option<(usize, usize)> {
+    let bank = tensors.get(BANK)?;
+    let (entries, dims) = bank.dims2().ok()?;
+    Some((entries, entries * dims * bank.dtype().size_in_bytes()))
+}
+
 fn parse(setup: &Setup) -> Result<MemoryBankConfig> {
     let cfg: MemoryBankConfig = config_check::parse("memory-bank", setup.config.clone())?;
     cfg.validate()?;
@@ -116,6 +124,10 @@ const IMAGES: &str = "bank.images";
 const CENTRE: &str = "bank.centre";
 const SCALE_PATCH: &str = "scale.patch";
 const SCALE_IMAGE: &str = "scale.image";
+/// The fewest validation images the fusion standardises on: with two or three, the fused
+/// validation scores can all but coincide (each score's z-values are ±1 and may cancel), and so
+/// would the statistics a calibration is checked against.
+pub const MIN_FUSION_VALIDATION: usize = 5;
 /// Rng streams of the seed: the projection, the selection's projection, its first centre.
 const PROJECTION_STREAM: u64 = 0x9e0;
 const SELECTION_STREAM: u64 = 0x5e1;
@@ -603,18 +615,19 @@ impl MemoryBank {
     /// The end of the scale phase: both scores' statistics on the validation images.
     fn fit_scale(&mut self, fit: &FitContext) -> Result<Vec<(&'static str, f32)>> {
         self.scale = Scale::default();
-        if fit.validation.len() < 2 {
-            if self.cfg.fusion {
-                return Err(Error::invalid(
-                    "memory bank fusion",
-                    format!(
-                        "standardises both scores on the defect-free validation images, and there \
-                         are {}: give at least 2 (--validation-fraction), or set fusion = false",
-                        fit.validation.len()
-                    ),
-                ));
-            }
+        if !self.cfg.fusion {
             return Ok(Vec::new());
+        }
+        if fit.validation.len() < MIN_FUSION_VALIDATION {
+            return Err(Error::invalid(
+                "memory bank fusion",
+                format!(
+                    "standardises both scores on the defect-free validation images, and there \
+                     are {}: give at least {MIN_FUSION_VALIDATION} (--validation-fraction), or set \
+                     fusion = false",
+                    fit.validation.len()
+                ),
+            ));
         }
         fit.bar.set_length(fit.validation.len() as u64);
         fit.bar.set_message("validation scores");
