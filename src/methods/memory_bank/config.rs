@@ -29,6 +29,11 @@ pub struct MemoryBankConfig {
     /// Feature cells at each border left out of the image score (the anomaly map keeps them):
     /// zero padding makes border features unlike any training position.
     pub score_margin: usize,
+    /// The image score is the maximum of the distances averaged over `score_window` ×
+    /// `score_window` cells (those inside the map), so that one odd position weighs less than a
+    /// defect's cluster of them; 1 = the single positions' maximum (PatchCore). Odd. The anomaly
+    /// map is not averaged.
+    pub score_window: usize,
     /// Fuse the patch score with the image-level nearest-neighbour distance (the image's mean
     /// feature against each training image's), each standardised on the defect-free validation
     /// images. Off: the image score is the patch score alone.
@@ -47,6 +52,7 @@ impl Default for MemoryBankConfig {
             bank_max_bytes: 16 << 20,
             selection_dims: 64,
             score_margin: 3,
+            score_window: 1,
             fusion: true,
             smoothing_sigma: 4.0,
         }
@@ -77,6 +83,16 @@ impl MemoryBankConfig {
                 format!(
                     "{} must be odd (centred on the position)",
                     self.neighbourhood
+                ),
+            ));
+        }
+        at_least("score_window", self.score_window, 1)?;
+        if self.score_window.is_multiple_of(2) {
+            return Err(Error::config(
+                "score_window",
+                format!(
+                    "{} must be odd (centred on the position)",
+                    self.score_window
                 ),
             ));
         }

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use self::features::{neighbourhood_mean, neighbourhood_mean_candle, random_projection, Projector};
 use self::search::{nearest_sq_candle, PackedBank};
@@ -58,7 +58,7 @@ pub const ENTRY: MethodEntry = MethodEntry {
     tiny_config: || {
         serde_json::json!({
             "taps": [2, 4], "projection": 16, "selection_dims": 8, "bank_ratio": 0.25,
-            "score_margin": 0
+            "score_margin": 0, "score_window": 3
         })
     },
     create: |setup: &Setup, backbone: &Path| {
@@ -376,6 +376,32 @@ impl MemoryBank {
         }
     }
 
+    /// Each image's patch score from its `[h, w]` distances (one image after another): the
+    /// maximum inside the margin of the distances averaged over `score_window` cells.
+    fn patch_scores(&self, per_position: &[f32]) -> Vec<f32> {
+        let (h, w) = self.grid;
+        let (rows, cols) = self.margin();
+        let r = self.cfg.score_window / 2;
+        per_position
+            .chunks_exact(h * w)
+            .map(|map| {
+                let mut best = f32::NEG_INFINITY;
+                for y in rows.clone() {
+                    let ys = y.saturating_sub(r)..(y + r + 1).min(h);
+                    for x in cols.clone() {
+                        let xs = x.saturating_sub(r)..(x + r + 1).min(w);
+                        let sum: f32 = ys
+                            .clone()
+                            .flat_map(|yy| &map[yy * w + xs.start..yy * w + xs.end])
+                            .sum();
+                        best = best.max(sum / (ys.len() * xs.len()) as f32);
+                    }
+                }
+                best
+            })
+            .collect()
+    }
+
     /// Both scores of a batch, on the fast kernels where `fast` and on the CPU.
     fn raw(
         &self,
@@ -398,7 +424,6 @@ impl MemoryBank {
             self.extractor.extract_reference(images)?
         };
         lap("features")?;
-        let (rows, cols) = self.margin();
         let (per_position, patch, image) = match fast_banks {
             Some((bank, image_bank)) => {
                 let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
@@ -412,14 +437,7 @@ impl MemoryBank {
                 image_bank.nearest_sq(self.kernels, &s.means, &mut s.image_nearest)?;
                 lap("search")?;
                 let per_position: Vec<f32> = s.nearest.iter().map(|d| d.sqrt()).collect();
-                let patch = per_position
-                    .chunks_exact(positions)
-                    .map(|map| {
-                        rows.clone()
-                            .flat_map(|y| map[y * w + cols.start..y * w + cols.end].iter())
-                            .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
-                    })
-                    .collect();
+                let patch = self.patch_scores(&per_position);
                 let image = s.image_nearest.iter().map(|d| d.sqrt()).collect();
                 let per_position = Tensor::from_vec(per_position, (batch, h, w), images.device())?;
                 (per_position, patch, image)
@@ -434,12 +452,7 @@ impl MemoryBank {
                     .sqrt()?
                     .to_vec1::<f32>()?;
                 lap("search")?;
-                let patch = per_position
-                    .narrow(1, rows.start, rows.len())?
-                    .narrow(2, cols.start, cols.len())?
-                    .flatten_from(1)?
-                    .max(D::Minus1)?
-                    .to_vec1::<f32>()?;
+                let patch = self.patch_scores(&per_position.flatten_all()?.to_vec1::<f32>()?);
                 (per_position, patch, image)
             }
         };
