@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::methods::config_check::{at_least, finite_in};
+use crate::methods::config_check::{centred_window, finite_in, lite0_taps};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -61,41 +61,9 @@ impl Default for MemoryBankConfig {
 
 impl MemoryBankConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.taps.is_empty() {
-            return Err(Error::config("taps", "needs at least one backbone block"));
-        }
-        if let Some(&bad) = self.taps.iter().find(|&&t| t > 15) {
-            return Err(Error::config(
-                "taps",
-                format!("block {bad} does not exist (EfficientNet-Lite0 has blocks 0..=15)"),
-            ));
-        }
-        if self.taps.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::config(
-                "taps",
-                format!("{:?} must be strictly increasing", self.taps),
-            ));
-        }
-        at_least("neighbourhood", self.neighbourhood, 1)?;
-        if self.neighbourhood.is_multiple_of(2) {
-            return Err(Error::config(
-                "neighbourhood",
-                format!(
-                    "{} must be odd (centred on the position)",
-                    self.neighbourhood
-                ),
-            ));
-        }
-        at_least("score_window", self.score_window, 1)?;
-        if self.score_window.is_multiple_of(2) {
-            return Err(Error::config(
-                "score_window",
-                format!(
-                    "{} must be odd (centred on the position)",
-                    self.score_window
-                ),
-            ));
-        }
+        lite0_taps("taps", &self.taps)?;
+        centred_window("neighbourhood", self.neighbourhood)?;
+        centred_window("score_window", self.score_window)?;
         if !(self.bank_ratio.is_finite() && self.bank_ratio > 0.0 && self.bank_ratio <= 1.0) {
             return Err(Error::config(
                 "bank_ratio",
