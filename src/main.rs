@@ -202,6 +202,48 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// Teach a product at the line: capture defect-free parts from the station's source and
+    /// trigger, build the detector (memory bank), calibrate it, and install model and calibration
+    /// at the station file's paths (a running station swaps them in).
+    Teach {
+        /// Station file (its source, trigger, model and calibration paths).
+        #[arg(long)]
+        config: PathBuf,
+        /// Defect-free parts to capture.
+        #[arg(long)]
+        count: usize,
+        /// Share of the parts kept out of training to calibrate on.
+        #[arg(long, default_value_t = 0.25)]
+        calibration_share: f64,
+        /// Target false-reject rate (default: the station's current calibration's, else 0.005).
+        #[arg(long)]
+        target_frr: Option<f64>,
+        #[arg(long, default_value = "memory-bank")]
+        method: String,
+        /// TOML file of method hyper-parameters.
+        #[arg(long)]
+        method_config: Option<PathBuf>,
+        /// Override one hyper-parameter, e.g. `--set bank_ratio=0.02` (repeatable).
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Model input height (default: the station's current model's, else from the parts).
+        #[arg(long)]
+        height: Option<usize>,
+        /// Model input width (default: the station's current model's, else from the parts).
+        #[arg(long)]
+        width: Option<usize>,
+        /// Teach folder for the parts, the model and the replaced pair (default: teach-<time>
+        /// beside the station's model).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Backbone weights (installed by models/get-weights.sh).
+        #[arg(long, default_value = commands::DEFAULT_BACKBONE)]
+        backbone: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// The demo: synthetic product → train → calibrate → station with its serial signal on a
     /// pseudo-terminal pair, printing each line the PLC receives.
     Demo {
@@ -613,6 +655,76 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let files =
                 commands::station::capture(&config, &out, count).context("capture failed")?;
             println!("stored {} parts in {}", files.len(), out.display());
+        }
+        Command::Teach {
+            config,
+            count,
+            calibration_share,
+            target_frr,
+            method,
+            method_config,
+            set,
+            height,
+            width,
+            out,
+            backbone,
+            seed,
+            run,
+        } => {
+            let args = commands::teach::TeachArgs {
+                config,
+                count,
+                calibration_share,
+                target_frr,
+                method,
+                method_config,
+                set,
+                height,
+                width,
+                out,
+                backbone,
+                seed,
+                run: run.into(),
+            };
+            let t = commands::teach::teach(&args).context("teach failed")?;
+            let c = &t.calibration;
+            println!(
+                "taught {} parts in {:.1} s (capture {:.1} s, build {:.1} s, calibration {:.1} s): \
+                 {} training, {} validation, {} calibration images",
+                t.captured,
+                t.seconds.0 + t.seconds.1 + t.seconds.2,
+                t.seconds.0,
+                t.seconds.1,
+                t.seconds.2,
+                t.train_images,
+                t.validation_images,
+                t.calibration_images
+            );
+            if let Some((entries, bytes)) = t.bank {
+                println!(
+                    "memory bank: {entries} entries, {:.1} MiB",
+                    bytes as f64 / (1u64 << 20) as f64
+                );
+            }
+            println!(
+                "threshold {:.6} for target false-reject rate {}: {} of {} calibration parts \
+                 rejected (observed {:.4}, {:.0}% upper bound {:.4}); a trustworthy bound at the \
+                 target needs {} defect-free parts with none rejected",
+                c.threshold,
+                c.target_frr,
+                c.counts.good_rejected,
+                c.counts.good,
+                c.false_reject.observed,
+                c.confidence * 100.0,
+                c.false_reject.upper_bound,
+                c.images_needed
+            );
+            println!(
+                "installed {} and {}; parts, model and the replaced pair in {}",
+                t.model.display(),
+                t.calibration_path.display(),
+                t.folder.display()
+            );
         }
         Command::Demo {
             out,

@@ -1,7 +1,8 @@
 //! The tests every registered method runs, driven by the registry and each method's tiny config,
-//! so a new method cannot skip them: every trainable parameter receives a non-zero gradient and no
-//! frozen tensor changes; the model file round-trips and scores identically; a resumed training
-//! ends with the same model; the fast CPU path agrees with the reference path.
+//! so a new method cannot skip them: every trainable parameter receives a non-zero gradient, every
+//! phase fitted without steps changes the method's fitted state, and no frozen tensor changes; the
+//! model file round-trips and scores identically; a resumed training ends with the same model; the
+//! fast CPU path agrees with the reference path.
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,8 @@ use candle_core::{Device, Tensor};
 use vigil::commands;
 use vigil::data::{batch_tensor, Image, InputSpec, Mask};
 use vigil::methods::{
-    self, Defective, Method, MethodEntry, PhaseInput, Setup, TrainBatch, TrainSet, REGISTRY,
+    self, Defective, FitContext, Learning, Method, MethodEntry, PhaseInput, Setup, TrainBatch,
+    TrainSet, REGISTRY,
 };
 use vigil::model_file::{self, ModelMeta, Preprocessing, ScoreStats, TrainingInfo};
 use vigil::rng::Rng;
@@ -20,6 +22,8 @@ mod common;
 use common::max_abs_diff;
 
 const SIDE: usize = 32;
+/// Defect-free validation images: enough for the memory bank's fusion to standardise on.
+const VALIDATION: usize = 6;
 
 fn backbone() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE)
@@ -116,6 +120,47 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// One pass of a phase fitted without steps, on the whole training set (the scale-like phases
+/// read the validation images).
+fn fit_phase(
+    method: &mut dyn Method,
+    phase: usize,
+    set: &TrainSet,
+    validation: &[Image],
+) -> Result<()> {
+    for chunk in set.good.chunks(4) {
+        let good: Vec<&Image> = chunk.iter().collect();
+        let features = match method.phases()[phase].input {
+            PhaseInput::Features => {
+                Some(method.encode_frozen(&batch_tensor(&good, &Device::Cpu)?)?)
+            }
+            PhaseInput::Images => None,
+        };
+        let batch = TrainBatch {
+            phase,
+            epoch: 0,
+            good,
+            features,
+            defects: &set.defects,
+        };
+        method.observe(&batch, &mut Rng::new(4))?;
+    }
+    let bar = indicatif::ProgressBar::hidden();
+    let fit = FitContext {
+        phase,
+        validation,
+        batch_size: 4,
+        bar: &bar,
+    };
+    method.conclude(&fit, &mut Rng::new(4))?;
+    method.weights_changed();
+    Ok(())
+}
+
+/// Every phase proves it learns: a phase of steps gives every parameter of each group it trains a
+/// non-zero gradient (and together they train every group); a fitted phase changes or adds a
+/// tensor of the method's fitted state. A method with no trainable parameter is held to the second
+/// check for all of its phases, so none passes by having nothing to check.
 #[test]
 fn every_trainable_parameter_gets_a_gradient_and_no_frozen_tensor_changes() -> Result<()> {
     for entry in REGISTRY {
@@ -123,13 +168,33 @@ fn every_trainable_parameter_gets_a_gradient_and_no_frozen_tensor_changes() -> R
             let what = format!("{} ({channels} channels)", entry.name);
             let mut method = build(entry, channels)?;
             let set = train_set(entry, channels);
+            let validation = good_images(VALIDATION, channels, 7);
             method.prepare(&set)?;
             let groups = method.train_state().group_names();
             let mut covered = BTreeSet::new();
             let mut trainable = BTreeSet::new();
             for phase in 0..method.phases().len() {
+                if method.learning(phase) == Learning::Fitted {
+                    let before = method.extra_state()?;
+                    fit_phase(method.as_mut(), phase, &set, &validation)?;
+                    let after = method.extra_state()?;
+                    let changed = after.iter().any(|(name, t)| {
+                        before
+                            .get(name)
+                            .is_none_or(|b| b.dims() != t.dims() || values(b) != values(t))
+                    });
+                    assert!(
+                        changed,
+                        "{what}: fitted phase {phase} changed none of the method's fitted state"
+                    );
+                    continue;
+                }
                 let batch = batch(method.as_ref(), phase, &set)?;
                 let losses = method.step_losses(&batch, &mut Rng::new(4))?;
+                assert!(
+                    !losses.objectives.is_empty(),
+                    "{what}: phase {phase} of steps has no objective"
+                );
                 for (group, loss) in losses.objectives {
                     let grads = loss.backward()?;
                     for (name, var) in method.train_state().group_vars(group)? {
@@ -152,8 +217,8 @@ fn every_trainable_parameter_gets_a_gradient_and_no_frozen_tensor_changes() -> R
                 "{what}: a parameter group no phase trains"
             );
 
-            // One real step of every phase changes nothing but parameters, buffers and the
-            // method's own statistics.
+            // One more pass of every phase (a step, or a fit) changes nothing but parameters,
+            // buffers and the method's own fitted state and statistics.
             let not_frozen: BTreeSet<String> = trainable
                 .into_iter()
                 .chain(method.train_state().buffer_names()?)
@@ -161,8 +226,12 @@ fn every_trainable_parameter_gets_a_gradient_and_no_frozen_tensor_changes() -> R
                 .collect();
             let before = method.tensors()?;
             for phase in 0..method.phases().len() {
-                let batch = batch(method.as_ref(), phase, &set)?;
-                methods::step(method.as_mut(), &batch, &mut Rng::new(5))?;
+                if method.learning(phase) == Learning::Fitted {
+                    fit_phase(method.as_mut(), phase, &set, &validation)?;
+                } else {
+                    let batch = batch(method.as_ref(), phase, &set)?;
+                    methods::step(method.as_mut(), &batch, &mut Rng::new(5))?;
+                }
             }
             let after = method.tensors()?;
             let frozen: Vec<&String> = before.keys().filter(|k| !not_frozen.contains(*k)).collect();
@@ -199,7 +268,7 @@ fn meta_for(entry: &MethodEntry, method: &dyn Method, channels: usize) -> Result
             data_fingerprint: "synthetic".into(),
             train_images: 12,
             defects: Vec::new(),
-            validation_images: 4,
+            validation_images: VALIDATION,
             seed: 3,
             date: "2026-12-02T00:00:00Z".into(),
             vigil_version: "test".into(),
@@ -233,7 +302,7 @@ fn a_trained_model_round_trips_resumes_exactly_and_its_fast_path_agrees() -> Res
         let channels = 1;
         let what = entry.name;
         let set = train_set(entry, channels);
-        let validation = good_images(4, channels, 7);
+        let validation = good_images(VALIDATION, channels, 7);
         let opts = |ckpt: &str, resume: bool, stop: Option<usize>| TrainOptions {
             batch_size: 4,
             seed: 3,

@@ -506,11 +506,11 @@ fn reject_pulse_follows_encoder_counts_whatever_the_belt_speed() {
 fn audit_folder_keeps_the_newest_parts_within_its_bounds() {
     let dir = tempfile::tempdir().unwrap();
     let image = vigil::data::Image::zeros(1, 16, 16);
-    let mut audit = Audit::open(dir.path(), 3, 1 << 30, 0, (0.0, 1.0), 16 * 16 * 4).unwrap();
+    let mut audit = Audit::open(dir.path(), 3, 1 << 30, 0, 16 * 16 * 4).unwrap();
     for id in 0..5 {
         let mut d = decided(id, Verdict::Ng, Some(1.0), None);
         d.captured_wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + id);
-        d.evidence = Some((image.clone(), vec![0.5; 256]));
+        d.evidence = Some((image.clone(), vec![0.5; 256], (0.0, 1.0)));
         audit.store(&d, "{}").unwrap();
     }
     assert_eq!(audit.parts(), 3);
@@ -524,7 +524,7 @@ fn audit_folder_keeps_the_newest_parts_within_its_bounds() {
     // Reopened with a byte bound below what is there: the oldest go until it fits.
     let total = audit.bytes();
     drop(audit);
-    let audit = Audit::open(dir.path(), 10, total - 1, 0, (0.0, 1.0), 16 * 16 * 4).unwrap();
+    let audit = Audit::open(dir.path(), 10, total - 1, 0, 16 * 16 * 4).unwrap();
     assert_eq!(audit.parts(), 2);
     assert!(!dir.path().join(&names[0]).exists());
 }

@@ -19,6 +19,7 @@ use crate::train::{self, progress_bar, EpochObserver, TrainOptions};
 
 pub mod select;
 pub mod station;
+pub mod teach;
 
 /// Where the backbone weights are installed by `models/get-weights.sh`.
 pub const DEFAULT_BACKBONE: &str = "models/efficientnet-lite0.safetensors";

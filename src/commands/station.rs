@@ -1,17 +1,20 @@
 //! `vigil run`, `vigil capture` (teach mode) and `vigil demo` as library functions.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use indicatif::ProgressBar;
 
 use super::{calibrate, train, CalibrateArgs, RunOptions, TrainArgs};
 use crate::data::dataset::DataSource;
 use crate::data::synth::{self, SynthConfig};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
-use crate::station::config::StationConfig;
-use crate::station::source;
-use crate::station::{pty, Controls, Frame, Hooks, Summary};
+use crate::station::config::{StationConfig, TriggerConfig};
+use crate::station::protocol::Command;
+use crate::station::{pty, serial, source};
+use crate::station::{Controls, Frame, Hooks, Summary};
 
 /// Runs the station of `config` until its source ends or SIGTERM/SIGINT; SIGHUP reloads the
 /// calibration.
@@ -28,43 +31,132 @@ pub fn run(config: &Path) -> Result<Summary> {
 }
 
 /// Teach mode: stores `count` parts from the configured source in `out` as training images
-/// (files are copied as they are; frames in memory are written as PNG).
+/// (files are copied as they are; frames in memory are written as PNG), each at the station's
+/// trigger.
 pub fn capture(config: &Path, out: &Path, count: usize) -> Result<Vec<PathBuf>> {
     let cfg = StationConfig::load(config)?;
-    let mut source = source::from_config(&cfg.source)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    capture_parts(&cfg, count, &ProgressBar::hidden(), |index| {
+        Ok(out.join(format!("{index:05}")))
+    })
+}
+
+/// Stores `count` parts of the station's source, each when the station's trigger says (a `TRIG`
+/// line on its serial port, a GPIO edge) or at the source's own pace, at the path `place` gives
+/// for its index (a file keeps its extension, a frame in memory is written as PNG). Fewer when
+/// the source ends. `bar` counts the parts.
+pub fn capture_parts(
+    cfg: &StationConfig,
+    count: usize,
+    bar: &ProgressBar,
+    mut place: impl FnMut(usize) -> Result<PathBuf>,
+) -> Result<Vec<PathBuf>> {
+    let mut source = source::from_config(&cfg.source)?;
     source.open()?;
+    let (trigger, _running) = capture_trigger(cfg)?;
     let period = (source.rate_hz() > 0.0)
         .then(|| std::time::Duration::from_secs_f64(1.0 / source.rate_hz()));
+    bar.set_length(count as u64);
     let mut written = Vec::with_capacity(count);
     while written.len() < count {
         let start = Instant::now();
+        if let Some(trigger) = &trigger {
+            trigger.recv().map_err(|_| {
+                Error::Device("the trigger stopped before every part was captured".into())
+            })?;
+        }
         let Some((name, frame)) = source.grab()? else {
             break;
         };
-        let index = written.len();
+        let stem = place(written.len())?;
         let path = match frame {
             Frame::File(src) => {
                 let ext = src
                     .extension()
                     .map_or("png".into(), |e| e.to_string_lossy().into_owned());
-                let dst = out.join(format!("{index:05}.{ext}"));
+                let dst = stem.with_extension(ext);
                 std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
                 dst
             }
             Frame::Pixels(image) => {
-                let dst = out.join(format!("{index:05}.png"));
+                let dst = stem.with_extension("png");
                 crate::data::image::save_png(&image, &dst)?;
                 dst
             }
         };
-        log::info!("captured {name} -> {}", path.display());
+        log::debug!("captured {name} -> {}", path.display());
         written.push(path);
-        if let Some(p) = period {
+        bar.inc(1);
+        if let (Some(p), None) = (period, &trigger) {
             std::thread::sleep(p.saturating_sub(start.elapsed()));
         }
     }
     Ok(written)
+}
+
+/// Clears its flag when dropped: the trigger's thread of a capture then ends.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The station's trigger for a capture: none when the source sets the pace, else a channel that
+/// receives one message per `TRIG` line on the serial port or per edge on the GPIO line, while
+/// the returned guard lives.
+fn capture_trigger(
+    cfg: &StationConfig,
+) -> Result<(Option<crossbeam_channel::Receiver<()>>, Running)> {
+    let running = Arc::new(AtomicBool::new(true));
+    let guard = Running(running.clone());
+    let (tx, rx) = crossbeam_channel::bounded::<()>(16);
+    match &cfg.trigger {
+        TriggerConfig::FreeRun => return Ok((None, guard)),
+        TriggerConfig::Serial => {
+            let scfg = cfg
+                .serial
+                .as_ref()
+                .ok_or_else(|| Error::config("trigger.kind", "`serial` needs a [serial] table"))?;
+            let port = serial::open_port(scfg)?;
+            let sink: serial::CommandSink = Arc::new(move |cmd| {
+                if cmd == Command::Trigger && tx.try_send(()).is_err() {
+                    log::warn!("TRIG while {} parts wait to be captured: ignored", tx.len());
+                }
+            });
+            std::thread::Builder::new()
+                .name("capture-trigger".into())
+                .spawn(move || serial::read_commands(port, running, sink))
+                .map_err(|e| Error::Device(format!("cannot start the trigger reader: {e}")))?;
+        }
+        #[cfg(feature = "gpio")]
+        TriggerConfig::Gpio { chip, line, edge } => {
+            // Its thread watches a stop flag: set by a watcher of ours when the guard goes.
+            let stop = Arc::new(AtomicBool::new(false));
+            crate::station::gpio::cdev::spawn_trigger(
+                chip,
+                *line,
+                edge == "rising",
+                tx,
+                stop.clone(),
+            )?;
+            std::thread::spawn(move || {
+                while running.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                stop.store(true, Ordering::Relaxed);
+            });
+        }
+        #[cfg(not(feature = "gpio"))]
+        TriggerConfig::Gpio { .. } => {
+            return Err(Error::config(
+                "trigger.kind",
+                "`gpio` needs a vigil built with `--features gpio`",
+            ))
+        }
+    }
+    Ok((Some(rx), guard))
 }
 
 #[derive(Clone, Debug)]

@@ -240,7 +240,11 @@ fn write_worst_cases(test: &[Loaded], scored: &Scored, meta: &ModelMeta, dir: &P
 /// Heatmap colour range from the validation statistics in the model file, so overlays of
 /// different parts (and runs) are comparable.
 pub fn heatmap_range(meta: &ModelMeta) -> (f32, f32) {
-    let v = &meta.validation;
+    map_range(&meta.validation)
+}
+
+/// [`heatmap_range`] of a model's validation score statistics.
+pub fn map_range(v: &crate::model_file::ScoreStats) -> (f32, f32) {
     let lo = v.map_p50;
     let hi = v.max.max(v.map_p99);
     if hi > lo {

@@ -16,6 +16,7 @@ pub mod anomaly_map;
 pub(crate) mod config_check;
 mod fast_snapshot;
 pub mod fcdd;
+pub mod memory_bank;
 pub mod nf_bmr;
 pub mod ocr_gan;
 
@@ -49,6 +50,29 @@ pub enum Selection {
     /// of synthetic anomaly (as `kind` spells them in configs) the phase itself learns from; they
     /// are left out of the yardstick, so a method is never selected by what it was taught.
     Separation { trained_on: Vec<&'static str> },
+}
+
+/// How a training phase changes the method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learning {
+    /// Optimiser steps on the losses of [`Method::step_losses`], epoch after epoch.
+    Steps,
+    /// No optimiser: one pass over the training images in which [`Method::observe`] sees every
+    /// batch, then [`Method::conclude`] fits the method from what it saw (a memory bank, feature
+    /// statistics). The phase's `epochs`, `min_steps` and `batch` do not apply.
+    Fitted,
+}
+
+/// What [`Method::conclude`] gets at the end of a fitted phase's pass.
+pub struct FitContext<'a> {
+    /// Index into [`Method::phases`].
+    pub phase: usize,
+    /// The defect-free validation images, kept out of training.
+    pub validation: &'a [Image],
+    /// Images per batch when the fit scores images.
+    pub batch_size: usize,
+    /// For the fit's own progress (hidden when the training shows none).
+    pub bar: &'a indicatif::ProgressBar,
 }
 
 /// One stage of a method's training, trained in order (NF-BMR: the flow, then the mapping nets).
@@ -167,6 +191,32 @@ pub trait Method: Send {
     /// resumed training draws the same) is for the step's own randomness, such as synthetic
     /// anomalies.
     fn step_losses(&mut self, batch: &TrainBatch, rng: &mut Rng) -> Result<StepLosses>;
+
+    /// How phase `phase` learns.
+    fn learning(&self, phase: usize) -> Learning {
+        let _ = phase;
+        Learning::Steps
+    }
+
+    /// One batch of a [`Learning::Fitted`] phase's pass (what [`Method::step_losses`] is to a
+    /// phase of steps); `rng` as there.
+    fn observe(&mut self, batch: &TrainBatch, rng: &mut Rng) -> Result<()> {
+        let _ = (batch, rng);
+        Err(Error::invalid(
+            "training phase",
+            format!("{} has no phase fitted without steps", self.name()),
+        ))
+    }
+
+    /// The end of a [`Learning::Fitted`] phase's pass: fits the method from what
+    /// [`Method::observe`] saw. Returns the values to log (as a step's logged losses).
+    fn conclude(&mut self, fit: &FitContext, rng: &mut Rng) -> Result<Vec<(&'static str, f32)>> {
+        let _ = (fit, rng);
+        Err(Error::invalid(
+            "training phase",
+            format!("{} has no phase fitted without steps", self.name()),
+        ))
+    }
 
     /// The trainable parameters, their optimisers and buffers.
     fn train_state(&self) -> &TrainState;
@@ -352,7 +402,12 @@ pub struct MethodEntry {
 }
 
 /// Every method vigil implements.
-pub const REGISTRY: &[MethodEntry] = &[nf_bmr::ENTRY, ocr_gan::ENTRY, fcdd::ENTRY];
+pub const REGISTRY: &[MethodEntry] = &[
+    nf_bmr::ENTRY,
+    ocr_gan::ENTRY,
+    fcdd::ENTRY,
+    memory_bank::ENTRY,
+];
 
 /// The registered method `name`.
 pub fn entry(name: &str) -> Result<&'static MethodEntry> {

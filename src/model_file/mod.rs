@@ -268,9 +268,19 @@ pub fn read_tensors(
 /// Reads and validates a model file's metadata, checksum and tensors.
 pub fn load(path: &Path, device: &Device) -> Result<(ModelMeta, HashMap<String, Tensor>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let meta = parse_meta(path, &bytes)?;
+    load_bytes(path, &bytes, device)
+}
+
+/// [`load`] of a model file's bytes already read (`path` names it in errors): what was checked is
+/// exactly what was read, as a digest of the same bytes names it.
+pub fn load_bytes(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<(ModelMeta, HashMap<String, Tensor>)> {
+    let meta = parse_meta(path, bytes)?;
     let tensors =
-        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::ModelFile {
+        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| Error::ModelFile {
             path: path.into(),
             reason: format!("tensor data unreadable (truncated or corrupt file?): {e}"),
         })?;

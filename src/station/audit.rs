@@ -14,7 +14,6 @@ pub struct Audit {
     max_parts: usize,
     max_bytes: u64,
     min_free_bytes: u64,
-    map_range: (f32, f32),
     /// Stored parts, oldest first: (name prefix, bytes).
     parts: VecDeque<(String, u64)>,
     bytes: u64,
@@ -76,7 +75,6 @@ impl Audit {
         max_parts: usize,
         max_bytes: u64,
         min_free_bytes: u64,
-        map_range: (f32, f32),
         part_bytes_estimate: u64,
     ) -> Result<Audit> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -104,7 +102,6 @@ impl Audit {
             max_parts,
             max_bytes,
             min_free_bytes,
-            map_range,
             bytes: parts.iter().map(|p| p.1).sum(),
             parts,
             capacity_warning,
@@ -216,10 +213,10 @@ impl Audit {
     fn write_part(&self, prefix: &str, part: &Decided, json: &str) -> Result<()> {
         let json_path = self.dir.join(format!("{prefix}.json"));
         std::fs::write(&json_path, format!("{json}\n")).map_err(|e| Error::io(&json_path, e))?;
-        if let Some((image, map)) = &part.evidence {
+        if let Some((image, map, range)) = &part.evidence {
             crate::data::image::save_png(image, &self.dir.join(format!("{prefix}.png")))?;
             let overlay = self.dir.join(format!("{prefix}-heatmap.png"));
-            crate::report::heatmap_overlay(image, map, self.map_range, None, &overlay)?;
+            crate::report::heatmap_overlay(image, map, *range, None, &overlay)?;
         }
         Ok(())
     }
@@ -239,13 +236,13 @@ mod tests {
         let map = (0..64).map(|i| i as f32 / 64.0).collect();
         Decided {
             normalized: Some(0.75),
-            evidence: Some((image, map)),
+            evidence: Some((image, map, (0.0, 1.0))),
             ..Decided::for_test(id, Verdict::Ng, Some(0.9), None)
         }
     }
 
     fn open(dir: &Path, max_bytes: u64, min_free_bytes: u64) -> Audit {
-        Audit::open(dir, 10, max_bytes, min_free_bytes, (0.0, 1.0), 64 + 3 * 64).unwrap()
+        Audit::open(dir, 10, max_bytes, min_free_bytes, 64 + 3 * 64).unwrap()
     }
 
     fn files(dir: &Path) -> usize {

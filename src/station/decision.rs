@@ -84,19 +84,9 @@ pub struct Decider {
     path: PathBuf,
     model_sha256: String,
     validation: ScoreStats,
-    /// sha256 of the calibration file as last read (None: unreadable then).
-    read_digest: Option<String>,
     roi: Option<Mask>,
     pub deadline: Duration,
     pub on_failure: OnFailure,
-}
-
-/// The file's content digest: a calibration replaced in place with the same modification time
-/// (or copied with its old one) is still seen as changed.
-fn digest(path: &Path) -> Option<String> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| crate::digest::sha256_hex(&bytes))
 }
 
 /// Loads a calibration and checks it was made for this model and that its threshold is
@@ -123,7 +113,6 @@ impl Decider {
         deadline: Duration,
         on_failure: OnFailure,
     ) -> Result<Decider> {
-        let read_digest = digest(path);
         let calibration = load_checked(path, model_sha256, validation)?;
         if crate::calibration::plausible_range(validation).is_none() {
             log::warn!(
@@ -135,7 +124,6 @@ impl Decider {
             path: path.to_path_buf(),
             model_sha256: model_sha256.to_string(),
             validation: validation.clone(),
-            read_digest,
             roi,
             deadline,
             on_failure,
@@ -149,7 +137,6 @@ impl Decider {
     /// Reads the calibration file again. A file that does not parse or was made for another
     /// model is refused and the one in force stays.
     pub fn reload(&mut self) -> std::result::Result<f32, String> {
-        self.read_digest = digest(&self.path);
         match load_checked(&self.path, &self.model_sha256, &self.validation) {
             Ok(cal) => {
                 self.calibration = cal;
@@ -159,9 +146,13 @@ impl Decider {
         }
     }
 
-    /// True when the file's content changed since it was last read.
-    pub fn file_changed(&self) -> bool {
-        digest(&self.path) != self.read_digest
+    /// Judges with the calibration of a new model from now on (it was checked against that
+    /// model's digest and validation scores); returns its threshold.
+    pub fn switch_to(&mut self, switch: super::reload::Switch) -> f32 {
+        self.calibration = switch.calibration;
+        self.model_sha256 = switch.model_sha256;
+        self.validation = switch.validation;
+        self.calibration.threshold
     }
 
     /// The score the threshold applies to: the model's score, or the map's maximum in the ROI.
@@ -223,7 +214,9 @@ impl Decider {
         };
         let evidence = if keep_evidence && verdict != Verdict::Ok {
             match (part.image.take(), part.scored.take()) {
-                (Some(image), Some((_, map))) => Some((image, map)),
+                (Some(image), Some((_, map))) => {
+                    Some((image, map, crate::eval::map_range(&self.validation)))
+                }
                 _ => None,
             }
         } else {

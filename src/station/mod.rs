@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod protocol;
 pub mod pty;
 pub mod queue;
+pub mod reload;
 pub mod serial;
 pub mod source;
 pub mod stages;
@@ -62,6 +63,9 @@ pub struct Part {
     pub failure: Option<String>,
     /// The start-up image that proves the pipeline works; it gets no verdict.
     pub self_test: bool,
+    /// Not a part: the marker of a new model taking over, with what the decision stage switches
+    /// to ([`reload`]); it gets no verdict.
+    pub switch: Option<Box<reload::Switch>>,
 }
 
 impl Part {
@@ -77,6 +81,7 @@ impl Part {
             scored: None,
             failure: None,
             self_test: false,
+            switch: None,
         }
     }
 
@@ -127,8 +132,9 @@ pub struct Decided {
     pub captured: Instant,
     pub captured_wall: SystemTime,
     pub timings: [Duration; 5],
-    /// Image and anomaly map, kept only for rejected parts when auditing.
-    pub evidence: Option<(Image, Vec<f32>)>,
+    /// Image, anomaly map and the map's colour range (of the model that scored it), kept only for
+    /// rejected parts when auditing.
+    pub evidence: Option<(Image, Vec<f32>, (f32, f32))>,
 }
 
 impl Decided {
@@ -169,6 +175,9 @@ pub enum Event {
     Fault(String),
     /// Answer to a reload request: the new threshold, or why the old one stays.
     Reloaded(std::result::Result<f32, String>),
+    /// A new model and calibration took over (their threshold and the model's digest), or why
+    /// the running pair stays.
+    ModelReloaded(std::result::Result<(f32, String), String>),
     /// Answer to a status request.
     Status(String),
 }

@@ -135,6 +135,12 @@ impl Outputs {
                 Event::Reloaded(Err(r)) => {
                     serde_json::json!({"event": "reload_refused", "reason": r})
                 }
+                Event::ModelReloaded(Ok((t, sha))) => serde_json::json!({
+                    "event": "model_reloaded", "threshold": t, "model_sha256": sha
+                }),
+                Event::ModelReloaded(Err(r)) => {
+                    serde_json::json!({"event": "model_reload_refused", "reason": r})
+                }
                 Event::Status(s) => serde_json::json!({"event": "status", "status": s}),
             };
             json.push(JsonLine {

@@ -15,6 +15,7 @@ use super::health::Health;
 use super::ops::Notifier;
 use super::outputs::{self, JsonSink, OutputSet, Outputs};
 use super::protocol::{self, Command};
+use super::reload::{Reloader, ReloaderConfig, Slot};
 use super::serial::{self, PortState};
 use super::source::{self, FrameSource};
 use super::stages::{self, spawn, DecisionStage, SourceStage};
@@ -22,15 +23,17 @@ use super::status::{StallCheck, Stats};
 use super::{Event, Part};
 use crate::data::image::ImageLimits;
 use crate::error::{Error, Result};
-use crate::eval::heatmap_range;
 
 /// Asked of the station from outside (signal handlers, tests).
 #[derive(Clone, Default)]
 pub struct Controls {
     /// Stop the source, decide and signal every part in flight, return.
     pub stop: Arc<AtomicBool>,
-    /// Reload the calibration.
+    /// Reload what changed (SIGHUP): the model and its calibration when the model file's bytes
+    /// changed, else the calibration.
     pub reload: Arc<AtomicBool>,
+    /// Swap in the model and calibration files whether or not they changed (`RELOAD MODEL`).
+    pub reload_model: Arc<AtomicBool>,
 }
 
 /// Test and integration seams.
@@ -228,7 +231,6 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
                     a.max_parts,
                     a.max_bytes,
                     a.min_free_bytes,
-                    heatmap_range(&meta),
                     part_bytes,
                 )
                 .map_err(|e| keyed("audit.dir", e))?,
@@ -294,6 +296,9 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
         })?);
     }
 
+    // Calibration reloads (`RELOAD`, or the reloader when only the calibration changed) and model
+    // swaps (`RELOAD MODEL`).
+    let calibration_reload = Arc::new(AtomicBool::new(false));
     let (trigger_tx, trigger_rx) = bounded::<()>(16);
     let triggered = (cfg.trigger != TriggerConfig::default()).then_some(trigger_rx);
     #[cfg(feature = "gpio")]
@@ -313,7 +318,7 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
             outputs.clone(),
             stats.clone(),
             trigger_tx.clone(),
-            controls.reload.clone(),
+            (calibration_reload.clone(), controls.reload_model.clone()),
             acked_below.clone(),
             scfg.ack,
         );
@@ -357,10 +362,12 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
             stages::preprocess_stage(pre_rx, pre_tx, spec, limits, stats)
         })?
     };
+    let slot = Arc::new(Slot::default());
     let inf_handle = {
         let (stats, hook) = (stats.clone(), hooks.before_inference.take());
+        let (device, slot) = (device.clone(), slot.clone());
         spawn("inference", move || {
-            stages::inference_stage(inf_rx, inf_tx, method, device, hook, stats)
+            stages::inference_stage(inf_rx, inf_tx, method, device, hook, stats, slot)
         })?
     };
     let dec_handle = {
@@ -371,15 +378,37 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
             stats: stats.clone(),
             health: health.clone(),
             notifier: notifier.clone(),
-            reload: controls.reload.clone(),
-            reload_poll: (cfg.decision.reload_poll_ms > 0)
-                .then(|| Duration::from_millis(cfg.decision.reload_poll_ms)),
+            reload: calibration_reload.clone(),
             source_done: source_done.clone(),
             keep_evidence: outputs.audit.is_some(),
             self_tested: self_tested_tx,
             line: String::with_capacity(128),
         };
         spawn("decision", move || stage.run())?
+    };
+
+    // The reloader stops with the decision stage (`reloader_stop`), whatever ends the run.
+    let reloader_stop = Arc::new(AtomicBool::new(false));
+    let reloader = {
+        let reloader = Reloader::new(
+            ReloaderConfig {
+                model: cfg.model.clone(),
+                calibration: cfg.calibration.clone(),
+                device,
+                input: spec,
+                deadline: Duration::from_millis(cfg.decision.deadline_ms),
+                poll: (cfg.decision.reload_poll_ms > 0)
+                    .then(|| Duration::from_millis(cfg.decision.reload_poll_ms)),
+                running_sha256: model_sha.clone(),
+            },
+            slot,
+            outputs.clone(),
+            controls.reload_model.clone(),
+            controls.reload.clone(),
+            calibration_reload,
+            reloader_stop.clone(),
+        );
+        spawn("reload", move || reloader.run())?
     };
 
     // Ready means the whole pipeline scored an image, not that a part arrived: the start-up
@@ -448,6 +477,8 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
     notifier.stopping();
     let captured = source_handle.join().unwrap_or(0);
     let _ = dec_handle.join();
+    reloader_stop.store(true, Ordering::Relaxed);
+    let _ = reloader.join();
     outputs.close();
     for h in writers {
         let _ = h.join();
@@ -492,7 +523,7 @@ fn command_sink(
     outputs: Arc<Outputs>,
     stats: Arc<Stats>,
     trigger: Sender<()>,
-    reload: Arc<AtomicBool>,
+    (reload, reload_model): (Arc<AtomicBool>, Arc<AtomicBool>),
     acked_below: Arc<AtomicU64>,
     ack_mode: bool,
 ) -> serial::CommandSink {
@@ -510,6 +541,7 @@ fn command_sink(
             );
         }
         Command::Reload => reload.store(true, Ordering::Relaxed),
+        Command::ReloadModel => reload_model.store(true, Ordering::Relaxed),
         Command::Ping => outputs.reply("PONG\r\n".into()),
         Command::Ack(id) if ack_mode => {
             acked_below.fetch_max(id.saturating_add(1), Ordering::Relaxed);

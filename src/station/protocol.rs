@@ -48,7 +48,8 @@ pub fn heartbeat_line(seq: u64, ready: bool, counts: [u64; 3], run: u64) -> Stri
     )
 }
 
-/// `READY <run>`, `FAULT <text>`, `ACK RELOAD <threshold>`, `NAK RELOAD <text>`, `STATUS <text>`.
+/// `READY <run>`, `FAULT <text>`, `ACK RELOAD <threshold>`, `NAK RELOAD <text>`,
+/// `ACK RELOAD MODEL <threshold> <model digest>`, `NAK RELOAD MODEL <text>`, `STATUS <text>`.
 pub fn event_line(event: &Event, run: u64) -> String {
     let mut out = String::new();
     match event {
@@ -64,6 +65,15 @@ pub fn event_line(event: &Event, run: u64) -> String {
         }
         Event::Reloaded(Err(reason)) => {
             out.push_str("NAK RELOAD ");
+            push_free_text(reason, &mut out);
+        }
+        Event::ModelReloaded(Ok((threshold, sha256))) => {
+            let short = sha256.get(..12).unwrap_or(sha256);
+            let _ = write!(out, "ACK RELOAD MODEL {threshold:.6} ");
+            push_free_text(short, &mut out);
+        }
+        Event::ModelReloaded(Err(reason)) => {
+            out.push_str("NAK RELOAD MODEL ");
             push_free_text(reason, &mut out);
         }
         Event::Status(text) => {
@@ -132,6 +142,8 @@ pub enum Command {
     Status,
     /// Reload the calibration file.
     Reload,
+    /// Swap in the model and calibration files (`RELOAD MODEL`).
+    ReloadModel,
     Ping,
     /// `ACK <id>`: every result up to `id` arrived (acknowledged mode).
     Ack(u64),
@@ -162,7 +174,6 @@ pub fn parse_command(line: &[u8]) -> Option<Command> {
     let simple = [
         (&b"TRIG"[..], Command::Trigger),
         (b"STATUS", Command::Status),
-        (b"RELOAD", Command::Reload),
         (b"PING", Command::Ping),
     ];
     if let Some((_, command)) = simple
@@ -173,6 +184,13 @@ pub fn parse_command(line: &[u8]) -> Option<Command> {
             command
         } else {
             bad("takes no argument")
+        });
+    }
+    if first.eq_ignore_ascii_case(b"RELOAD") {
+        return Some(match rest.as_slice() {
+            [] => Command::Reload,
+            [what] if what.eq_ignore_ascii_case(b"MODEL") => Command::ReloadModel,
+            _ => bad("RELOAD takes nothing or MODEL"),
         });
     }
     if first.eq_ignore_ascii_case(b"ACK") {
@@ -260,6 +278,15 @@ mod tests {
             event_line(&Event::Reloaded(Ok(0.5)), 9),
             "ACK RELOAD 0.500000\r\n"
         );
+        let sha = format!("0123456789ab{}", "f".repeat(52));
+        assert_eq!(
+            event_line(&Event::ModelReloaded(Ok((2.25, sha))), 9),
+            "ACK RELOAD MODEL 2.250000 0123456789ab\r\n"
+        );
+        assert_eq!(
+            event_line(&Event::ModelReloaded(Err("no\nway".into())), 9),
+            "NAK RELOAD MODEL no?way\r\n"
+        );
         assert_eq!(lost_line(5, Some((10, 14)), 9), "LOST 5 10-14 9\r\n");
         assert_eq!(lost_line(2, None, 9), "LOST 2 - 9\r\n");
     }
@@ -318,6 +345,10 @@ mod tests {
         assert_eq!(parse_command(b" trig\r"), Some(Command::Trigger));
         assert_eq!(parse_command(b"Status\r\n"), Some(Command::Status));
         assert_eq!(parse_command(b"RELOAD"), Some(Command::Reload));
+        assert_eq!(
+            parse_command(b"reload  Model\r"),
+            Some(Command::ReloadModel)
+        );
         assert_eq!(parse_command(b"\tping "), Some(Command::Ping));
         assert_eq!(parse_command(b" \r\n"), None);
         assert_eq!(parse_command(b""), None);
@@ -348,6 +379,11 @@ mod tests {
         }
         assert_eq!(bad_reason(b"ACK 1 2"), "ACK takes one part id");
         assert_eq!(bad_reason(b"TRIG 3"), "takes no argument");
+        assert_eq!(bad_reason(b"RELOAD X"), "RELOAD takes nothing or MODEL");
+        assert_eq!(
+            bad_reason(b"RELOAD MODEL NOW"),
+            "RELOAD takes nothing or MODEL"
+        );
         assert_eq!(bad_reason(b"EJECT"), "unknown command");
     }
 

@@ -225,7 +225,13 @@ fn connect(cfg: &SerialConfig, commands: &CommandSink) -> Result<Connection> {
 /// Longest command line kept; the rest of a longer line is ignored (its excerpt is NAKed).
 const COMMAND_MAX: usize = 256;
 
-fn read_commands(mut port: Box<dyn SerialPort>, alive: Arc<AtomicBool>, commands: CommandSink) {
+/// Reads commands from `port` and hands each to `commands` until a read fails or `alive` is
+/// cleared (the station's reader thread, and a capture's serial trigger).
+pub(crate) fn read_commands(
+    mut port: Box<dyn SerialPort>,
+    alive: Arc<AtomicBool>,
+    commands: CommandSink,
+) {
     let mut buf = [0u8; 256];
     let mut line = Vec::with_capacity(64);
     while alive.load(Ordering::Relaxed) {

@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, Tr
 use super::decision::{Decider, InFlight, Pending};
 use super::health::Health;
 use super::ops::Notifier;
+use super::reload::{self, Slot};
 use super::source::{FrameSource, BACKOFF_MAX, BACKOFF_MIN};
 use super::status::Stats;
 use super::{Decided, Event, Frame, Part};
@@ -235,12 +236,26 @@ pub fn preprocess_stage(
 pub fn inference_stage(
     rx: Receiver<Part>,
     tx: Sender<Part>,
-    method: Box<dyn Method>,
+    mut method: Box<dyn Method>,
     device: Device,
     hook: Option<Arc<dyn Fn(u64) + Send + Sync>>,
     stats: Arc<Stats>,
+    swap: Arc<Slot>,
 ) {
-    for mut part in rx {
+    loop {
+        // Between two parts, and while the line is idle: a validated model takes over, and the
+        // decision stage learns it from the marker that follows every part scored before it.
+        if let Some(pair) = swap.take() {
+            swap.retire(std::mem::replace(&mut method, pair.method));
+            if tx.send(reload::marker(pair.switch)).is_err() {
+                break;
+            }
+        }
+        let mut part = match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(part) => part,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         if let (Some(img), None) = (&part.image, &part.failure) {
             if let Some(hook) = &hook {
                 hook(part.id);
@@ -253,6 +268,7 @@ pub fn inference_stage(
             }
             part.timings[2] = start.elapsed();
             stats.record(2, part.timings[2]);
+            swap.offer_sample(img);
         }
         stats.passed(2);
         if tx.send(part).is_err() {
@@ -268,8 +284,8 @@ pub struct DecisionStage {
     pub stats: Arc<Stats>,
     pub health: Arc<Health>,
     pub notifier: Arc<Notifier>,
+    /// Reload the calibration (`RELOAD`, or the reloader when only the calibration changed).
     pub reload: Arc<AtomicBool>,
-    pub reload_poll: Option<Duration>,
     pub source_done: Arc<AtomicBool>,
     pub keep_evidence: bool,
     /// Told when the self-test part came through (pass or fail).
@@ -324,17 +340,8 @@ impl DecisionStage {
     }
 
     pub fn run(mut self) {
-        let mut next_poll = Instant::now();
         loop {
-            let reload_asked = self.reload.swap(false, Ordering::Relaxed);
-            let poll_due = self.reload_poll.is_some_and(|every| {
-                let due = Instant::now() >= next_poll;
-                if due {
-                    next_poll = Instant::now() + every;
-                }
-                due
-            });
-            if reload_asked || (poll_due && self.decider.file_changed()) {
+            if self.reload.swap(false, Ordering::Relaxed) {
                 let result = self.decider.reload();
                 match &result {
                     Ok(t) => log::info!("calibration reloaded: threshold {t}"),
@@ -357,6 +364,7 @@ impl DecisionStage {
                 .clamp(Duration::from_millis(1), Duration::from_millis(50));
             match self.rx.recv_timeout(wait) {
                 Ok(part) if part.self_test => self.self_test(part),
+                Ok(part) if part.switch.is_some() => self.switch(part),
                 Ok(part) => {
                     self.stats.passed(3);
                     self.take(part);
@@ -392,6 +400,23 @@ impl DecisionStage {
             ),
         }
         let _ = self.self_tested.try_send(());
+    }
+
+    /// A new model took over: every part from here on was scored by it, and is judged with its
+    /// calibration.
+    fn switch(&mut self, part: Part) {
+        let Some(switch) = part.switch else {
+            return;
+        };
+        let sha = switch.model_sha256.clone();
+        let threshold = self.decider.switch_to(*switch);
+        log::info!(
+            "model {} took over: threshold {threshold}",
+            &sha[..12.min(sha.len())]
+        );
+        self.health
+            .outputs()
+            .event(&Event::ModelReloaded(Ok((threshold, sha))), "decision");
     }
 
     fn take(&mut self, mut part: Part) {

@@ -16,7 +16,9 @@ use crate::data::anomaly::{
 use crate::data::{batch_tensor, Image};
 use crate::error::{Error, Result};
 use crate::eval::score_images;
-use crate::methods::{self, Apply, Method, PhaseInput, Selection, TrainBatch, TrainSet};
+use crate::methods::{
+    self, Apply, FitContext, Learning, Method, PhaseInput, Selection, TrainBatch, TrainSet,
+};
 use crate::metrics::auroc;
 use crate::rng::Rng;
 
@@ -336,8 +338,14 @@ pub fn fit_observed(
         };
         let batches_per_epoch = images.len().div_ceil(opts.batch_size);
         let accumulation = spec.accumulation(opts.batch_size);
-        let epochs = spec.epochs_for(batches_per_epoch.div_ceil(accumulation));
-        if epochs > spec.epochs {
+        // A fitted phase is one pass, whatever its spec says about epochs and steps.
+        let fitted = method.learning(phase) == Learning::Fitted;
+        let epochs = if fitted {
+            1
+        } else {
+            spec.epochs_for(batches_per_epoch.div_ceil(accumulation))
+        };
+        if epochs > spec.epochs && !fitted {
             log::info!(
                 "{} {}: {epochs} epochs instead of {} to reach {} steps on {} images",
                 method.name(),
@@ -384,7 +392,10 @@ pub fn fit_observed(
                     features,
                     defects: &set.defects,
                 };
-                let losses = if accumulation == 1 {
+                let losses = if fitted {
+                    method.observe(&batch, &mut rng)?;
+                    Vec::new()
+                } else if accumulation == 1 {
                     methods::step(method, &batch, &mut rng)?
                 } else {
                     // The epoch's last, partial group of batches steps too.
@@ -404,10 +415,21 @@ pub fn fit_observed(
                 bar.set_message(format_losses(epoch + 1, &losses));
                 bar.inc(1);
             }
-            let means: Vec<(&'static str, f32)> = sums
-                .into_iter()
-                .map(|(n, s)| (n, s / images.len() as f32))
-                .collect();
+            let means: Vec<(&'static str, f32)> = if fitted {
+                let fit = FitContext {
+                    phase,
+                    validation,
+                    batch_size: opts.batch_size,
+                    bar: &bar,
+                };
+                let logged = method.conclude(&fit, &mut rng)?;
+                method.weights_changed();
+                logged
+            } else {
+                sums.into_iter()
+                    .map(|(n, s)| (n, s / images.len() as f32))
+                    .collect()
+            };
             let separation = if let Some(forged) = &forged {
                 let separation =
                     validation_separation(method, validation, forged, opts.batch_size, device)?;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::methods::config_check::{at_least, positive_finite};
+use crate::methods::config_check::{at_least, lite0_taps, positive_finite};
 
 /// What maps between the source (backbone) and target (flow) domains; the paper's ablation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,21 +84,7 @@ impl Default for NfBmrConfig {
 
 impl NfBmrConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.taps.is_empty() {
-            return Err(Error::config("taps", "needs at least one backbone block"));
-        }
-        if let Some(&bad) = self.taps.iter().find(|&&t| t > 15) {
-            return Err(Error::config(
-                "taps",
-                format!("block {bad} does not exist (EfficientNet-Lite0 has blocks 0..=15)"),
-            ));
-        }
-        if self.taps.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::config(
-                "taps",
-                format!("{:?} must be strictly increasing", self.taps),
-            ));
-        }
+        lite0_taps("taps", &self.taps)?;
         at_least("flow_blocks", self.flow_blocks, 1)?;
         at_least("flow_hidden", self.flow_hidden, 1)?;
         if self.flow_kernel.is_multiple_of(2) {
