@@ -471,9 +471,11 @@ fn reject_pulse_follows_the_time_delay_and_width() {
             (26_000, OutputLine::Reject, false)
         ]
     );
+    // One rise, two parts pulsed.
+    assert_eq!(timer.pulsed, 2);
     // A verdict after its part passed the ejector fires nothing and is counted.
     assert!(!timer.reject(0, 30_000));
-    assert_eq!(timer.late, 1);
+    assert_eq!((timer.pulsed, timer.late), (2, 1));
 }
 
 #[test]

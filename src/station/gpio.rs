@@ -26,9 +26,10 @@ pub trait GpioOutputs: Send {
 pub type Position = u64;
 
 /// Schedules reject pulses. A part's pulse starts when the belt has moved `delay` from the part's
-/// capture position and lasts `width`; pulses that overlap merge into one. A verdict that arrives
-/// after its part passed the ejector fires nothing (it would reject the next part) and is counted
-/// as late; the station raises FAULT for it.
+/// capture position and lasts `width`; pulses that overlap merge into one (one rising edge for
+/// several parts, so `pulsed` counts the parts, not the edges). A verdict that arrives after its
+/// part passed the ejector fires nothing (it would reject the next part) and is counted as late;
+/// the station raises FAULT for it.
 pub struct RejectTimer {
     delay: Position,
     width: Duration,
@@ -36,6 +37,8 @@ pub struct RejectTimer {
     due: VecDeque<Position>,
     /// Time (microseconds since start) the output goes low again, while high.
     high_until: Option<u64>,
+    /// Rejected parts whose pulse started.
+    pub pulsed: u64,
     pub late: u64,
 }
 
@@ -46,6 +49,7 @@ impl RejectTimer {
             width,
             due: VecDeque::new(),
             high_until: None,
+            pulsed: 0,
             late: 0,
         }
     }
@@ -67,6 +71,7 @@ impl RejectTimer {
         let mut started = false;
         while self.due.front().is_some_and(|&p| p <= pos) {
             self.due.pop_front();
+            self.pulsed += 1;
             started = true;
         }
         if started {

@@ -411,14 +411,15 @@ pub fn audit_writer(
 }
 
 /// The GPIO output's thread: reject pulses at their ejector position, and the READY/FAULT lines.
-/// It waits on nothing but its own queue and the pulse timing.
+/// It waits on nothing but its own queue and the pulse timing; it returns the rejects it pulsed and
+/// those that came too late.
 pub fn gpio_writer(
     queue: Arc<DropQueue<GpioMsg>>,
     mut out: Box<dyn GpioOutputs>,
     mut timer: RejectTimer,
     encoder: Option<Arc<Encoder>>,
     stats: Arc<Stats>,
-) -> u64 {
+) -> RejectCounts {
     let origin = Instant::now();
     let us = |t: Instant| t.saturating_duration_since(origin).as_micros() as u64;
     let position = |t: Instant| encoder.as_ref().map_or_else(|| us(t), |e| e.count_at(t));
@@ -468,5 +469,15 @@ pub fn gpio_writer(
     }
     // Finish in FAULT: a stopped station must not look ready to the PLC.
     let _ = gpio::set_state(out.as_mut(), false);
-    timer.late
+    RejectCounts {
+        pulsed: timer.pulsed,
+        late: timer.late,
+    }
+}
+
+/// What became of the reject verdicts the GPIO output received.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RejectCounts {
+    pub pulsed: u64,
+    pub late: u64,
 }

@@ -69,6 +69,9 @@ pub struct Summary {
     pub json_lost: u64,
     pub audit_skipped: u64,
     pub audit_failed: u64,
+    /// Rejected parts whose GPIO pulse started (overlapping pulses merge, so the reject line may
+    /// rise fewer times).
+    pub pulsed_rejects: u64,
     pub late_rejects: u64,
     pub seconds: f64,
     /// Capture-to-signal p50 and p99 (milliseconds) over the last 1,024 parts.
@@ -483,7 +486,7 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
     for h in writers {
         let _ = h.join();
     }
-    let late_rejects = gpio_handle.map_or(0, |h| h.join().unwrap_or(0));
+    let rejects = gpio_handle.map_or_else(Default::default, |h| h.join().unwrap_or_default());
     // A hung stage is left behind: every part already has its verdict.
     for (name, h) in [("preprocess", pre_handle), ("inference", inf_handle)] {
         if h.is_finished() {
@@ -510,7 +513,8 @@ pub fn run(cfg: &StationConfig, controls: &Controls, mut hooks: Hooks) -> Result
         json_lost: load(&stats.json_lost),
         audit_skipped: load(&stats.audit_skipped),
         audit_failed: load(&stats.audit_failed),
-        late_rejects,
+        pulsed_rejects: rejects.pulsed,
+        late_rejects: rejects.late,
         seconds: started.elapsed().as_secs_f64(),
         latency_ms: stats.percentiles_ms(5),
         status: stats.status_line(&mut since),
