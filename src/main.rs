@@ -647,8 +647,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = commands::station::run(&config)
                 .with_context(|| format!("station {}", config.display()))?;
             println!(
-                "stopped: {} parts captured, OK {} NG {} ERR {} (deadline misses {}, failures {}, drops {}) in {:.1} s",
-                s.captured, s.ok, s.ng, s.err, s.deadline_misses, s.failures, s.drops, s.seconds
+                "stopped: {} parts captured, OK {} NG {} ERR {} (deadline misses {}, failures {}, drops {}; reject pulses {}, late rejects {}) in {:.1} s",
+                s.captured,
+                s.ok,
+                s.ng,
+                s.err,
+                s.deadline_misses,
+                s.failures,
+                s.drops,
+                s.pulsed_rejects,
+                s.late_rejects,
+                s.seconds
             );
         }
         Command::Capture { config, out, count } => {
