@@ -52,7 +52,7 @@ fn main() -> vigil::Result<()> {
     let threads = rayon::current_num_threads();
     println!(
         "threads {threads}, measured fp32 peak {:.1} GFLOP/s",
-        fma_peak_gflops(threads, 1.0)
+        fma_peak_gflops(Kernels::detect().isa(), threads, 1.0)
     );
     let device = Device::Cpu;
     let images = Tensor::rand(0f32, 1.0, (1, 1, size, size), &device)?;
