@@ -16,6 +16,7 @@ pub mod anomaly_map;
 pub(crate) mod config_check;
 mod fast_snapshot;
 pub mod fcdd;
+pub mod ndp_net;
 pub mod nf_bmr;
 pub mod ocr_gan;
 
@@ -219,6 +220,12 @@ pub trait Method: Send {
     fn backbone_blocks(&self) -> Option<(Vec<usize>, Option<usize>)> {
         None
     }
+
+    /// The defect-free reference image the detector compares with, for methods that keep one
+    /// (NDP-Net): the evaluation report shows it.
+    fn reference_image(&self) -> Option<Image> {
+        None
+    }
 }
 
 /// Runs `forward` with a lap callback that records each stage's wall time, after a device
@@ -335,7 +342,7 @@ pub struct MethodEntry {
 }
 
 /// Every method vigil implements.
-pub const REGISTRY: &[MethodEntry] = &[nf_bmr::ENTRY, ocr_gan::ENTRY, fcdd::ENTRY];
+pub const REGISTRY: &[MethodEntry] = &[nf_bmr::ENTRY, ocr_gan::ENTRY, fcdd::ENTRY, ndp_net::ENTRY];
 
 /// The registered method `name`.
 pub fn entry(name: &str) -> Result<&'static MethodEntry> {
