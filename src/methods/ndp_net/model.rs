@@ -2,7 +2,7 @@
 //! RBAM, the decoder and the three segmentation sub-networks of MSDSM. Every layer is a 3×3 (FFM:
 //! m×m) convolution followed by BatchNorm and ReLU, as DRAEM's networks are (the paper gives no
 //! layer list); each has a snapshot on the fast CPU kernels with BatchNorm folded in.
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
 use super::config::{NdpNetConfig, STAGES};
@@ -55,7 +55,8 @@ impl ConvBn {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.norm.forward_fused(&self.conv.forward(x)?, train, true)
+        self.norm
+            .forward_fused(&self.conv.forward_fused(x)?, train, true)
     }
 
     fn fast(&self) -> Result<FastLayer> {
@@ -72,17 +73,17 @@ pub struct BiasConv {
 }
 
 impl BiasConv {
-    fn new(vb: VarBuilder, in_c: usize, out_c: usize, kernel: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, in_c: usize, out_c: usize, kernel: usize, bias: f64) -> Result<Self> {
         Ok(BiasConv {
             conv: Conv::new(vb.pp("conv"), in_c, out_c, same(kernel))?,
-            bias: vb.get_with_hints(out_c, "bias", Init::Const(0.0))?,
+            bias: vb.get_with_hints(out_c, "bias", Init::Const(bias))?,
             out_c,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.conv
-            .forward(x)?
+            .forward_fused(x)?
             .broadcast_add(&self.bias.reshape((1, self.out_c, 1, 1))?)
     }
 
@@ -208,6 +209,7 @@ impl Ffm {
                 cfg.ffm_channels,
                 maps * channels,
                 m,
+                0.0,
             )?,
             channels,
             maps,
@@ -306,7 +308,7 @@ impl Decoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(Decoder {
             stages,
-            out: BiasConv::new(b.params.pp("out"), c(0), channels, 3)?,
+            out: BiasConv::new(b.params.pp("out"), c(0), channels, 3, 0.0)?,
         })
     }
 
@@ -333,6 +335,11 @@ impl Decoder {
     }
 }
 
+/// The logit bias a segmentation head starts from: probability 0.01 of "defective" everywhere,
+/// the focal loss paper's prior initialisation (Lin et al.), so the first steps need not learn
+/// that defects are rare (with a bias of 0 on the synthetic product they took about 60 steps).
+const PRIOR_LOGIT: f64 = -4.595_119_850_134_589; // ln(0.01 / 0.99)
+
 /// One segmentation sub-network of MSDSM: on the concatenated features of the input and its
 /// reconstruction at one encoder stage (`2C` channels), two `ConvBn` to `C` channels and a 1×1
 /// convolution to one logit per position (the paper gives no layer list).
@@ -348,7 +355,7 @@ impl Dsm {
                 ConvBn::new(&b.pp("conv0"), 2 * channels, channels, 3)?,
                 ConvBn::new(&b.pp("conv1"), channels, channels, 3)?,
             ],
-            logit: BiasConv::new(b.params.pp("logit"), channels, 1, 1)?,
+            logit: BiasConv::new(b.params.pp("logit"), channels, 1, 1, PRIOR_LOGIT)?,
         })
     }
 
