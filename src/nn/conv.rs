@@ -88,6 +88,17 @@ pub struct Conv {
 
 impl Conv {
     pub fn new(vb: VarBuilder, in_c: usize, out_c: usize, geometry: ConvGeometry) -> Result<Self> {
+        Self::with_init(vb, in_c, out_c, geometry, DCGAN_INIT)
+    }
+
+    /// [`Conv::new`] with another initialisation of the weight `[out, in·k²]`.
+    pub fn with_init(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        geometry: ConvGeometry,
+        init: Init,
+    ) -> Result<Self> {
         if geometry.kernel == 0 || geometry.stride == 0 {
             return Err(Error::invalid(
                 "convolution",
@@ -95,7 +106,7 @@ impl Conv {
             ));
         }
         let k2 = geometry.kernel * geometry.kernel;
-        let weight = vb.get_with_hints((out_c, in_c * k2), "weight", DCGAN_INIT)?;
+        let weight = vb.get_with_hints((out_c, in_c * k2), "weight", init)?;
         Ok(Conv { weight, geometry })
     }
 

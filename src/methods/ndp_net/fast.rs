@@ -7,9 +7,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::init::f32_values;
-use crate::nn::kernels::heads::{FastConv, Grid};
 use crate::nn::kernels::{
-    nchw_to_nhwc, nhwc_to_nchw, ASource, Activation, Epilogue, Kernels, PackedB,
+    nchw_to_nhwc, nhwc_to_nchw, ASource, Activation, ConvGeom, Epilogue, Kernels, PackedB,
 };
 
 /// Feature maps of a batch, channels-last `[B, H, W, C]`.
@@ -52,37 +51,69 @@ impl Maps {
         nhwc_to_nchw(&self.data, dims, &mut values);
         Ok(Tensor::from_vec(values, dims.to_vec(), device)?)
     }
-
-    fn grid(&self) -> Grid {
-        Grid {
-            batch: self.batch,
-            height: self.height,
-            width: self.width,
-        }
-    }
 }
 
-/// A same-padded convolution with its bias (BatchNorm folded in) and activation.
+/// A convolution with its bias (BatchNorm folded in) and activation, "same" by edge padding
+/// (see [`super::model::pad_edges`]).
 pub(super) struct FastLayer {
-    pub conv: FastConv,
+    pub packed: PackedB,
+    pub kernel: usize,
     pub activation: Activation,
+}
+
+/// `x` padded by `pad` on every side with its edge pixels repeated.
+fn pad_edges(x: &Maps, pad: usize) -> Maps {
+    let (h, w, c) = (x.height + 2 * pad, x.width + 2 * pad, x.channels);
+    let mut y = Maps::zeros(x.batch, h, w, c);
+    for b in 0..x.batch {
+        for oy in 0..h {
+            let sy = oy.saturating_sub(pad).min(x.height - 1);
+            for ox in 0..w {
+                let sx = ox.saturating_sub(pad).min(x.width - 1);
+                let src = ((b * x.height + sy) * x.width + sx) * c;
+                let dst = ((b * h + oy) * w + ox) * c;
+                y.data[dst..dst + c].copy_from_slice(&x.data[src..src + c]);
+            }
+        }
+    }
+    y
 }
 
 impl FastLayer {
     fn forward(&self, k: Kernels, x: &Maps) -> Result<Maps> {
-        if x.channels != self.conv.in_c() {
+        let in_c = self.packed.k() / (self.kernel * self.kernel);
+        if x.channels != in_c {
             return Err(Error::invalid(
                 "fast NDP-Net layer",
-                format!(
-                    "{} channels into a {}-channel convolution",
-                    x.channels,
-                    self.conv.in_c()
-                ),
+                format!("{} channels into a {in_c}-channel convolution", x.channels),
             ));
         }
-        let mut y = Maps::zeros(x.batch, x.height, x.width, self.conv.out_c());
-        self.conv
-            .forward(k, &x.data, x.grid(), self.activation, None, &mut y.data)?;
+        let pad = self.kernel / 2;
+        let padded = if pad > 0 {
+            Some(pad_edges(x, pad))
+        } else {
+            None
+        };
+        let input = padded.as_ref().unwrap_or(x);
+        let geom = ConvGeom {
+            batch: x.batch,
+            height: input.height,
+            width: input.width,
+            in_c,
+            kernel_h: self.kernel,
+            kernel_w: self.kernel,
+            stride: 1,
+            pad_top: 0,
+            pad_left: 0,
+            out_h: x.height,
+            out_w: x.width,
+        };
+        let mut y = Maps::zeros(x.batch, x.height, x.width, self.packed.n());
+        let epilogue = Epilogue {
+            activation: self.activation,
+            residual: None,
+        };
+        k.conv2d(&input.data, geom, &self.packed, epilogue, &mut y.data)?;
         Ok(y)
     }
 }
