@@ -155,10 +155,14 @@ fn block(y0: usize, x0: usize, side: usize) -> Vec<(usize, usize)> {
 }
 
 fn loss(clean: &Tensor, defective: &Tensor, m: &Tensor) -> f32 {
-    defect_perception(&[clean.clone()], &[defective.clone()], m)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    defect_perception(
+        std::slice::from_ref(clean),
+        std::slice::from_ref(defective),
+        m,
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap()
 }
 
 /// Eq. 2 is 0 for identical images and an empty mask, and grows as the features differ where
