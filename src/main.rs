@@ -98,6 +98,8 @@ enum Command {
         #[arg(long, value_name = "DATA")]
         eval_each_epoch: Option<PathBuf>,
         #[command(flatten)]
+        paths: Box<MethodPaths>,
+        #[command(flatten)]
         run: RunArgs,
     },
     /// Choose among trained candidates of one product without test labels: each scores the
@@ -300,6 +302,19 @@ impl DataArgs {
     }
 }
 
+/// Training inputs of the methods that take them (`vigil methods` lists which).
+#[derive(Args)]
+struct MethodPaths {
+    /// NDP-Net: a folder of images (e.g. a texture set) pasted into the training images as
+    /// artificial defects (default: procedural textures and the training images themselves).
+    #[arg(long, value_name = "DIR")]
+    anomaly_source: Option<PathBuf>,
+    /// NDP-Net: the defect-free reference image whose features repair the input's (default: the
+    /// training image closest to the mean of all); stored in the model file.
+    #[arg(long, value_name = "IMAGE")]
+    reference: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// cpu or cuda (cuda needs a build with `--features cuda`).
@@ -371,8 +386,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             train_limit,
             stop_after_epochs,
             eval_each_epoch,
+            paths,
             run,
         } => {
+            let mut set = set;
+            let MethodPaths {
+                anomaly_source,
+                reference,
+            } = *paths;
+            for (key, path) in [("anomaly_source", anomaly_source), ("reference", reference)] {
+                if let Some(path) = path {
+                    set.push(commands::path_setting(&method, key, &path)?);
+                }
+            }
             let args = commands::TrainArgs {
                 method,
                 data: data.source()?,

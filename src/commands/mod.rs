@@ -170,6 +170,21 @@ pub fn method_config(config: Option<&Path>, set: &[String]) -> Result<serde_json
     Ok(value)
 }
 
+/// The `key=value` setting of a path option that only some methods take (`--anomaly-source`,
+/// `--reference`): an error naming the option when `method`'s config has no such key.
+pub fn path_setting(method: &str, key: &str, path: &Path) -> Result<String> {
+    let defaults = (methods::entry(method)?.default_config)()?;
+    if defaults.get(key).is_none() {
+        return Err(Error::config(
+            format!("--{}", key.replace('_', "-")),
+            format!("{method} takes no {key}"),
+        ));
+    }
+    let value = serde_json::to_string(path)
+        .map_err(|e| Error::config(key, format!("{}: {e}", path.display())))?;
+    Ok(format!("{key}={value}"))
+}
+
 /// The data set folder a sample's path is named relative to in a model file.
 fn data_root(source: &DataSource) -> &Path {
     match source {

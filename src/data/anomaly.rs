@@ -338,19 +338,7 @@ impl AnomalySynth {
                     procedural_texture(c, h, w, rng)
                 } else {
                     let path = &entry.textures[rng.range_usize(0, entry.textures.len())];
-                    let spec = InputSpec {
-                        height: h,
-                        width: w,
-                        channels: if c == 1 { 1 } else { 3 },
-                    };
-                    let loaded = load_image(path, &spec)?;
-                    // Only 1- and 3-channel textures exist; other counts reuse the first plane.
-                    let mut texture = Image::zeros(c, h, w);
-                    for ch in 0..c {
-                        let src = ch.min(loaded.channels - 1);
-                        texture.plane_mut(ch).copy_from_slice(loaded.plane(src));
-                    }
-                    texture
+                    load_texture(path, c, h, w)?
                 };
                 perlin_blend(&mut out, &texture, p, rng)
             }
@@ -358,6 +346,191 @@ impl AnomalySynth {
         enforce_exact_change(image, &mut out, &region);
         Ok((out, region))
     }
+}
+
+/// An image of a texture folder as a `c`×`h`×`w` texture: resized, grey or RGB as `c` asks (only
+/// 1- and 3-channel images exist; other channel counts reuse the first plane).
+pub fn load_texture(path: &std::path::Path, c: usize, h: usize, w: usize) -> Result<Image> {
+    let spec = InputSpec {
+        height: h,
+        width: w,
+        channels: if c == 1 { 1 } else { 3 },
+    };
+    let loaded = load_image(path, &spec)?;
+    let mut texture = Image::zeros(c, h, w);
+    for ch in 0..c {
+        let src = ch.min(loaded.channels - 1);
+        texture.plane_mut(ch).copy_from_slice(loaded.plane(src));
+    }
+    Ok(texture)
+}
+
+/// DRAEM's Perlin-masked blend of a given `texture` (a natural image, another training image, a
+/// procedural texture) into `image`: the mask of Perlin noise above `p.threshold`, the texture
+/// blended in with an opacity drawn from `p.opacity` (1 is NDP-Net's eq. 1,
+/// `I_o·(1 − M) + I_n·M`). Returns the image and the exact mask of what changed, under this
+/// module's guarantee. `p.texture_dir` is not read here: the caller chose the texture.
+pub fn perlin_blend_texture(
+    image: &Image,
+    texture: &Image,
+    p: &PerlinBlendParams,
+    rng: &mut Rng,
+) -> Result<(Image, Mask)> {
+    let (c, h, w) = (image.channels, image.height, image.width);
+    if c == 0 || h < 2 || w < 2 || image.data.len() != c * h * w {
+        return Err(Error::invalid(
+            "anomaly input image",
+            format!(
+                "{c}x{h}x{w} with {} values (need at least 1x2x2)",
+                image.data.len()
+            ),
+        ));
+    }
+    if (texture.channels, texture.height, texture.width) != (c, h, w)
+        || texture.data.len() != c * h * w
+    {
+        return Err(Error::invalid(
+            "anomaly texture",
+            format!(
+                "{}x{}x{} for a {c}x{h}x{w} image",
+                texture.channels, texture.height, texture.width
+            ),
+        ));
+    }
+    AnomalyGenerator::PerlinBlend(p.clone()).validate("perlin blend")?;
+    let mut out = image.clone();
+    let mask = perlin_blend(&mut out, texture, p, rng);
+    enforce_exact_change(image, &mut out, &mask);
+    Ok((out, mask))
+}
+
+/// One of the image operations DRAEM draws three of to alter its anomaly source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TextureOp {
+    Gamma,
+    Brightness,
+    Solarize,
+    Posterize,
+    Invert,
+    Autocontrast,
+    Equalize,
+    Rotate,
+}
+
+const TEXTURE_OPS: [TextureOp; 8] = [
+    TextureOp::Gamma,
+    TextureOp::Brightness,
+    TextureOp::Solarize,
+    TextureOp::Posterize,
+    TextureOp::Invert,
+    TextureOp::Autocontrast,
+    TextureOp::Equalize,
+    TextureOp::Rotate,
+];
+
+/// DRAEM's augmentation of the anomaly source: three distinct operations drawn from gamma contrast
+/// (γ in 0.5..2 per channel), brightness (×0.8..1.2, ±30/255), solarize (with probability 0.5,
+/// above a threshold of 32..128/255), posterize (1..8 bits), invert, autocontrast, histogram
+/// equalisation and rotation (±45°, black outside), applied in the order drawn. DRAEM's
+/// sharpness and hue/saturation operations are left out (the first barely changes a texture at
+/// these sizes, the second does nothing to the grey parts vigil mostly inspects).
+pub fn draem_augment(texture: &Image, rng: &mut Rng) -> Image {
+    let mut ops = TEXTURE_OPS;
+    rng.shuffle(&mut ops);
+    let mut out = texture.clone();
+    for op in &ops[..3] {
+        out = apply_texture_op(&out, *op, rng);
+    }
+    out
+}
+
+fn apply_texture_op(image: &Image, op: TextureOp, rng: &mut Rng) -> Image {
+    let (c, h, w) = (image.channels, image.height, image.width);
+    let mut out = image.clone();
+    let n = h * w;
+    match op {
+        TextureOp::Gamma => {
+            for ch in 0..c {
+                let gamma = rng.range_f32(0.5, 2.0);
+                out.plane_mut(ch)
+                    .iter_mut()
+                    .for_each(|v| *v = v.max(0.0).powf(gamma));
+            }
+        }
+        TextureOp::Brightness => {
+            let (mul, add) = (rng.range_f32(0.8, 1.2), rng.range_f32(-30.0, 30.0) / 255.0);
+            out.data
+                .iter_mut()
+                .for_each(|v| *v = (*v * mul + add).clamp(0.0, 1.0));
+        }
+        TextureOp::Solarize => {
+            let threshold = rng.range_f32(32.0, 128.0) / 255.0;
+            if rng.bool(0.5) {
+                out.data
+                    .iter_mut()
+                    .filter(|v| **v >= threshold)
+                    .for_each(|v| *v = 1.0 - *v);
+            }
+        }
+        TextureOp::Posterize => {
+            let levels = (1u32 << rng.range_usize(1, 9)) as f32;
+            out.data.iter_mut().for_each(|v| {
+                *v = ((*v * levels).floor().min(levels - 1.0)) / (levels - 1.0).max(1.0)
+            });
+        }
+        TextureOp::Invert => out.data.iter_mut().for_each(|v| *v = 1.0 - *v),
+        TextureOp::Autocontrast => {
+            for ch in 0..c {
+                let plane = out.plane_mut(ch);
+                let lo = plane.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if hi > lo {
+                    plane.iter_mut().for_each(|v| *v = (*v - lo) / (hi - lo));
+                }
+            }
+        }
+        TextureOp::Equalize => {
+            for ch in 0..c {
+                let plane = out.plane_mut(ch);
+                let bin = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as usize;
+                let mut cdf = [0usize; 256];
+                plane.iter().for_each(|&v| cdf[bin(v)] += 1);
+                for i in 1..256 {
+                    cdf[i] += cdf[i - 1];
+                }
+                let first = cdf.iter().copied().find(|&k| k > 0).unwrap_or(0);
+                if n > first {
+                    let span = (n - first) as f32;
+                    plane.iter_mut().for_each(|v| {
+                        *v = (cdf[bin(*v)].saturating_sub(first)) as f32 / span;
+                    });
+                }
+            }
+        }
+        TextureOp::Rotate => {
+            let (sin_a, cos_a) = rng.range_f32(-45f32, 45.0).to_radians().sin_cos();
+            let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
+            for ch in 0..c {
+                let src = image.plane(ch);
+                let dst = out.plane_mut(ch);
+                for y in 0..h {
+                    for x in 0..w {
+                        let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+                        let (sx, sy) =
+                            (cos_a * dx + sin_a * dy + cx, -sin_a * dx + cos_a * dy + cy);
+                        let inside =
+                            sx >= 0.0 && sy >= 0.0 && sx <= (w - 1) as f32 && sy <= (h - 1) as f32;
+                        dst[y * w + x] = if inside {
+                            sample(src, h, w, sx, sy)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Restores pixels outside `region`, clamps, and pushes region pixels that changed by less than
@@ -819,7 +992,7 @@ impl Perlin {
 }
 
 /// One of: two random colours mixed by Perlin noise, rotated stripes, or a rotated checkerboard.
-fn procedural_texture(c: usize, h: usize, w: usize, rng: &mut Rng) -> Image {
+pub fn procedural_texture(c: usize, h: usize, w: usize, rng: &mut Rng) -> Image {
     let a: Vec<f32> = (0..c).map(|_| rng.f32()).collect();
     let b: Vec<f32> = (0..c).map(|_| rng.f32()).collect();
     let mix: Vec<f32> = match rng.range_usize(0, 3) {

@@ -141,10 +141,15 @@ pub fn evaluate(
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| Error::invalid("metrics", e.to_string()))?;
     write_atomic(&out.join("metrics.json"), json.as_bytes())?;
-    write_atomic(
-        &out.join("summary.md"),
-        summary_markdown(&report).as_bytes(),
-    )?;
+    let mut summary = summary_markdown(&report);
+    if let Some(reference) = method.reference_image() {
+        crate::data::image::save_png(&reference, &out.join("reference.png"))?;
+        summary.push_str(
+            "\nReference image (the defect-free part whose features repair the input's): \
+             `reference.png`.\n",
+        );
+    }
+    write_atomic(&out.join("summary.md"), summary.as_bytes())?;
     write_atomic(
         &out.join("scores.csv"),
         scores_csv(test, &scored.scores).as_bytes(),

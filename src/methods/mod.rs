@@ -17,6 +17,7 @@ pub(crate) mod config_check;
 mod fast_snapshot;
 pub mod fcdd;
 pub mod memory_bank;
+pub mod ndp_net;
 pub mod nf_bmr;
 pub mod ocr_gan;
 
@@ -286,6 +287,12 @@ pub trait Method: Send {
     fn backbone_blocks(&self) -> Option<(Vec<usize>, Option<usize>)> {
         None
     }
+
+    /// The defect-free reference image the detector compares with, for methods that keep one
+    /// (NDP-Net): the evaluation report shows it.
+    fn reference_image(&self) -> Option<Image> {
+        None
+    }
 }
 
 /// Runs `forward` with a lap callback that records each stage's wall time, after a device
@@ -407,6 +414,7 @@ pub const REGISTRY: &[MethodEntry] = &[
     ocr_gan::ENTRY,
     fcdd::ENTRY,
     memory_bank::ENTRY,
+    ndp_net::ENTRY,
 ];
 
 /// The registered method `name`.

@@ -101,7 +101,7 @@ impl CustomOp1 for Im2Col {
 }
 
 /// The adjoint of [`Im2Col`]: `[B, C·k², Ho·Wo]` → `[B, C, H, W]`, summing overlapping taps.
-struct Col2Im(Im2Col);
+pub(crate) struct Col2Im(pub(crate) Im2Col);
 
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {

@@ -7,6 +7,8 @@ pub mod backbone;
 pub mod conv;
 pub mod depthwise;
 pub mod flow;
+pub mod fused_conv;
+pub mod fused_norm;
 pub mod im2col;
 pub mod init;
 pub mod kernels;

@@ -8,6 +8,7 @@ use candle_core::{Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::Result;
+use crate::nn::fused_norm::BatchNormOp;
 
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
@@ -85,6 +86,44 @@ impl BatchNorm2d {
         normalised
             .broadcast_mul(&self.shaped(&self.weight)?)?
             .broadcast_add(&self.shaped(&self.bias)?)
+    }
+
+    /// [`BatchNorm2d::forward_t`], then a ReLU when `relu`: one custom op with its own backward
+    /// on the CPU ([`crate::nn::fused_norm`], for networks with many BatchNorms), the tensor ops of
+    /// `forward_t` elsewhere. Same results and running statistics.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+    ) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+            let y = self.forward_t(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let fixed = if train {
+            None
+        } else {
+            let mean = self.running_mean.to_vec1::<f32>()?;
+            let inv_std = self
+                .running_var
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| 1.0 / (v + EPS as f32).sqrt())
+                .collect();
+            Some((mean, inv_std))
+        };
+        let (y, stats) = BatchNormOp::new(EPS, relu, fixed).apply(x, &self.weight, &self.bias)?;
+        if let (true, Some(stats)) = (train, stats) {
+            let (b, _, h, w) = x.dims4()?;
+            let device = x.device();
+            self.update_running(
+                &Tensor::new(stats.mean.as_slice(), device)?,
+                &Tensor::new(stats.var.as_slice(), device)?,
+                b * h * w,
+            )?;
+        }
+        Ok(y)
     }
 
     /// PyTorch's update: the running variance uses the unbiased batch variance.
