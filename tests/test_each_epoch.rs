@@ -31,7 +31,7 @@ fn synthetic(dir: &Path) -> PathBuf {
             height: SIDE,
             width: SIDE,
             channels: 1,
-            train_good: 14,
+            train_good: 25,
             test_good: 6,
             test_per_defect: 2,
             seed: 5,
