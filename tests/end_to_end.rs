@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use vigil::commands::{self, CalibrateArgs, EvalArgs, RunOptions, ScoreArgs, TrainArgs};
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 
 fn backbone() -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE);
@@ -18,12 +17,7 @@ fn backbone() -> PathBuf {
 }
 
 fn run() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(8)
 }
 
 #[test]

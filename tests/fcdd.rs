@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use vigil::commands::{self, EvalArgs, RunOptions, TrainArgs};
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 use vigil::methods;
 use vigil::model_file;
 
@@ -15,12 +14,7 @@ fn backbone() -> PathBuf {
 }
 
 fn run() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(8)
 }
 
 /// `key=value` overrides for FCDD: its tiny config with `extra` on top.

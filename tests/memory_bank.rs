@@ -7,7 +7,6 @@ use std::path::Path;
 use vigil::commands::{self, EvalArgs, RunOptions, TrainArgs};
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 use vigil::methods::memory_bank::coreset::{covering_radius, greedy_k_centre};
 use vigil::methods::memory_bank::search::{
     nearest_sq_candle, nearest_sq_naive, PackedBank, CHUNK, ROWS,
@@ -138,12 +137,7 @@ fn the_tiled_search_equals_a_plain_search() -> vigil::Result<()> {
 }
 
 fn run() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(8)
 }
 
 /// A bank of 2% of 36 synthetic training images' positions, at 96²: image AUROC ≥ 0.9 on the

@@ -12,7 +12,6 @@ use vigil::data::dataset::DataSource;
 use vigil::data::image::{load_image, save_mask_png, save_png};
 use vigil::data::synth::{self, SynthConfig};
 use vigil::data::{batch_tensor, Image, InputSpec};
-use vigil::device::DeviceChoice;
 use vigil::methods::ndp_net::loss::defect_perception;
 use vigil::methods::ndp_net::model::{Builders, Ffm};
 use vigil::methods::ndp_net::rbam::{patches, ReferencePatches};
@@ -338,12 +337,7 @@ fn each_phase_trains_its_parameters_and_phase_two_leaves_the_encoder_alone() -> 
 }
 
 fn run() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(8)
 }
 
 /// The synthetic product's defect-free images (`vigil synth`) with defects of two kinds NDP-Net

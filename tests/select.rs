@@ -6,19 +6,13 @@ use vigil::commands::select::{select, SelectArgs};
 use vigil::commands::{self, RunOptions, TrainArgs, TrainSummary};
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 use vigil::methods::ocr_gan;
 
 const SIDE: usize = 32;
 const VALIDATION: f32 = 0.25;
 
 fn run() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 4,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(4)
 }
 
 fn synthetic(dir: &Path) -> PathBuf {

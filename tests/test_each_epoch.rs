@@ -8,19 +8,13 @@ use candle_core::Device;
 use vigil::commands::{self, EvalArgs, RunOptions, TrainArgs};
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 use vigil::methods::{MethodEntry, REGISTRY};
 use vigil::model_file;
 
 const SIDE: usize = 32;
 
 fn run() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 4,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(4)
 }
 
 fn synthetic(dir: &Path) -> PathBuf {

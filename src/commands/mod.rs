@@ -33,6 +33,18 @@ pub struct RunOptions {
     pub progress: bool,
 }
 
+impl RunOptions {
+    /// On the CPU, without progress bars, refusing unreadable images: the demo's and the tests'.
+    pub fn quiet_cpu(batch_size: usize) -> RunOptions {
+        RunOptions {
+            device: DeviceChoice::Cpu,
+            batch_size,
+            skip_bad: false,
+            progress: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct TrainArgs {
     pub method: String,

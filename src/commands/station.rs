@@ -9,7 +9,6 @@ use indicatif::ProgressBar;
 use super::{calibrate, train, CalibrateArgs, RunOptions, TrainArgs};
 use crate::data::dataset::DataSource;
 use crate::data::synth::{self, SynthConfig};
-use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::station::config::{StationConfig, TriggerConfig};
 use crate::station::protocol::Command;
@@ -194,12 +193,7 @@ pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummar
         ..SynthConfig::default()
     };
     synth::generate(&data, &synth_cfg)?;
-    let run_opts = RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    };
+    let run_opts = RunOptions::quiet_cpu(8);
     let model = out.join("model.safetensors");
     log::info!("demo: training NF-BMR on {}", data.display());
     train(&TrainArgs {

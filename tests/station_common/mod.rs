@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use vigil::commands::{self, CalibrateArgs, RunOptions, TrainArgs};
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
-use vigil::device::DeviceChoice;
 use vigil::error::Result;
 use vigil::station::pty::LineReader;
 use vigil::station::{self, Controls, Hooks, StationConfig};
@@ -27,12 +26,7 @@ pub struct Fixture {
 pub const SIDE: usize = 64;
 
 pub fn run_opts() -> RunOptions {
-    RunOptions {
-        device: DeviceChoice::Cpu,
-        batch_size: 8,
-        skip_bad: false,
-        progress: false,
-    }
+    RunOptions::quiet_cpu(8)
 }
 
 pub fn files(dir: &Path) -> Vec<PathBuf> {
