@@ -223,20 +223,8 @@ fn invalid_calibration_reload_is_refused_and_the_old_one_stays() {
     let mut reader = LineReader::new(pair.master);
     let (_, log) = with_station(cfg, controls, Hooks::default(), |_| {
         let mut log = Vec::new();
-        let mut expect = |reader: &mut LineReader, prefix: &str| -> String {
-            let start = Instant::now();
-            loop {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "no {prefix}: {log:?}"
-                );
-                if let Some(line) = reader.read_line(Duration::from_millis(100)) {
-                    log.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-            }
+        let mut expect = |reader: &mut LineReader, prefix: &str| {
+            expect_line(reader, prefix, Duration::from_secs(20), &mut log)
         };
         expect(&mut reader, "READY");
         reader.send("TRIG").unwrap();

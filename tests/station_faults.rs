@@ -57,24 +57,6 @@ fn nonblocking(file: &std::fs::File) {
     }
 }
 
-fn expect_line(
-    reader: &mut LineReader,
-    prefix: &str,
-    within: Duration,
-    log: &mut Vec<String>,
-) -> String {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if let Some(line) = reader.read_line(Duration::from_millis(50)) {
-            log.push(line.clone());
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-    }
-    panic!("no line starting {prefix:?} within {within:?}: {log:?}");
-}
-
 fn serial_section(port: &Path, extra: &str) -> String {
     format!(
         "[serial]\nport = {:?}\nheartbeat_s = 0\nreconnect_ms = 50\n{extra}",

@@ -256,20 +256,8 @@ fn a_corrupt_or_mismatched_model_is_refused_and_the_old_one_stays() {
     let stop = controls.stop.clone();
     let (_, (naks, scored, ack)) = with_station(cfg, controls, Hooks::default(), |_| {
         let mut log = Vec::new();
-        let mut expect = |reader: &mut LineReader, prefix: &str| -> String {
-            let start = Instant::now();
-            loop {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "no {prefix}: {log:?}"
-                );
-                if let Some(line) = reader.read_line(Duration::from_millis(50)) {
-                    log.push(line.clone());
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-            }
+        let mut expect = |reader: &mut LineReader, prefix: &str| {
+            expect_line(reader, prefix, Duration::from_secs(30), &mut log)
         };
         expect(&mut reader, "READY");
         let bytes = std::fs::read(&b.model).unwrap();

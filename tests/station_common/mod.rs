@@ -218,3 +218,21 @@ impl vigil::station::gpio::GpioOutputs for RecordingGpio {
         Ok(())
     }
 }
+
+pub fn expect_line(
+    reader: &mut LineReader,
+    prefix: &str,
+    within: Duration,
+    log: &mut Vec<String>,
+) -> String {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(line) = reader.read_line(Duration::from_millis(50)) {
+            log.push(line.clone());
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+    panic!("no line starting {prefix:?} within {within:?}: {log:?}");
+}
