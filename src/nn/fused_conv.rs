@@ -8,22 +8,13 @@
 //! again in the backward.
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
 
+use crate::nn::cpu_op_input;
 use crate::nn::im2col::{Col2Im, Im2Col};
 
 /// `y = W · im2col(x)` for `x` `[B, C, H, W]` and `W` `[O, C·k²]` (PyTorch's flattened layout).
 #[derive(Clone, Copy, Debug)]
 pub struct ConvOp {
     pub gather: Im2Col,
-}
-
-fn values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("fused convolution: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(data[a..b].to_vec()),
-        None => candle_core::bail!("fused convolution: {what} must be contiguous"),
-    }
 }
 
 impl ConvOp {
@@ -46,8 +37,16 @@ impl CustomOp2 for ConvOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let device = Device::Cpu;
-        let x = Tensor::from_vec(values(s1, l1, "input")?, l1.shape(), &device)?;
-        let w = Tensor::from_vec(values(s2, l2, "weight")?, l2.shape(), &device)?;
+        let x = Tensor::from_vec(
+            cpu_op_input(s1, l1, "fused convolution input")?.to_vec(),
+            l1.shape(),
+            &device,
+        )?;
+        let w = Tensor::from_vec(
+            cpu_op_input(s2, l2, "fused convolution weight")?.to_vec(),
+            l2.shape(),
+            &device,
+        )?;
         let (b, _, _, _) = x.dims4()?;
         let (ho, wo) = self.gather.out_size();
         let y = w.broadcast_matmul(&self.columns(&x)?)?;

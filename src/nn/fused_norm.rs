@@ -8,7 +8,7 @@
 //! op makes one pass for the statistics and one for the output, and two for the backward.
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
+use crate::nn::cpu_op_input;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -31,16 +31,6 @@ pub struct BatchNormOp {
     /// What the forward normalised with (for the backward and the running statistics), shared
     /// with the caller that applied the op.
     saved: Arc<Mutex<Option<BatchStats>>>,
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("batch norm: {what} must be f32, got {:?}", s.dtype())
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch norm: {what} must be contiguous"),
-    }
 }
 
 impl BatchNormOp {
@@ -103,9 +93,9 @@ impl CustomOp3 for BatchNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "input")?;
-        let weight = contiguous(s2, l2, "weight")?;
-        let bias = contiguous(s3, l3, "bias")?;
+        let x = cpu_op_input(s1, l1, "batch norm input")?;
+        let weight = cpu_op_input(s2, l2, "batch norm weight")?;
+        let bias = cpu_op_input(s3, l3, "batch norm bias")?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let n = h * w;
         if weight.len() != c || bias.len() != c {
@@ -210,9 +200,9 @@ impl CustomOp3 for Backward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "input")?;
-        let dy = contiguous(s2, l2, "gradient")?;
-        let y = contiguous(s3, l3, "output")?;
+        let x = cpu_op_input(s1, l1, "batch norm input")?;
+        let dy = cpu_op_input(s2, l2, "batch norm gradient")?;
+        let y = cpu_op_input(s3, l3, "batch norm output")?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let n = h * w;
         let BatchStats { mean, inv_std, .. } = &self.stats;

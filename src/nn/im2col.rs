@@ -5,7 +5,7 @@
 //! generic index kernels and their scatter-add backward took about a third of an OCR-GAN training
 //! step on 2 cores (measured with `perf`, benches/ocr_gan.rs). Plain loops over contiguous rows,
 //! one (image, channel) plane per task, are memory-bound and split over the threads.
-use candle_core::backend::BackendStorage;
+use crate::nn::cpu_op_input;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -31,16 +31,6 @@ impl Im2Col {
             .checked_sub(self.padding)
             .filter(|&i| i < n)
     }
-
-    fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("im2col supports f32 only, got {:?}", storage.dtype())
-        };
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(&data[start..end]),
-            None => candle_core::bail!("im2col needs a contiguous input"),
-        }
-    }
 }
 
 impl CustomOp1 for Im2Col {
@@ -61,7 +51,7 @@ impl CustomOp1 for Im2Col {
                 self.width
             )
         }
-        let src = Self::contiguous(storage, layout)?;
+        let src = cpu_op_input(storage, layout, "im2col input")?;
         let (ho, wo) = self.out_size();
         let k = self.kernel;
         let block = k * k * ho * wo;
@@ -119,7 +109,7 @@ impl CustomOp1 for Col2Im {
         let c = ck / (k * k);
         let (h, w) = (g.height, g.width);
         let (ho, wo) = g.out_size();
-        let src = Im2Col::contiguous(storage, layout)?;
+        let src = cpu_op_input(storage, layout, "im2col input")?;
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w)
             .zip(src.par_chunks(k * k * ho * wo))

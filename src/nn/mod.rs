@@ -31,6 +31,22 @@ pub trait FeatureExtractor: Send + Sync {
     fn stride(&self) -> usize;
 }
 
+/// The f32 values a custom op's CPU input holds, borrowed; `what` names the input in the error.
+pub(crate) fn cpu_op_input<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    use candle_core::backend::BackendStorage;
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what} must be f32, got {:?}", storage.dtype())
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 /// Calls `f` with the values of a CPU tensor as one row-major f32 slice: borrowed from the
 /// tensor's storage when it is contiguous f32 already (the per-part path makes no copy).
 pub fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {

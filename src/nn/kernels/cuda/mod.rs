@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::Activation;
 use crate::error::{Error, Result};
+use crate::nn::cpu_op_input;
 use crate::nn::depthwise::SamePad;
 
 /// Whether the custom ops replace candle's ops where they can: on unless `VIGIL_CUDA_OPS=candle`
@@ -147,20 +148,6 @@ struct BiasAct {
 }
 
 /// The values of a contiguous f32 CPU input.
-fn cpu_values<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: not contiguous")))?;
-    match storage {
-        CpuStorage::F32(values) => Ok(&values[start..end]),
-        _ => Err(candle_core::Error::Msg(format!("{what}: not f32"))),
-    }
-}
-
 impl DepthwiseOp {
     /// `[B, C, OH, OW]` from the input's shape.
     fn out_shape(&self, input: &Layout) -> candle_core::Result<Shape> {
@@ -183,9 +170,9 @@ impl CustomOp3 for DepthwiseOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_values(s1, l1, "depthwise input")?;
-        let w = cpu_values(s2, l2, "depthwise weight")?;
-        let bias = cpu_values(s3, l3, "depthwise bias")?;
+        let x = cpu_op_input(s1, l1, "depthwise input")?;
+        let w = cpu_op_input(s2, l2, "depthwise weight")?;
+        let bias = cpu_op_input(s3, l3, "depthwise bias")?;
         let (_, channels, height, width) = l1.shape().dims4()?;
         let (k, s) = (self.kernel, self.stride);
         let (oh, ow) = (self.out_h, self.out_w);
@@ -275,8 +262,8 @@ impl CustomOp2 for BiasAct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_values(s1, l1, "bias op input")?;
-        let bias = cpu_values(s2, l2, "bias op bias")?;
+        let x = cpu_op_input(s1, l1, "bias op input")?;
+        let bias = cpu_op_input(s2, l2, "bias op bias")?;
         Ok(self.cpu(x, bias, None, l1.shape()))
     }
 
@@ -306,9 +293,9 @@ impl CustomOp3 for BiasAct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_values(s1, l1, "bias op input")?;
-        let bias = cpu_values(s2, l2, "bias op bias")?;
-        let residual = cpu_values(s3, l3, "bias op residual")?;
+        let x = cpu_op_input(s1, l1, "bias op input")?;
+        let bias = cpu_op_input(s2, l2, "bias op bias")?;
+        let residual = cpu_op_input(s3, l3, "bias op residual")?;
         Ok(self.cpu(x, bias, Some(residual), l1.shape()))
     }
 
