@@ -40,6 +40,11 @@ pub struct MemoryBankConfig {
     pub fusion: bool,
     /// Gaussian smoothing of the anomaly map at input resolution, in pixels (PatchCore: 4).
     pub smoothing_sigma: f32,
+    /// Lists of an inverted-file index over the patch bank (approximate search, CPU only:
+    /// [`super::index`]); 0 = the exact search of the whole bank.
+    pub index_lists: usize,
+    /// Lists searched per position when `index_lists` > 0: more, nearer the exact search.
+    pub index_probes: usize,
 }
 
 impl Default for MemoryBankConfig {
@@ -55,6 +60,8 @@ impl Default for MemoryBankConfig {
             score_window: 1,
             fusion: true,
             smoothing_sigma: 4.0,
+            index_lists: 0,
+            index_probes: 8,
         }
     }
 }
@@ -77,6 +84,15 @@ impl MemoryBankConfig {
             ));
         }
         finite_in("smoothing_sigma", self.smoothing_sigma as f64, 0.0, 64.0)?;
+        if self.index_lists > 0 && !(1..=self.index_lists).contains(&self.index_probes) {
+            return Err(Error::config(
+                "index_probes",
+                format!(
+                    "{} is not between 1 and index_lists ({})",
+                    self.index_probes, self.index_lists
+                ),
+            ));
+        }
         Ok(())
     }
 }

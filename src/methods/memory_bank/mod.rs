@@ -15,6 +15,7 @@
 pub mod config;
 pub mod coreset;
 pub mod features;
+pub mod index;
 pub mod search;
 
 pub use config::MemoryBankConfig;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 
 use self::features::{neighbourhood_mean, neighbourhood_mean_candle, random_projection, Projector};
+use self::index::InvertedBank;
 use self::search::{nearest_sq_candle, PackedBank};
 use super::config_check;
 use crate::data::{batch_tensor, Image, InputSpec};
@@ -140,11 +142,28 @@ struct Fitted {
     images: Tensor,
     images_sq: Tensor,
     /// Both banks packed for the fast kernels (CPU).
-    fast: Option<(PackedBank, PackedBank)>,
+    fast: Option<(PatchSearch, PackedBank)>,
+}
+
+/// How the fast path searches the patch bank.
+enum PatchSearch {
+    Exact(PackedBank),
+    Inverted(Box<InvertedBank>),
+}
+
+impl PatchSearch {
+    fn nearest_sq(&self, kernels: Kernels, queries: &[f32], out: &mut [f32]) -> Result<()> {
+        match self {
+            PatchSearch::Exact(bank) => bank.nearest_sq(kernels, queries, out),
+            PatchSearch::Inverted(bank) => bank.nearest_sq(kernels, queries, out),
+        }
+    }
 }
 
 impl Fitted {
+    /// `cfg` gives the index (`index_lists`, `index_probes`) the fast path searches with.
     fn new(
+        cfg: &MemoryBankConfig,
         channels: usize,
         projection: Option<&Tensor>,
         centre: Vec<f32>,
@@ -167,10 +186,19 @@ impl Fitted {
         let images = images.to_device(device)?.to_dtype(DType::F32)?;
         let fast = if device.is_cpu() {
             let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
-            Some((
-                PackedBank::new(&values(&bank)?, dims)?,
-                PackedBank::new(&values(&images)?, dims)?,
-            ))
+            let entries = values(&bank)?;
+            let patches = if cfg.index_lists > 0 {
+                PatchSearch::Inverted(Box::new(InvertedBank::new(
+                    Kernels::detect(),
+                    &entries,
+                    dims,
+                    cfg.index_lists,
+                    cfg.index_probes,
+                )?))
+            } else {
+                PatchSearch::Exact(PackedBank::new(&entries, dims)?)
+            };
+            Some((patches, PackedBank::new(&values(&images)?, dims)?))
         } else {
             None
         };
@@ -431,7 +459,7 @@ impl MemoryBank {
                 self.vectors_fast(&fitted.projector, &features, s)?;
                 s.nearest.resize(batch * positions, 0.0);
                 bank.nearest_sq(self.kernels, &s.vectors, &mut s.nearest)?;
-                let dims = bank.dims();
+                let dims = image_bank.dims();
                 image_means(&s.vectors, batch, dims, &mut s.means);
                 s.image_nearest.resize(batch, 0.0);
                 image_bank.nearest_sq(self.kernels, &s.means, &mut s.image_nearest)?;
@@ -604,6 +632,7 @@ impl MemoryBank {
         let entries = coreset.indices.len();
         let n_images = images.len() / dims;
         self.fitted = Some(Fitted::new(
+            &self.cfg,
             self.channels,
             self.frozen.get(PROJECTION),
             centre,
@@ -803,6 +832,7 @@ impl Method for MemoryBank {
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
         self.fitted = Some(Fitted::new(
+            &self.cfg,
             self.channels,
             self.frozen.get(PROJECTION),
             centre,

@@ -176,7 +176,7 @@ pub fn squared_norm(v: &[f32]) -> f32 {
 }
 
 /// The smallest of `values` and `start`, vectorised.
-fn min_of(values: &[f32], start: f32) -> f32 {
+pub(super) fn min_of(values: &[f32], start: f32) -> f32 {
     let chunks = values.chunks_exact(LANES);
     let tail = chunks.remainder().iter().fold(start, |m, &v| m.min(v));
     let mut acc = [f32::INFINITY; LANES];
