@@ -10,7 +10,8 @@
 //!   images, which standardise them for the fusion.
 //!
 //! Inference: each position's distance to its nearest bank entry ([`search`]: one GEMM against the
-//! bank, tiled) is the anomaly map; the image score is its maximum inside the border margin, plus,
+//! bank, tiled; or, with `index_lists`, approximately through an inverted file, [`index`]) is the
+//! anomaly map; the image score is its maximum inside the border margin, plus,
 //! with `fusion`, the image's distance to its nearest training image, each standardised.
 pub mod config;
 pub mod coreset;
