@@ -167,16 +167,16 @@ fn the_index_probing_every_list_equals_a_plain_search() -> vigil::Result<()> {
     Ok(())
 }
 
-/// On clustered points, as patch features are, a bank in coreset order searched through 4 of 40
-/// lists finds the true nearest distance for at least 95% of the queries, and never a distance
-/// below it (it can only miss a neighbour, not invent one).
+/// On clustered points, as patch features are, a bank in coreset order searched through 4 of 100
+/// lists finds the true nearest distance for at least 95% of the queries (one list: 85%), and
+/// never a distance below it (it can only miss a neighbour, not invent one).
 #[test]
 fn the_index_probing_a_few_lists_nearly_always_finds_the_nearest() -> vigil::Result<()> {
     let mut rng = Rng::new(19);
     let (dims, clusters) = (32, 60);
     let centres: Vec<f32> = gaussian(clusters * dims, &mut rng)
         .iter()
-        .map(|v| 4.0 * v)
+        .map(|v| 2.0 * v)
         .collect();
     let draw = |n: usize, rng: &mut Rng| -> Vec<f32> {
         let mut points = Vec::with_capacity(n * dims);
@@ -201,7 +201,7 @@ fn the_index_probing_a_few_lists_nearly_always_finds_the_nearest() -> vigil::Res
     let exact = nearest_sq_naive(&bank, &queries, dims);
     let kernels = Kernels::detect();
     let mut found = vec![0.0; 1000];
-    InvertedBank::new(kernels, &bank, dims, 40, 4)?.nearest_sq(kernels, &queries, &mut found)?;
+    InvertedBank::new(kernels, &bank, dims, 100, 4)?.nearest_sq(kernels, &queries, &mut found)?;
     let tolerance = 1e-4 * (1.0 + dims as f32);
     let mut hits = 0;
     for (i, (f, e)) in found.iter().zip(&exact).enumerate() {
