@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::search::{min_of, squared_norm, ROWS};
+use super::search::{fold_nearest, pack_entries, squared_norm, ROWS};
 use crate::error::{Error, Result};
 use crate::nn::kernels::{ASource, Activation, Epilogue, Kernels, PackedB};
 
@@ -60,12 +60,6 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-fn pack(entries: &[f32], dims: usize) -> PackedB {
-    let n = entries.len() / dims;
-    let norms: Vec<f32> = entries.chunks_exact(dims).map(squared_norm).collect();
-    PackedB::new(dims, n, |k, j| -2.0 * entries[j * dims + k], &norms)
-}
-
 impl InvertedBank {
     /// `entries`: `[len, dims]`, row-major.
     pub fn new(
@@ -102,13 +96,13 @@ impl InvertedBank {
             dims,
             len,
             probes: probes.min(lists),
-            centres: pack(&centres, dims),
+            centres: pack_entries(&centres, dims),
             lists: Vec::new(),
             scratch: Mutex::new(Scratch::default()),
         };
         let mut nearest = Vec::with_capacity(len);
         for round in 0..=KMEANS_ROUNDS {
-            bank.centres = pack(&centres, dims);
+            bank.centres = pack_entries(&centres, dims);
             // Each entry to its nearest centre (a block of entries at a time, so that the
             // distances to the centres are never whole in memory).
             nearest.clear();
@@ -149,7 +143,7 @@ impl InvertedBank {
         }
         bank.lists = members
             .iter()
-            .map(|m| (!m.is_empty()).then(|| pack(m, dims)))
+            .map(|m| (!m.is_empty()).then(|| pack_entries(m, dims)))
             .collect();
         log::debug!(
             "memory bank index: {len} entries in {lists} lists, the largest {}",
@@ -283,28 +277,14 @@ impl InvertedBank {
         gathered: &mut Vec<f32>,
         tile: &mut Vec<f32>,
     ) -> Result<()> {
-        let (d, n) = (self.dims, packed.n());
+        let d = self.dims;
+        best.fill(f32::INFINITY);
         for (block, best) in members.chunks(ROWS).zip(best.chunks_mut(ROWS)) {
             gathered.clear();
             for &q in block {
                 gathered.extend_from_slice(&queries[q * d..(q + 1) * d]);
             }
-            tile.resize(block.len() * n, 0.0);
-            kernels.gemm(
-                ASource::Matrix {
-                    data: gathered,
-                    lda: d,
-                },
-                packed,
-                Epilogue {
-                    activation: Activation::Identity,
-                    residual: None,
-                },
-                tile,
-            )?;
-            for (b, row) in best.iter_mut().zip(tile.chunks_exact(n)) {
-                *b = min_of(row, f32::INFINITY);
-            }
+            fold_nearest(kernels, gathered, d, packed, tile, best)?;
         }
         Ok(())
     }

@@ -42,11 +42,7 @@ impl PackedBank {
         let len = entries.len() / dims;
         let chunks = entries
             .chunks(CHUNK * dims)
-            .map(|chunk| {
-                let n = chunk.len() / dims;
-                let norms: Vec<f32> = chunk.chunks_exact(dims).map(squared_norm).collect();
-                PackedB::new(dims, n, |k, j| -2.0 * chunk[j * dims + k], &norms)
-            })
+            .map(|chunk| pack_entries(chunk, dims))
             .collect();
         Ok(PackedBank { dims, len, chunks })
     }
@@ -102,35 +98,53 @@ impl PackedBank {
         out: &mut [f32],
         tile: &mut Vec<f32>,
     ) -> Result<()> {
-        let rows = out.len();
         out.fill(f32::INFINITY);
-        if tile.len() < ROWS * CHUNK {
-            tile.resize(ROWS * CHUNK, 0.0);
-        }
         for chunk in &self.chunks {
-            let n = chunk.n();
-            let tile = &mut tile[..rows * n];
-            kernels.gemm(
-                ASource::Matrix {
-                    data: queries,
-                    lda: self.dims,
-                },
-                chunk,
-                Epilogue {
-                    activation: Activation::Identity,
-                    residual: None,
-                },
-                tile,
-            )?;
-            for (best, row) in out.iter_mut().zip(tile.chunks_exact(n)) {
-                *best = min_of(row, *best);
-            }
+            fold_nearest(kernels, queries, self.dims, chunk, tile, out)?;
         }
         for (best, query) in out.iter_mut().zip(queries.chunks_exact(self.dims)) {
             *best = (*best + squared_norm(query)).max(0.0);
         }
         Ok(())
     }
+}
+
+/// Bank entries `[n, dims]` packed as the search reads them: `−2·b` as weights, `‖b‖²` as bias, so
+/// that the GEMM of queries against them gives `‖b‖² − 2 q·b`.
+pub(super) fn pack_entries(entries: &[f32], dims: usize) -> PackedB {
+    let n = entries.len() / dims;
+    let norms: Vec<f32> = entries.chunks_exact(dims).map(squared_norm).collect();
+    PackedB::new(dims, n, |k, j| -2.0 * entries[j * dims + k], &norms)
+}
+
+/// `best[i] = min(best[i], min_b ‖b‖² − 2 q_i·b)` for the queries `rows` (`[best.len(), dims]`)
+/// against one packed set of entries, through `tile`.
+pub(super) fn fold_nearest(
+    kernels: Kernels,
+    rows: &[f32],
+    dims: usize,
+    entries: &PackedB,
+    tile: &mut Vec<f32>,
+    best: &mut [f32],
+) -> Result<()> {
+    let n = entries.n();
+    tile.resize(best.len() * n, 0.0);
+    kernels.gemm(
+        ASource::Matrix {
+            data: rows,
+            lda: dims,
+        },
+        entries,
+        Epilogue {
+            activation: Activation::Identity,
+            residual: None,
+        },
+        tile,
+    )?;
+    for (b, row) in best.iter_mut().zip(tile.chunks_exact(n)) {
+        *b = min_of(row, *b);
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -176,7 +190,7 @@ pub fn squared_norm(v: &[f32]) -> f32 {
 }
 
 /// The smallest of `values` and `start`, vectorised.
-pub(super) fn min_of(values: &[f32], start: f32) -> f32 {
+fn min_of(values: &[f32], start: f32) -> f32 {
     let chunks = values.chunks_exact(LANES);
     let tail = chunks.remainder().iter().fold(start, |m, &v| m.min(v));
     let mut acc = [f32::INFINITY; LANES];
