@@ -35,16 +35,7 @@ fn distance(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check(points: &[f32], dims: usize) -> Result<usize> {
-    if dims == 0 || points.is_empty() || !points.len().is_multiple_of(dims) {
-        return Err(Error::invalid(
-            "coreset points",
-            format!(
-                "{} values are not points of {dims} dimensions",
-                points.len()
-            ),
-        ));
-    }
-    Ok(points.len() / dims)
+    super::search::rows_of(points, dims, "coreset points", "points")
 }
 
 /// The largest distance from any of `points` (`[N, dims]`) to the nearest of `centres`.

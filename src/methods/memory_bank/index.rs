@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::search::{fold_nearest, pack_entries, squared_norm, ROWS};
+use super::search::{check_queries, fold_nearest, pack_entries, rows_of, squared_norm, ROWS};
 use crate::error::{Error, Result};
 use crate::nn::kernels::{ASource, Activation, Epilogue, Kernels, PackedB};
 
@@ -69,22 +69,13 @@ impl InvertedBank {
         lists: usize,
         probes: usize,
     ) -> Result<InvertedBank> {
-        if dims == 0 || entries.is_empty() || !entries.len().is_multiple_of(dims) {
-            return Err(Error::invalid(
-                "memory bank index",
-                format!(
-                    "{} values are not entries of {dims} dimensions",
-                    entries.len()
-                ),
-            ));
-        }
+        let len = rows_of(entries, dims, "memory bank index", "entries")?;
         if lists == 0 || probes == 0 || probes > lists {
             return Err(Error::invalid(
                 "memory bank index",
                 format!("{probes} probes of {lists} lists: need 1 ≤ probes ≤ lists"),
             ));
         }
-        let len = entries.len() / dims;
         let lists = lists.min(len);
         let mut centres: Vec<f32> = (0..lists)
             .flat_map(|l| {
@@ -189,17 +180,7 @@ impl InvertedBank {
     /// Each query's squared distance to the nearest entry of its probed lists (never below 0):
     /// `queries` is `[out.len(), dims]`, row-major.
     pub fn nearest_sq(&self, kernels: Kernels, queries: &[f32], out: &mut [f32]) -> Result<()> {
-        if queries.len() != out.len() * self.dims {
-            return Err(Error::invalid(
-                "memory bank queries",
-                format!(
-                    "{} values for {} queries of {} dimensions",
-                    queries.len(),
-                    out.len(),
-                    self.dims
-                ),
-            ));
-        }
+        check_queries(queries, out.len(), self.dims)?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
         let probes = self.probes;

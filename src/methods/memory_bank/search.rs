@@ -30,16 +30,7 @@ pub struct PackedBank {
 impl PackedBank {
     /// `entries`: `[len, dims]`, row-major.
     pub fn new(entries: &[f32], dims: usize) -> Result<PackedBank> {
-        if dims == 0 || entries.is_empty() || !entries.len().is_multiple_of(dims) {
-            return Err(Error::invalid(
-                "memory bank",
-                format!(
-                    "{} values are not entries of {dims} dimensions",
-                    entries.len()
-                ),
-            ));
-        }
-        let len = entries.len() / dims;
+        let len = rows_of(entries, dims, "memory bank", "entries")?;
         let chunks = entries
             .chunks(CHUNK * dims)
             .map(|chunk| pack_entries(chunk, dims))
@@ -62,17 +53,7 @@ impl PackedBank {
     /// Each query's squared distance to its nearest entry (never below 0): `queries` is
     /// `[out.len(), dims]`, row-major. Blocks of queries are spread over rayon's threads.
     pub fn nearest_sq(&self, kernels: Kernels, queries: &[f32], out: &mut [f32]) -> Result<()> {
-        if queries.len() != out.len() * self.dims {
-            return Err(Error::invalid(
-                "memory bank queries",
-                format!(
-                    "{} values for {} queries of {} dimensions",
-                    queries.len(),
-                    out.len(),
-                    self.dims
-                ),
-            ));
-        }
+        check_queries(queries, out.len(), self.dims)?;
         let serial = kernels.serial();
         let block = |(queries, out): (&[f32], &mut [f32])| {
             TILE.with(|tile| self.nearest_block(serial, queries, out, &mut tile.borrow_mut()))
@@ -107,6 +88,34 @@ impl PackedBank {
         }
         Ok(())
     }
+}
+
+/// How many `dims`-long rows `values` holds: an error naming `what` when none, or not whole ones.
+pub(super) fn rows_of(values: &[f32], dims: usize, what: &str, rows: &str) -> Result<usize> {
+    if dims == 0 || values.is_empty() || !values.len().is_multiple_of(dims) {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "{} values are not {rows} of {dims} dimensions",
+                values.len()
+            ),
+        ));
+    }
+    Ok(values.len() / dims)
+}
+
+/// `queries` must be `count` rows of `dims`.
+pub(super) fn check_queries(queries: &[f32], count: usize, dims: usize) -> Result<()> {
+    if queries.len() != count * dims {
+        return Err(Error::invalid(
+            "memory bank queries",
+            format!(
+                "{} values for {count} queries of {dims} dimensions",
+                queries.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Bank entries `[n, dims]` packed as the search reads them: `−2·b` as weights, `‖b‖²` as bias, so
