@@ -139,7 +139,8 @@ fn the_tiled_search_equals_a_plain_search() -> vigil::Result<()> {
 }
 
 /// Probing every list, the inverted file is an exact search: sizes on both sides of a block of
-/// gathered queries, lists of one entry, more lists asked for than there are entries.
+/// gathered queries, lists of one entry, more lists asked for than there are entries, and a bank
+/// of one entry repeated (every list but one left empty).
 #[test]
 fn the_index_probing_every_list_equals_a_plain_search() -> vigil::Result<()> {
     let mut rng = Rng::new(17);
@@ -151,16 +152,19 @@ fn the_index_probing_every_list_equals_a_plain_search() -> vigil::Result<()> {
             (3 * ROWS + 7, 2000, 24, 45),
         ] {
             let bank = gaussian(entries * dims, &mut rng);
-            let q = gaussian(queries * dims, &mut rng);
-            let expected = nearest_sq_naive(&bank, &q, dims);
-            let mut found = vec![0.0; queries];
-            InvertedBank::new(kernels, &bank, dims, lists, lists)?
-                .nearest_sq(kernels, &q, &mut found)?;
-            for (i, (f, e)) in found.iter().zip(&expected).enumerate() {
-                assert!(
+            let repeated: Vec<f32> = bank[..dims].repeat(entries);
+            for bank in [bank, repeated] {
+                let q = gaussian(queries * dims, &mut rng);
+                let expected = nearest_sq_naive(&bank, &q, dims);
+                let mut found = vec![0.0; queries];
+                InvertedBank::new(kernels, &bank, dims, lists, lists)?
+                    .nearest_sq(kernels, &q, &mut found)?;
+                for (i, (f, e)) in found.iter().zip(&expected).enumerate() {
+                    assert!(
                     (f - e).abs() <= 1e-4 * (1.0 + dims as f32),
                     "{kernels:?} {queries}x{entries}x{dims}, {lists} lists, query {i}: {f} against {e}"
                 );
+                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //! strided through the bank: deterministic, so a model file builds the same index every time it
 //! loads. (The coreset's first entries, the free choice, are its outliers, since greedy k-centre
 //! takes the farthest point first: with them as centres one list of a 32,768-entry magnetic-tile
-//! bank held 12,714 entries, and probing 4 of 128 lists saved a fifth of the search, not 90%.)
+//! bank held 12,714 entries, and probing 4 of 128 lists saved a fifth to a quarter of the search.)
 //!
 //! Searching the probed lists is the exact search's GEMM on each list's members, with the queries
 //! that probe the list gathered into blocks; the results are kept per (query, probe) slot, so the
@@ -32,7 +32,7 @@ pub struct InvertedBank {
     probes: usize,
     /// The coarse centres, packed as a bank chunk is (`−2·c` as weights, `‖c‖²` as bias).
     centres: PackedB,
-    /// Each list's entries, packed the same way; `None` for a list left empty (duplicates).
+    /// Each list's entries, packed the same way; `None` for a list no entry is nearest to.
     lists: Vec<Option<PackedB>>,
     scratch: Mutex<Scratch>,
 }
@@ -93,7 +93,6 @@ impl InvertedBank {
         };
         let mut nearest = Vec::with_capacity(len);
         for round in 0..=KMEANS_ROUNDS {
-            bank.centres = pack_entries(&centres, dims);
             // Each entry to its nearest centre (a block of entries at a time, so that the
             // distances to the centres are never whole in memory).
             nearest.clear();
@@ -127,6 +126,7 @@ impl InvertedBank {
                     }
                 }
             }
+            bank.centres = pack_entries(&centres, dims);
         }
         let mut members: Vec<Vec<f32>> = vec![Vec::new(); lists];
         for (entry, &list) in entries.chunks_exact(dims).zip(&nearest) {
