@@ -210,17 +210,15 @@ impl InvertedBank {
         let search = |(list, best): (usize, &mut [f32])| -> Result<()> {
             let members = &s.members[s.offsets[list]..s.offsets[list + 1]];
             match &self.lists[list] {
-                Some(packed) => BLOCK.with(|block| {
-                    let (gathered, tile) = &mut *block.borrow_mut();
-                    self.search_list(serial, packed, queries, members, best, gathered, tile)
-                }),
+                Some(packed) => self.search_list(serial, packed, queries, members, best),
                 None => {
                     best.fill(f32::INFINITY);
                     Ok(())
                 }
             }
         };
-        // One slice of `best` per list, in list order.
+        // One slice of `best` per list, in list order (a vector of `lists` slices is the one
+        // allocation per call).
         let mut per_list = Vec::with_capacity(lists);
         let mut rest = s.best.as_mut_slice();
         for list in 0..lists {
@@ -245,9 +243,8 @@ impl InvertedBank {
         Ok(())
     }
 
-    /// The queries `members` against one list, `ROWS` at a time: each one's smallest
-    /// `‖b‖² − 2 q·b` into `best`.
-    #[allow(clippy::too_many_arguments)]
+    /// The queries `members` against one list, `ROWS` at a time, gathered into this thread's
+    /// block: each one's smallest `‖b‖² − 2 q·b` into `best`.
     fn search_list(
         &self,
         kernels: Kernels,
@@ -255,19 +252,20 @@ impl InvertedBank {
         queries: &[f32],
         members: &[usize],
         best: &mut [f32],
-        gathered: &mut Vec<f32>,
-        tile: &mut Vec<f32>,
     ) -> Result<()> {
         let d = self.dims;
         best.fill(f32::INFINITY);
-        for (block, best) in members.chunks(ROWS).zip(best.chunks_mut(ROWS)) {
-            gathered.clear();
-            for &q in block {
-                gathered.extend_from_slice(&queries[q * d..(q + 1) * d]);
+        BLOCK.with(|block| {
+            let (gathered, tile) = &mut *block.borrow_mut();
+            for (block, best) in members.chunks(ROWS).zip(best.chunks_mut(ROWS)) {
+                gathered.clear();
+                for &q in block {
+                    gathered.extend_from_slice(&queries[q * d..(q + 1) * d]);
+                }
+                fold_nearest(kernels, gathered, d, packed, tile, best)?;
             }
-            fold_nearest(kernels, gathered, d, packed, tile, best)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
