@@ -56,7 +56,7 @@ fn main() -> vigil::Result<()> {
     );
     let device = Device::Cpu;
     let images = Tensor::rand(0f32, 1.0, (1, 1, size, size), &device)?;
-    for taps in [vec![4, 7, 10], vec![4, 7], vec![4]] {
+    for taps in [vec![4, 10, 14], vec![4, 7, 10], vec![4]] {
         let tensors = load_tensors(weights.as_ref(), *taps.iter().max().unwrap_or(&0), &device)?;
         let net = Lite0Features::new(&tensors, taps.clone(), &device)?;
         let ms = time(iterations, || net.extract(&images).map(|_| ()))?;
@@ -70,7 +70,7 @@ fn main() -> vigil::Result<()> {
     let mut rng = Rng::new(0);
     let queries_n = (size / 8) * (size / 8);
     println!("search of {queries_n} queries (one {size}x{size} image at stride 8):");
-    for dims in [64, 128, 232] {
+    for dims in [64, 128, 344] {
         let queries = gaussian(queries_n * dims, &mut rng);
         let mut out = vec![0.0; queries_n];
         for entries in [1024, 4096, 8192, 16384, 32768, 65536] {

@@ -9,7 +9,9 @@ use crate::methods::config_check::{centred_window, finite_in, lite0_taps};
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryBankConfig {
     /// Backbone blocks whose maps make the patch features (EfficientNet-Lite0 blocks 0..=15),
-    /// brought to the finest tap's stride (bilinear) and concatenated on channels.
+    /// brought to the finest tap's stride (bilinear) and concatenated on channels. The default,
+    /// 4 + 10 + 14, is the last block at stride 8, 16 and 32: the stride-32 context lifted both
+    /// real sets over 4 + 7 + 10 (docs/RESULTS.md, issue 17).
     pub taps: Vec<usize>,
     /// Each position averaged over its `neighbourhood` × `neighbourhood` cells (those inside the
     /// map), PatchCore's local aggregation; 1 = none. Odd.
@@ -50,7 +52,7 @@ pub struct MemoryBankConfig {
 impl Default for MemoryBankConfig {
     fn default() -> Self {
         MemoryBankConfig {
-            taps: vec![4, 7, 10],
+            taps: vec![4, 10, 14],
             neighbourhood: 3,
             projection: 128,
             bank_ratio: 0.01,
