@@ -36,10 +36,6 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
     synth::generate(&data, &cfg).unwrap();
     let model = dir.path().join("model.safetensors");
     let summary = commands::train(&TrainArgs {
-        method: "nf-bmr".into(),
-        data: DataSource::Mvtec { root: data.clone() },
-        out: model.clone(),
-        config: None,
         set: [
             "taps=[4,7]",
             "flow_hidden=64",
@@ -53,15 +49,14 @@ fn tiny_nf_bmr_separates_synthetic_defects_and_the_station_files_work() {
         .to_vec(),
         height: Some(96),
         width: Some(96),
-        validation_fraction: 0.1,
         seed: 1,
-        backbone: backbone(),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run(),
+        ..TrainArgs::new(
+            "nf-bmr",
+            DataSource::Mvtec { root: data.clone() },
+            model.clone(),
+            backbone(),
+            run(),
+        )
     })
     .unwrap();
     assert_eq!(summary.train_images, 36);

@@ -33,22 +33,11 @@ fn settings(extra: &[(&str, serde_json::Value)]) -> Vec<String> {
 
 fn train_args(data: DataSource, out: &Path, set: Vec<String>, side: usize) -> TrainArgs {
     TrainArgs {
-        method: "fcdd".into(),
-        data,
-        out: out.to_path_buf(),
-        config: None,
         set,
         height: Some(side),
         width: Some(side),
-        validation_fraction: 0.1,
         seed: 2,
-        backbone: backbone(),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run(),
+        ..TrainArgs::new("fcdd", data, out.to_path_buf(), backbone(), run())
     }
 }
 

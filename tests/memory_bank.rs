@@ -251,10 +251,6 @@ fn a_tiny_bank_separates_synthetic_defects() {
     ] {
         let model = dir.path().join(format!("bank-{name}.safetensors"));
         commands::train(&TrainArgs {
-            method: "memory-bank".into(),
-            data: DataSource::Mvtec { root: data.clone() },
-            out: model.clone(),
-            config: None,
             set: ["bank_ratio=0.02"]
                 .into_iter()
                 .chain(index)
@@ -264,14 +260,13 @@ fn a_tiny_bank_separates_synthetic_defects() {
             width: Some(side),
             // Six validation images: the fusion standardises both scores on them.
             validation_fraction: 0.15,
-            seed: 0,
-            backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
-            checkpoint: None,
-            resume: false,
-            few_shot: None,
-            train_limit: None,
-            stop_after_epochs: None,
-            run: run(),
+            ..TrainArgs::new(
+                "memory-bank",
+                DataSource::Mvtec { root: data.clone() },
+                model.clone(),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+                run(),
+            )
         })
         .unwrap();
         let report = commands::eval(&EvalArgs {

@@ -425,22 +425,17 @@ fn a_tiny_ndp_net_segments_defects_on_synthetic_textures() {
     .map(String::from)
     .to_vec();
     commands::train(&TrainArgs {
-        method: "ndp-net".into(),
-        data: DataSource::Mvtec { root: data.clone() },
-        out: model.clone(),
-        config: None,
         set,
         height: Some(side),
         width: Some(side),
-        validation_fraction: 0.1,
         seed: 2,
-        backbone: backbone(),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run(),
+        ..TrainArgs::new(
+            "ndp-net",
+            DataSource::Mvtec { root: data.clone() },
+            model.clone(),
+            backbone(),
+            run(),
+        )
     })
     .unwrap();
     let out = dir.path().join("report");

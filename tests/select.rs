@@ -44,22 +44,18 @@ fn train(data: &Path, out: PathBuf, seed: u64, forgeries: &str, more: &[&str]) -
     set.push(format!("forgeries={forgeries}"));
     set.extend(more.iter().map(|s| s.to_string()));
     commands::train(&TrainArgs {
-        method: "ocr-gan".into(),
-        data: DataSource::Mvtec { root: data.into() },
-        out,
-        config: None,
         set,
         height: Some(SIDE),
         width: Some(SIDE),
         validation_fraction: VALIDATION,
         seed,
-        backbone: PathBuf::new(),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run(),
+        ..TrainArgs::new(
+            "ocr-gan",
+            DataSource::Mvtec { root: data.into() },
+            out,
+            PathBuf::new(),
+            run(),
+        )
     })
     .unwrap()
 }

@@ -33,10 +33,6 @@ fn memory_bank(name: &str, side: usize) -> (PathBuf, PathBuf) {
     let data = f.root.join("data");
     let model = f.root.join(format!("{name}.safetensors"));
     commands::train(&TrainArgs {
-        method: "memory-bank".into(),
-        data: DataSource::Mvtec { root: data.clone() },
-        out: model.clone(),
-        config: None,
         // The fixture's 12 training images leave too few validation images for the fusion.
         set: vec![
             "taps=[4]".into(),
@@ -47,13 +43,13 @@ fn memory_bank(name: &str, side: usize) -> (PathBuf, PathBuf) {
         width: Some(side),
         validation_fraction: 0.2,
         seed: 2,
-        backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run_opts(),
+        ..TrainArgs::new(
+            "memory-bank",
+            DataSource::Mvtec { root: data.clone() },
+            model.clone(),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+            run_opts(),
+        )
     })
     .unwrap();
     let calibration = f.root.join(format!("{name}.toml"));

@@ -46,23 +46,20 @@ fn tiny_overrides(entry: &MethodEntry) -> Vec<String> {
 }
 
 fn train_args(entry: &MethodEntry, data: &Path, out: PathBuf) -> TrainArgs {
+    let backbone = Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE);
     TrainArgs {
-        method: entry.name.into(),
-        data: DataSource::Mvtec { root: data.into() },
-        out,
-        config: None,
         set: tiny_overrides(entry),
         height: Some(SIDE),
         width: Some(SIDE),
         validation_fraction: 0.2,
         seed: 2,
-        backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run(),
+        ..TrainArgs::new(
+            entry.name,
+            DataSource::Mvtec { root: data.into() },
+            out,
+            backbone,
+            run(),
+        )
     }
 }
 

@@ -73,6 +73,38 @@ pub struct TrainArgs {
     pub run: RunOptions,
 }
 
+impl TrainArgs {
+    /// Training `method` on `data` into `out` with every other option at the command line's
+    /// default: the method's default config, the data's input size, a 10% validation share, seed
+    /// 0, the checkpoint beside `out`, no resume, unsupervised, every training image, to the end.
+    pub fn new(
+        method: &str,
+        data: DataSource,
+        out: PathBuf,
+        backbone: PathBuf,
+        run: RunOptions,
+    ) -> TrainArgs {
+        TrainArgs {
+            method: method.to_string(),
+            data,
+            out,
+            config: None,
+            set: Vec::new(),
+            height: None,
+            width: None,
+            validation_fraction: 0.1,
+            seed: 0,
+            backbone,
+            checkpoint: None,
+            resume: false,
+            few_shot: None,
+            train_limit: None,
+            stop_after_epochs: None,
+            run,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct TrainSummary {
     /// `None` when the training paused before its end (`stop_after_epochs`).

@@ -197,23 +197,18 @@ pub fn demo(args: &DemoArgs, mut on_line: impl FnMut(&str)) -> Result<DemoSummar
     let model = out.join("model.safetensors");
     log::info!("demo: training NF-BMR on {}", data.display());
     train(&TrainArgs {
-        method: "nf-bmr".into(),
-        data: DataSource::Mvtec { root: data.clone() },
-        out: model.clone(),
         config: Some(args.method_config.clone()),
-        set: Vec::new(),
         // The synthetic product's own size: a model at 128² keeps up with the demo's line rate.
         height: Some(synth_cfg.height),
         width: Some(synth_cfg.width),
-        validation_fraction: 0.1,
         seed: args.seed,
-        backbone: args.backbone.clone(),
-        checkpoint: None,
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: run_opts.clone(),
+        ..TrainArgs::new(
+            "nf-bmr",
+            DataSource::Mvtec { root: data.clone() },
+            model.clone(),
+            args.backbone.clone(),
+            run_opts.clone(),
+        )
     })?;
     let calibration = out.join("calibration.toml");
     calibrate(&CalibrateArgs {

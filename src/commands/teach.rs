@@ -164,27 +164,26 @@ pub fn teach(args: &TeachArgs) -> Result<TeachSummary> {
     let validation_fraction = (fewest / train_count as f32).max(0.1);
     let model = folder.join("model.safetensors");
     let checkpoint = folder.join("model.ckpt");
+    let good_parts = DataSource::Plain {
+        good: train_dir,
+        defect: None,
+        masks: None,
+    };
     let trained = train(&TrainArgs {
-        method: args.method.clone(),
-        data: DataSource::Plain {
-            good: train_dir,
-            defect: None,
-            masks: None,
-        },
-        out: model.clone(),
         config: args.method_config.clone(),
         set: args.set.clone(),
         height,
         width,
         validation_fraction,
         seed: args.seed,
-        backbone: args.backbone.clone(),
         checkpoint: Some(checkpoint.clone()),
-        resume: false,
-        few_shot: None,
-        train_limit: None,
-        stop_after_epochs: None,
-        run: args.run.clone(),
+        ..TrainArgs::new(
+            &args.method,
+            good_parts,
+            model.clone(),
+            args.backbone.clone(),
+            args.run.clone(),
+        )
     })?;
     // The model is the record; its checkpoint only served a resume.
     let _ = std::fs::remove_file(&checkpoint);

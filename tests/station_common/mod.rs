@@ -57,10 +57,6 @@ pub fn fixture() -> &'static Fixture {
         .unwrap();
         let model = root.join("model.safetensors");
         commands::train(&TrainArgs {
-            method: "nf-bmr".into(),
-            data: DataSource::Mvtec { root: data.clone() },
-            out: model.clone(),
-            config: None,
             set: [
                 "taps=[4]",
                 "flow_blocks=2",
@@ -78,13 +74,13 @@ pub fn fixture() -> &'static Fixture {
             width: Some(SIDE),
             validation_fraction: 0.2,
             seed: 1,
-            backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
-            checkpoint: None,
-            resume: false,
-            few_shot: None,
-            train_limit: None,
-            stop_after_epochs: None,
-            run: run_opts(),
+            ..TrainArgs::new(
+                "nf-bmr",
+                DataSource::Mvtec { root: data.clone() },
+                model.clone(),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+                run_opts(),
+            )
         })
         .unwrap();
         let calibration = root.join("calibration.toml");
