@@ -13,10 +13,11 @@ use vigil::data::image::{load_image, save_mask_png, save_png};
 use vigil::data::synth::{self, SynthConfig};
 use vigil::data::{batch_tensor, Image, InputSpec};
 use vigil::methods::ndp_net::loss::defect_perception;
-use vigil::methods::ndp_net::model::{Builders, Ffm};
+use vigil::methods::ndp_net::model::Ffm;
 use vigil::methods::ndp_net::rbam::{patches, ReferencePatches};
 use vigil::methods::ndp_net::{NdpNetConfig, PHASE1_GROUP, PHASE2_GROUP};
 use vigil::methods::{self, Method, Setup, TrainBatch, TrainSet};
+use vigil::nn::norm::Builders;
 use vigil::rng::Rng;
 use vigil::Result;
 

@@ -13,6 +13,29 @@ use crate::nn::fused_norm::BatchNormOp;
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
 
+/// A network's parameter builder and its buffer builder (the BatchNorm statistics) under the same
+/// prefix.
+#[derive(Clone)]
+pub struct Builders<'a> {
+    pub params: VarBuilder<'a>,
+    pub buffers: VarBuilder<'a>,
+}
+
+impl<'a> Builders<'a> {
+    pub fn pp(&self, name: impl ToString) -> Builders<'a> {
+        let name = name.to_string();
+        Builders {
+            params: self.params.pp(&name),
+            buffers: self.buffers.pp(&name),
+        }
+    }
+
+    /// The BatchNorm under `norm`.
+    pub fn norm(&self, channels: usize) -> Result<BatchNorm2d> {
+        BatchNorm2d::new(self.params.pp("norm"), self.buffers.pp("norm"), channels)
+    }
+}
+
 pub struct BatchNorm2d {
     weight: Tensor,
     bias: Tensor,

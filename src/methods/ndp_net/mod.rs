@@ -48,7 +48,7 @@ use candle_nn::{VarBuilder, VarMap};
 use self::config::STAGES;
 use self::fast::{FastNdpNet, FastRbam, FastReference, Maps};
 use self::map::{MapParams, Plane};
-use self::model::{Builders, Decoder, Dsm, Encoder, Ffm};
+use self::model::{Decoder, Dsm, Encoder, Ffm};
 use self::rbam::ReferencePatches;
 use super::config_check;
 use super::fast_snapshot::FastSnapshot;
@@ -64,6 +64,7 @@ use crate::methods::{
 use crate::nn::backbone::{load_tensors, EfficientNetLite0};
 use crate::nn::init::{detached, seeded_var_builder};
 use crate::nn::kernels::Kernels;
+use crate::nn::norm::Builders;
 use crate::nn::optim::{Adam, AdamParams};
 use crate::nn::train_state::TrainState;
 use crate::rng::Rng;

@@ -11,24 +11,7 @@ use crate::error::{Error, Result};
 use crate::nn::conv::{Conv, ConvGeometry};
 use crate::nn::init::f32_values;
 use crate::nn::kernels::{pack_conv_weight, Activation};
-use crate::nn::norm::BatchNorm2d;
-
-/// Parameter and buffer (BatchNorm statistics) builders under the same prefix.
-#[derive(Clone)]
-pub struct Builders<'a> {
-    pub params: VarBuilder<'a>,
-    pub buffers: VarBuilder<'a>,
-}
-
-impl<'a> Builders<'a> {
-    pub fn pp(&self, name: impl ToString) -> Builders<'a> {
-        let name = name.to_string();
-        Builders {
-            params: self.params.pp(&name),
-            buffers: self.buffers.pp(&name),
-        }
-    }
-}
+use crate::nn::norm::{BatchNorm2d, Builders};
 
 /// A stride-1 convolution without zero padding: [`pad_edges`] pads its input first.
 fn valid(kernel: usize) -> ConvGeometry {
@@ -75,7 +58,7 @@ impl ConvBn {
     fn new(b: &Builders, in_c: usize, out_c: usize, kernel: usize) -> Result<Self> {
         Ok(ConvBn {
             conv: Conv::with_init(b.params.pp("conv"), in_c, out_c, valid(kernel), HE)?,
-            norm: BatchNorm2d::new(b.params.pp("norm"), b.buffers.pp("norm"), out_c)?,
+            norm: b.norm(out_c)?,
         })
     }
 

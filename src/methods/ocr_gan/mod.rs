@@ -39,7 +39,7 @@ use self::fast::{FastOcrGan, Maps};
 use self::fd::FrequencyDecoupling;
 use self::forgery::Forger;
 use self::loss::{bce_with_logits, content_error, mean_squared_error};
-use self::model::{Builders, Discriminator, Generator};
+use self::model::{Discriminator, Generator};
 use super::config_check;
 use super::fast_snapshot::FastSnapshot;
 use crate::data::{batch_tensor, Image, InputSpec};
@@ -51,6 +51,7 @@ use crate::methods::{
 use crate::model_file::stored_scalar;
 use crate::nn::init::{detached, seeded_var_builder};
 use crate::nn::kernels::Kernels;
+use crate::nn::norm::Builders;
 use crate::nn::optim::{Adam, AdamParams};
 use crate::nn::train_state::TrainState;
 use crate::rng::Rng;

@@ -12,7 +12,7 @@ use super::fast::{
 use crate::error::{Error, Result};
 use crate::nn::conv::{Conv, ConvGeometry, UpConv, DCGAN_INIT};
 use crate::nn::init::f32_values;
-use crate::nn::norm::BatchNorm2d;
+use crate::nn::norm::{BatchNorm2d, Builders};
 
 const DOWN: ConvGeometry = ConvGeometry {
     kernel: 4,
@@ -36,27 +36,6 @@ pub fn disc_stage_channels(cfg: &OcrGanConfig, s: usize) -> usize {
         stage_channels(cfg.disc_width, s)
     } else {
         cfg.disc_width << s
-    }
-}
-
-/// Parameter and buffer builders under the same prefix.
-#[derive(Clone)]
-pub struct Builders<'a> {
-    pub params: VarBuilder<'a>,
-    pub buffers: VarBuilder<'a>,
-}
-
-impl<'a> Builders<'a> {
-    pub fn pp(&self, name: impl ToString) -> Builders<'a> {
-        let name = name.to_string();
-        Builders {
-            params: self.params.pp(&name),
-            buffers: self.buffers.pp(&name),
-        }
-    }
-
-    fn norm(&self, channels: usize) -> Result<BatchNorm2d> {
-        BatchNorm2d::new(self.params.pp("norm"), self.buffers.pp("norm"), channels)
     }
 }
 
