@@ -3,55 +3,11 @@
 //! RBFRM patch attention as two GEMMs on the same kernels (similarities to the reference's unit
 //! patches, then the softmax-weighted sum of its patches). A snapshot of the weights, built by the
 //! networks' `fast()`; [`super::NdpNet`] drops it when training changes them.
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::nn::init::f32_values;
-use crate::nn::kernels::{
-    nchw_to_nhwc, nhwc_to_nchw, ASource, Activation, ConvGeom, Epilogue, Kernels, PackedB,
-};
-
-/// Feature maps of a batch, channels-last `[B, H, W, C]`.
-pub(super) struct Maps {
-    pub data: Vec<f32>,
-    pub batch: usize,
-    pub height: usize,
-    pub width: usize,
-    pub channels: usize,
-}
-
-impl Maps {
-    fn zeros(batch: usize, height: usize, width: usize, channels: usize) -> Self {
-        Maps {
-            data: vec![0.0; batch * height * width * channels],
-            batch,
-            height,
-            width,
-            channels,
-        }
-    }
-
-    /// From a `[B, C, H, W]` tensor.
-    pub fn from_nchw(t: &Tensor) -> Result<Self> {
-        let (batch, channels, height, width) = t.dims4()?;
-        let mut maps = Maps::zeros(batch, height, width, channels);
-        nchw_to_nhwc(
-            &f32_values(t)?,
-            [batch, channels, height, width],
-            &mut maps.data,
-            |v| v,
-        );
-        Ok(maps)
-    }
-
-    /// As a `[B, C, H, W]` tensor.
-    pub fn to_nchw(&self, device: &Device) -> Result<Tensor> {
-        let dims = [self.batch, self.channels, self.height, self.width];
-        let mut values = vec![0.0; self.data.len()];
-        nhwc_to_nchw(&self.data, dims, &mut values);
-        Ok(Tensor::from_vec(values, dims.to_vec(), device)?)
-    }
-}
+use crate::nn::kernels::maps::Maps;
+use crate::nn::kernels::{ASource, Activation, ConvGeom, Epilogue, Kernels, PackedB};
 
 /// A convolution with its bias (BatchNorm folded in) and activation, "same" by edge padding
 /// (see [`super::model::pad_edges`]).
@@ -203,15 +159,6 @@ impl FastEncoder {
     }
 }
 
-impl Maps {
-    fn clone_maps(&self) -> Maps {
-        Maps {
-            data: self.data.clone(),
-            ..*self
-        }
-    }
-}
-
 /// The FFM of one stage: compression (`ConvBn`), the `maps` attention maps in one convolution
 /// (channel `i·C + c` is map `i`'s channel `c`), softmax across the maps, weighted sum.
 pub(super) struct FastFfm {
@@ -222,7 +169,7 @@ pub(super) struct FastFfm {
 
 impl FastFfm {
     fn forward(&self, k: Kernels, f: &Maps, repaired: &[Maps]) -> Result<Maps> {
-        let mut fused = f.clone_maps();
+        let mut fused = f.clone();
         for r in repaired {
             fused
                 .data
@@ -391,7 +338,7 @@ impl FastDecoder {
     fn forward(&self, k: Kernels, deep: [&Maps; 3]) -> Result<Maps> {
         let [f3, f4, f5] = deep;
         let skips = [Some(f4), Some(f3), None, None];
-        let mut y = f5.clone_maps();
+        let mut y = f5.clone();
         for (level, skip) in self.levels.iter().zip(skips) {
             let up = level[0].forward(k, &upsample2(&y))?;
             let joined = match skip {
@@ -451,9 +398,7 @@ impl FastNdpNet {
     ) -> Result<FastOutput> {
         let k = self.kernels;
         let x = Maps::from_nchw(images)?;
-        let features = self
-            .encoder
-            .forward(k, x.clone_maps(), super::config::STAGES)?;
+        let features = self.encoder.forward(k, x.clone(), super::config::STAGES)?;
         lap("encoder")?;
         let deep: Vec<Maps> = match &self.rbam {
             Some(rbam) => features[2..]
@@ -468,14 +413,14 @@ impl FastNdpNet {
                     stage.ffm.forward(k, f, &repaired)
                 })
                 .collect::<Result<_>>()?,
-            None => features[2..].iter().map(Maps::clone_maps).collect(),
+            None => features[2..].iter().map(Maps::clone).collect(),
         };
         lap("RBAM")?;
         let recon = self.decoder.forward(k, [&deep[0], &deep[1], &deep[2]])?;
         lap("decoder")?;
         let probabilities = match &self.dsm {
             Some(dsm) => {
-                let again = self.encoder.forward(k, recon.clone_maps(), 3)?;
+                let again = self.encoder.forward(k, recon.clone(), 3)?;
                 let mut scales = Vec::with_capacity(3);
                 for ((input, re), net) in features.iter().zip(&again).zip(dsm) {
                     let mut logits = net.forward(k, input, re)?;

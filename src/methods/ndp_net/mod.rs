@@ -46,7 +46,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use self::config::STAGES;
-use self::fast::{FastNdpNet, FastRbam, FastReference, Maps};
+use self::fast::{FastNdpNet, FastRbam, FastReference};
 use self::map::{MapParams, Plane};
 use self::model::{Decoder, Dsm, Encoder, Ffm};
 use self::rbam::ReferencePatches;
@@ -63,6 +63,7 @@ use crate::methods::{
 };
 use crate::nn::backbone::{load_tensors, EfficientNetLite0};
 use crate::nn::init::{detached, seeded_var_builder};
+use crate::nn::kernels::maps::Maps;
 use crate::nn::kernels::Kernels;
 use crate::nn::norm::Builders;
 use crate::nn::optim::{Adam, AdamParams};

@@ -9,51 +9,9 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::nn::conv::Conv;
 use crate::nn::init::f32_values;
+use crate::nn::kernels::maps::Maps;
 use crate::nn::kernels::{pack_conv_weight, Activation, ConvGeom, Epilogue, Kernels, PackedB};
 use crate::nn::norm::BatchNorm2d;
-
-/// Feature maps of a batch, channels-last `[B, H, W, C]`.
-pub(super) struct Maps {
-    pub data: Vec<f32>,
-    pub batch: usize,
-    pub height: usize,
-    pub width: usize,
-    pub channels: usize,
-}
-
-impl Maps {
-    /// From a `[B, C, H, W]` tensor.
-    pub fn from_nchw(t: &Tensor) -> Result<Self> {
-        let (batch, channels, height, width) = t.dims4()?;
-        let values = f32_values(t)?;
-        let mut data = vec![0.0; values.len()];
-        crate::nn::kernels::nchw_to_nhwc(
-            &values,
-            [batch, channels, height, width],
-            &mut data,
-            |v| v,
-        );
-        Ok(Maps {
-            data,
-            batch,
-            height,
-            width,
-            channels,
-        })
-    }
-
-    /// As a `[B, C, H, W]` tensor.
-    pub fn to_nchw(&self, device: &candle_core::Device) -> Result<Tensor> {
-        let dims = [self.batch, self.channels, self.height, self.width];
-        let mut values = vec![0.0; self.data.len()];
-        crate::nn::kernels::nhwc_to_nchw(&self.data, dims, &mut values);
-        Ok(Tensor::from_vec(values, dims.to_vec(), device)?)
-    }
-
-    fn pixels(&self) -> usize {
-        self.height * self.width
-    }
-}
 
 /// Element-wise functions the networks put before their convolutions.
 #[derive(Clone, Copy)]

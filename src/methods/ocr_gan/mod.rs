@@ -35,7 +35,7 @@ pub use config::{
     BandCoding, ChannelSelectionMode, ContentPooling, DiscriminatorNorm, Forgeries, OcrGanConfig,
 };
 
-use self::fast::{FastOcrGan, Maps};
+use self::fast::FastOcrGan;
 use self::fd::FrequencyDecoupling;
 use self::forgery::Forger;
 use self::loss::{bce_with_logits, content_error, mean_squared_error};
@@ -50,6 +50,7 @@ use crate::methods::{
 };
 use crate::model_file::stored_scalar;
 use crate::nn::init::{detached, seeded_var_builder};
+use crate::nn::kernels::maps::Maps;
 use crate::nn::kernels::Kernels;
 use crate::nn::norm::Builders;
 use crate::nn::optim::{Adam, AdamParams};

@@ -12,6 +12,7 @@ pub mod depthwise;
 pub mod gemm;
 pub mod heads;
 pub mod lite0;
+pub mod maps;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod simd;
 mod team;
