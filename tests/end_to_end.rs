@@ -6,15 +6,8 @@ use vigil::commands::{self, CalibrateArgs, EvalArgs, RunOptions, ScoreArgs, Trai
 use vigil::data::dataset::DataSource;
 use vigil::data::synth::{self, SynthConfig};
 
-fn backbone() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE);
-    assert!(
-        path.exists(),
-        "{} is missing: run models/get-weights.sh (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::backbone;
 
 fn run() -> RunOptions {
     RunOptions::quiet_cpu(8)

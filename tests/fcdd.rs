@@ -9,9 +9,8 @@ use vigil::data::synth::{self, SynthConfig};
 use vigil::methods;
 use vigil::model_file;
 
-fn backbone() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE)
-}
+mod common;
+use common::backbone;
 
 fn run() -> RunOptions {
     RunOptions::quiet_cpu(8)

@@ -3,7 +3,6 @@
 //! GEMM search finds what a plain search finds, the inverted-file index finds it too when it
 //! probes every list and nearly always when it probes a few, and a tiny bank finds the synthetic
 //! product's defects through `vigil train` and `vigil eval`.
-use std::path::Path;
 
 use vigil::commands::{self, EvalArgs, RunOptions, TrainArgs};
 use vigil::data::dataset::DataSource;
@@ -15,6 +14,9 @@ use vigil::methods::memory_bank::search::{
 };
 use vigil::nn::kernels::Kernels;
 use vigil::rng::Rng;
+
+mod common;
+use common::backbone;
 
 fn gaussian(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n).map(|_| rng.normal()).collect()
@@ -264,7 +266,7 @@ fn a_tiny_bank_separates_synthetic_defects() {
                 "memory-bank",
                 DataSource::Mvtec { root: data.clone() },
                 model.clone(),
-                Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+                backbone(),
                 run(),
             )
         })

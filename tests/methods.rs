@@ -4,10 +4,8 @@
 //! model file round-trips and scores identically; a resumed training ends with the same model; the
 //! fast CPU path agrees with the reference path.
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use vigil::commands;
 use vigil::data::{batch_tensor, Image, InputSpec, Mask};
 use vigil::methods::{
     self, Defective, FitContext, Learning, Method, MethodEntry, PhaseInput, Setup, TrainBatch,
@@ -19,15 +17,11 @@ use vigil::train::{self, TrainOptions};
 use vigil::Result;
 
 mod common;
-use common::max_abs_diff;
+use common::{backbone, max_abs_diff};
 
 const SIDE: usize = 32;
 /// Defect-free validation images: enough for the memory bank's fusion to standardise on.
 const VALIDATION: usize = 6;
-
-fn backbone() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE)
-}
 
 fn input(channels: usize) -> InputSpec {
     InputSpec {

@@ -21,6 +21,9 @@ use vigil::nn::norm::Builders;
 use vigil::rng::Rng;
 use vigil::Result;
 
+mod common;
+use common::backbone;
+
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -204,10 +207,6 @@ fn the_defect_perception_loss_is_zero_when_nothing_differs_and_grows_with_the_mi
         assert!(l > last, "shift {shift}: {l} after {last}");
         last = l;
     }
-}
-
-fn backbone() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE)
 }
 
 fn synthetic(n: usize, side: usize, seed: u64) -> Vec<Image> {

@@ -47,7 +47,7 @@ fn memory_bank(name: &str, side: usize) -> (PathBuf, PathBuf) {
             "memory-bank",
             DataSource::Mvtec { root: data.clone() },
             model.clone(),
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+            backbone(),
             run_opts(),
         )
     })

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use station_common::*;
 use vigil::calibration::Calibration;
 use vigil::commands::teach::{teach, TeachArgs};
-use vigil::commands::{self};
 use vigil::data::synth::{self, SynthConfig};
 use vigil::model_file;
 use vigil::station::{self, Controls, Event, Hooks, StationConfig};
@@ -28,7 +27,7 @@ fn args(config: &Path, count: usize, out: &Path) -> TeachArgs {
         height: None,
         width: None,
         out: Some(out.to_path_buf()),
-        backbone: Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+        backbone: backbone(),
         seed: 3,
         run: run_opts(),
     }

@@ -11,6 +11,9 @@ use vigil::data::synth::{self, SynthConfig};
 use vigil::methods::{MethodEntry, REGISTRY};
 use vigil::model_file;
 
+mod common;
+use common::backbone;
+
 const SIDE: usize = 32;
 
 fn run() -> RunOptions {
@@ -46,7 +49,6 @@ fn tiny_overrides(entry: &MethodEntry) -> Vec<String> {
 }
 
 fn train_args(entry: &MethodEntry, data: &Path, out: PathBuf) -> TrainArgs {
-    let backbone = Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE);
     TrainArgs {
         set: tiny_overrides(entry),
         height: Some(SIDE),
@@ -57,7 +59,7 @@ fn train_args(entry: &MethodEntry, data: &Path, out: PathBuf) -> TrainArgs {
             entry.name,
             DataSource::Mvtec { root: data.into() },
             out,
-            backbone,
+            backbone(),
             run(),
         )
     }

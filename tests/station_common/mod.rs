@@ -14,6 +14,10 @@ use vigil::error::Result;
 use vigil::station::pty::LineReader;
 use vigil::station::{self, Controls, Hooks, StationConfig};
 
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::backbone;
+
 pub struct Fixture {
     _dir: tempfile::TempDir,
     pub root: PathBuf,
@@ -78,7 +82,7 @@ pub fn fixture() -> &'static Fixture {
                 "nf-bmr",
                 DataSource::Mvtec { root: data.clone() },
                 model.clone(),
-                Path::new(env!("CARGO_MANIFEST_DIR")).join(commands::DEFAULT_BACKBONE),
+                backbone(),
                 run_opts(),
             )
         })
